@@ -1,12 +1,32 @@
-"""Typed run configuration: one small dataclass per concern (DESIGN §7).
+"""Typed run configuration: one small dataclass per concern, and its loading rules (DESIGN §7).
 
 Every field has a docstring-style comment; a Tune search key such as ``loss.w_jan`` maps onto
 exactly one field here.
+
+A config is built in three layers: the dataclass defaults, then a YAML file, then
+``key.sub=value`` overrides (later wins). Each layer is type-checked as it is applied and the
+result is validated once by :func:`validate`. Every problem is a :class:`ConfigError` naming
+the dotted key at fault; this module is the only place these rules live.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import difflib
+import functools
+import math
+import numbers
+import os
+import tempfile
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 
 @dataclass
@@ -83,6 +103,8 @@ class TrainConfig:
     """Gradient norm clipping (0 turns it off)."""
     nonfinite: str = "error"
     """On a NaN or inf loss: error (stop, naming step and term) or skip (drop the step)."""
+    max_failures: int = 0
+    """Worker failures Ray Train recovers from by restarting at the last checkpoint (-1: no limit)."""
 
 
 @dataclass
@@ -120,3 +142,598 @@ class Config:
 
 
 METHODS = ("osmd", "ordinary_only", "full_multimodal")
+FUSIONS = ("ctn", "concat", "sum")
+ALIGNMENTS = ("jmmd", "mmd")
+PRECISIONS = ("auto", "fp32", "bf16")
+NONFINITE_POLICIES = ("error", "skip")
+ZERO_STAGES = (0, 1, 2, 3)
+IMAGE_ENCODER_PREFIXES = ("timm:", "torchvision:")
+LOSS_WEIGHTS = ("w_deploy", "w_teacher", "w_priv", "w_jan", "w_mimic")
+SEED_LIMIT = 2**32
+"""Seeds must be below this: numpy's legacy and Ray Data's seeding reject larger ones."""
+
+
+class ConfigError(ValueError):
+    """A config problem; ``key`` is the dotted key at fault ("" when it is the file as a whole)."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray ships exceptions between processes by pickling; the default reduce would call
+        # ConfigError(message) and lose the key.
+        return (type(self), (str(self), self.key))
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key.sub=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        cfg = _merge_file(cfg, Path(path))
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A new validated Config: ``cfg`` with ``key.sub=value`` overrides applied in order.
+
+    Values are parsed as YAML (``[rgb, depth]``, ``true``, ``1e-3``); a string field takes the
+    text as written, so ``tracking.group=2024`` is the string "2024".
+    """
+    if isinstance(overrides, str):  # a lone string would otherwise be read letter by letter
+        overrides = [overrides]
+    cfg = copy.deepcopy(cfg)
+    for text in overrides:
+        key, value = _parse_override(text)
+        *sections, name = key.split(".")
+        nested: Any = {name: value}
+        for section in reversed(sections):
+            nested = {section: nested}
+        with _source(f"override {_clip(text)}"):
+            cfg = _merge(cfg, nested, "")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of python scalars and lists (JSON and YAML serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: Mapping[str, Any]) -> Config:
+    """A validated Config from a (possibly partial) nested dict; missing keys keep defaults."""
+    cfg = _merge(Config(), d, "")
+    validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The config as YAML text that :func:`load_config` reads back to an equal Config."""
+    # allow_unicode=False: PyYAML writes some characters (e.g. U+0085, a line break to its
+    # reader) raw when allowed to, and the text would not load back equal. Escapes always do.
+    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=False)
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that writes sections as blocks and lists inline: ``ordinary: [rgb]``."""
+
+    def represent_list(self, data: list[Any]) -> yaml.Node:
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+
+
+_Dumper.add_representer(list, _Dumper.represent_list)
+
+
+def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
+    """Validate ``cfg`` and write it as YAML to a local ``path`` atomically.
+
+    The text goes to a temporary file in the same folder which is then renamed over ``path``,
+    so a reader (or a crash) never sees half a file.
+    """
+    validate(cfg)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(dump_yaml(cfg))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a run's config is meant to be read
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def check_against_manifest(cfg: Config, manifest: Any) -> None:
+    """Every configured modality must exist in ``manifest.modalities`` (name -> ModalitySpec)."""
+    available = sorted(manifest.modalities)
+    for key, names in (
+        ("data.ordinary", cfg.data.ordinary),
+        ("data.privileged", cfg.data.privileged),
+    ):
+        for name in names:
+            if name not in manifest.modalities:
+                raise ConfigError(
+                    f"config key {key!r} names modality {name!r}, which the dataset at "
+                    f"{cfg.data.root!r} does not have{_did_you_mean(name, available)}; "
+                    f"available modalities: {', '.join(available) or '(none)'}",
+                    key,
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: types first, then values, then contradictions between keys
+# ---------------------------------------------------------------------------------------------
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError (naming the key) for a wrong type, a bad value or a contradiction."""
+    _check_types(cfg, Config, "")
+    _check_data(cfg)
+    _check_model(cfg.model)
+    _check_loss(cfg)
+    _check_train(cfg)
+    _check_scaling(cfg.scaling)
+    if cfg.tracking.wandb and not cfg.tracking.project.strip():
+        raise ConfigError(
+            "config key 'tracking.project' is empty while tracking.wandb is true; "
+            "name a wandb project or set tracking.wandb=false",
+            "tracking.project",
+        )
+
+
+def _check_data(cfg: Config) -> None:
+    data = cfg.data
+    _one_of(cfg.method, METHODS, "method")
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        raise ConfigError(
+            f"config key 'seed' must be in 0..{SEED_LIMIT - 1}; got {cfg.seed}", "seed"
+        )
+    if not data.root.strip():
+        raise ConfigError("config key 'data.root' is empty; give the dataset folder", "data.root")
+    for key, names in (("data.ordinary", data.ordinary), ("data.privileged", data.privileged)):
+        if any(not name.strip() for name in names):
+            raise ConfigError(f"config key {key!r} contains an empty modality name", key)
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ConfigError(
+                f"config key {key!r} lists {', '.join(map(repr, duplicates))} more than once; "
+                "list each modality once",
+                key,
+            )
+    if not data.ordinary:
+        raise ConfigError(
+            "config key 'data.ordinary' is empty; the deployed model needs at least one "
+            "ordinary modality, e.g. data.ordinary=[rgb]",
+            "data.ordinary",
+        )
+    both = [name for name in data.privileged if name in data.ordinary]
+    if both:
+        raise ConfigError(
+            f"config key 'data.privileged' repeats {', '.join(map(repr, both))} from "
+            "data.ordinary; a modality is either ordinary (available at deployment) or "
+            "privileged (training only), remove it from one list",
+            "data.privileged",
+        )
+    if cfg.method in ("osmd", "full_multimodal") and not data.privileged:
+        raise ConfigError(
+            f"config key 'data.privileged' is empty but method {cfg.method!r} needs at least "
+            "one privileged modality; add one (e.g. data.privileged=[depth]) or use "
+            "method=ordinary_only",
+            "data.privileged",
+        )
+    _at_least(data.batch_size, 1, "data.batch_size")
+    _at_least(data.eval_batch_size, 1, "data.eval_batch_size")
+
+
+def _check_model(model: ModelConfig) -> None:
+    encoder = model.image_encoder
+    prefix = next((p for p in IMAGE_ENCODER_PREFIXES if encoder.startswith(p)), None)
+    if encoder != "small_cnn" and (prefix is None or not encoder[len(prefix) :].strip()):
+        raise ConfigError(
+            f"config key 'model.image_encoder' must be small_cnn, timm:<name> or "
+            f"torchvision:<name>; got {encoder!r}",
+            "model.image_encoder",
+        )
+    for name in ("width", "depth", "feature_dim"):
+        _at_least(getattr(model, name), 1, f"model.{name}")
+    _one_of(model.fusion, FUSIONS, "model.fusion")
+    key = "model.hallucination_shared_stages"
+    if not 0 <= model.hallucination_shared_stages <= model.depth:
+        raise ConfigError(
+            f"config key {key!r} must be between 0 and model.depth ({model.depth}); "
+            f"got {model.hallucination_shared_stages}",
+            key,
+        )
+    if model.hallucination_shared_stages and encoder != "small_cnn":
+        raise ConfigError(
+            f"config key {key!r} only applies to the small_cnn image encoder, not {encoder!r}; "
+            "set it to 0",
+            key,
+        )
+    if not 0.0 <= model.dropout < 1.0:
+        raise ConfigError(
+            f"config key 'model.dropout' must be in [0, 1); got {model.dropout}", "model.dropout"
+        )
+
+
+def _check_loss(cfg: Config) -> None:
+    loss = cfg.loss
+    for name in LOSS_WEIGHTS:
+        _at_least(getattr(loss, name), 0.0, f"loss.{name}")
+    if cfg.method == "osmd" and not any(getattr(loss, name) for name in LOSS_WEIGHTS):
+        raise ConfigError(
+            f"config section 'loss': every weight ({', '.join(LOSS_WEIGHTS)}) is zero, so "
+            "method osmd would optimise nothing; give at least one a positive value",
+            "loss",
+        )
+    _one_of(loss.alignment, ALIGNMENTS, "loss.alignment")
+    _at_least(loss.num_kernels, 1, "loss.num_kernels")
+    if not loss.kernel_mul > 1.0:
+        raise ConfigError(
+            f"config key 'loss.kernel_mul' must be > 1 (the ratio between kernel bandwidths); "
+            f"got {loss.kernel_mul}",
+            "loss.kernel_mul",
+        )
+
+
+def _check_train(cfg: Config) -> None:
+    train = cfg.train
+    _at_least(train.epochs, 1, "train.epochs")
+    if not train.lr > 0:
+        raise ConfigError(f"config key 'train.lr' must be > 0; got {train.lr}", "train.lr")
+    _at_least(train.weight_decay, 0.0, "train.weight_decay")
+    _at_least(train.grad_clip, 0.0, "train.grad_clip")
+    _one_of(train.zero_stage, ZERO_STAGES, "train.zero_stage")
+    _one_of(train.precision, PRECISIONS, "train.precision")
+    if train.precision == "bf16" and not cfg.scaling.use_gpu:
+        raise ConfigError(
+            "config key 'train.precision' is bf16 but scaling.use_gpu is false; CPU workers "
+            "train in fp32, so set train.precision=auto (or fp32) or scaling.use_gpu=true",
+            "train.precision",
+        )
+    _one_of(train.nonfinite, NONFINITE_POLICIES, "train.nonfinite")
+    _at_least(train.max_failures, -1, "train.max_failures")
+
+
+def _check_scaling(scaling: ScalingConfig) -> None:
+    _at_least(scaling.num_workers, 1, "scaling.num_workers")
+    if not scaling.cpus_per_worker > 0:
+        raise ConfigError(
+            f"config key 'scaling.cpus_per_worker' must be > 0 (fractions are allowed); "
+            f"got {scaling.cpus_per_worker}",
+            "scaling.cpus_per_worker",
+        )
+
+
+def _one_of(value: Any, choices: Sequence[Any], key: str) -> None:
+    if value not in choices:
+        hint = _did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise ConfigError(
+            f"config key {key!r} must be one of {', '.join(map(str, choices))}; "
+            f"got {value!r}{hint}",
+            key,
+        )
+
+
+def _at_least(value: float, lowest: float, key: str) -> None:
+    if not value >= lowest:
+        raise ConfigError(f"config key {key!r} must be >= {lowest}; got {value!r}", key)
+
+
+def _check_types(obj: Any, cls: type, prefix: str) -> None:
+    """Programmatically built configs (``Config(seed="3")``) get the same type errors."""
+    if type(obj) is not cls:
+        raise ConfigError(
+            f"config section {prefix or 'root'!r} must be a {cls.__name__}; "
+            f"got {type(obj).__name__}",
+            prefix,
+        )
+    for name, tp in _field_types(cls).items():
+        key, value = _join(prefix, name), getattr(obj, name)
+        if dataclasses.is_dataclass(tp):
+            _check_types(value, tp, key)
+        elif not _has_type(value, tp):
+            raise _type_error(
+                key,
+                tp,
+                value,
+                " (build configs with load_config, "
+                "config_from_dict or apply_overrides to convert values)",
+            )
+
+
+def _has_type(value: Any, tp: Any) -> bool:
+    # Exact type checks: numpy scalars or str subclasses would not survive yaml.safe_dump.
+    if tp is float:
+        return type(value) is int or (type(value) is float and math.isfinite(value))
+    if tp in (bool, int, str):
+        return type(value) is tp
+    return type(value) is list and all(type(item) is str for item in value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging layers onto a config, with type conversion
+# ---------------------------------------------------------------------------------------------
+
+
+def _merge(obj: Any, updates: Any, prefix: str) -> Any:
+    """A copy of dataclass ``obj`` with the nested mapping ``updates`` applied and type-checked."""
+    if updates is None:  # an empty section in YAML (`loss:` with every key commented out)
+        return obj
+    if not isinstance(updates, Mapping):
+        where = f"config section {prefix!r}" if prefix else "the top level of a config"
+        raise ConfigError(
+            f"{where} must be a mapping of keys to values; got {_show(updates)}", prefix
+        )
+    types = _field_types(type(obj))
+    changes = {}
+    for name, value in updates.items():
+        key = _join(prefix, str(name))
+        if name not in types:
+            raise _unknown_key(key)
+        tp = types[name]
+        if dataclasses.is_dataclass(tp):
+            changes[name] = _merge(getattr(obj, name), value, key)
+        else:
+            changes[name] = _convert(value, tp, key)
+    return dataclasses.replace(obj, **changes)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as the plain python type ``tp``, or a ConfigError naming ``key``."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        number = _as_number(value)
+        if isinstance(number, int):
+            return number
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
+    elif tp is float:
+        number = _as_number(value)
+        if number is not None:
+            try:
+                result = float(number)
+            except OverflowError:  # an int too large for a float
+                result = math.inf
+            if math.isfinite(result):
+                return result
+    elif tp is str:
+        if isinstance(value, str):
+            return str(value)
+    elif isinstance(value, str):  # list[str]: a lone name stands for a one-element list
+        return [str(value)]
+    elif isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        return [str(item) for item in value]
+    raise _type_error(key, tp, value)
+
+
+def _as_number(value: Any) -> int | float | None:
+    """Ints and floats as they are; numeric strings parsed (YAML 1.1 reads ``1e-3`` as text)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str) and value.strip().isascii():
+        for parse in (int, float):
+            with contextlib.suppress(ValueError):
+                return parse(value.strip())
+    return None
+
+
+_TYPE_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a finite number",
+    str: "a string",
+}
+
+
+def _type_error(key: str, tp: Any, value: Any, fix: str = "") -> ConfigError:
+    expected = _TYPE_NAMES.get(tp, "a list of strings, e.g. [rgb, depth]")
+    example = _format_value(_default_of(key))
+    if value is None and tp not in _TYPE_NAMES:
+        fix += "; write [] for an empty list"
+    return ConfigError(
+        f"config key {key!r} expects {expected}; got {_show(value)}. "
+        f"Example: {key}={example} (the default){fix}",
+        key,
+    )
+
+
+def _unknown_key(key: str) -> ConfigError:
+    parent, _, leaf = key.rpartition(".")
+    # A right name in the wrong section (train.w_jan -> loss.w_jan) beats any near spelling.
+    same_leaf = [k for k in _all_keys() if k.rpartition(".")[2] == leaf]
+    if same_leaf:
+        hint = f" (did you mean {same_leaf[0]!r}?)"
+    else:
+        # Only keys at least as deep: 'loss.zzz' should not be answered with 'loss'.
+        deep_enough = [k for k in _all_keys() if k.count(".") >= key.count(".")]
+        hint = _did_you_mean(key, deep_enough)
+    if not hint:
+        children = [k.rpartition(".")[2] for k in _all_keys() if k.rpartition(".")[0] == parent]
+        if children:
+            where = f"in section {parent!r}" if parent else "at the top level"
+            hint = f"; valid keys {where}: {', '.join(children)}"
+        else:
+            hint = f"; {parent!r} is not a config section"
+    return ConfigError(f"unknown config key {key!r}{hint}", key)
+
+
+def _did_you_mean(word: str, choices: Sequence[Any]) -> str:
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files and overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def _merge_file(cfg: Config, path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file '{path}' does not exist; pass a YAML file such as "
+            "configs/osmd_synth.yaml",
+            "",
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{path}' cannot be read: {e}", "") from None
+    try:
+        duplicate = _find_duplicate_key(yaml.compose(text, Loader=_SafeLoader), "")
+        data = yaml.load(text, Loader=_SafeLoader)
+    except (yaml.YAMLError, RecursionError, UnicodeError) as e:
+        raise ConfigError(
+            f"config file '{path}' is not valid YAML: {_describe_yaml_error(e)}", ""
+        ) from None
+    if duplicate:
+        key, line = duplicate
+        raise ConfigError(
+            f"config file '{path}' sets {key!r} twice (again on line {line}); keep one", key
+        )
+    with _source(f"config file '{path}'"):
+        return _merge(cfg, data, "")
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` -> (key, value parsed as YAML, or the raw text for a string field)."""
+    if "=" not in text:
+        raise ConfigError(
+            f"override {text!r} has no '='; write key.sub=value, e.g. train.lr=1e-3",
+            text.strip(),
+        )
+    key, raw = (part.strip() for part in text.split("=", 1))
+    tp = _type_of(key)  # unknown keys fail here, before the value is looked at
+    try:
+        value = yaml.load(raw, Loader=_SafeLoader)
+    except (yaml.YAMLError, RecursionError, UnicodeError) as e:
+        raise ConfigError(
+            f"config key {key!r}: the value {_clip(raw)} in override {_clip(text)} is not "
+            f"valid YAML ({_describe_yaml_error(e)}); quote strings that contain YAML syntax",
+            key,
+        ) from None
+    if tp is str and not isinstance(value, str):
+        # `tracking.group=2024` means the text "2024" (the shell ate any quotes), and
+        # `model.image_encoder=timm:` the text "timm:", which validation then explains.
+        value = raw
+    return key, value
+
+
+# libyaml's loader when PyYAML was built with it: the same safe schema, several times faster.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _find_duplicate_key(node: yaml.Node | None, prefix: str) -> tuple[str, int] | None:
+    """(dotted key, line) of the first key set twice in one mapping; safe_load keeps the last."""
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    seen = set()
+    for key_node, value_node in node.value:
+        key = _join(prefix, str(key_node.value))
+        if key in seen:
+            return key, key_node.start_mark.line + 1
+        seen.add(key)
+        found = _find_duplicate_key(value_node, key)
+        if found:
+            return found
+    return None
+
+
+def _describe_yaml_error(e: BaseException) -> str:
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        return f"{e.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    if isinstance(e, UnicodeError):
+        return "it contains characters that are not valid text (UTF-8)"
+    return " ".join(str(e).split())
+
+
+@contextlib.contextmanager
+def _source(where: str) -> typing.Iterator[None]:
+    """Append where a value came from to ConfigErrors raised inside the block."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(f"{e} [in {where}]", e.key) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Introspection of the dataclasses
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type (annotations are strings under ``from __future__``)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+@functools.cache
+def _all_keys(cls: type = Config, prefix: str = "") -> tuple[str, ...]:
+    """Every dotted key, sections included: method, data, data.root, ..."""
+    keys: list[str] = []
+    for name, tp in _field_types(cls).items():
+        key = _join(prefix, name)
+        keys.append(key)
+        if dataclasses.is_dataclass(tp):
+            keys.extend(_all_keys(tp, key))
+    return tuple(keys)
+
+
+def _type_of(key: str) -> Any:
+    """The declared type of a dotted key (a dataclass for a section)."""
+    tp: Any = Config
+    for depth, name in enumerate(key.split(".")):
+        types = _field_types(tp) if dataclasses.is_dataclass(tp) else {}
+        if name not in types:
+            raise _unknown_key(".".join(key.split(".")[: depth + 1]))
+        tp = types[name]
+    return tp
+
+
+def _default_of(key: str) -> Any:
+    value: Any = Config()
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _format_value(value: Any) -> str:
+    """A value as one would type it in an override."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return f"[{', '.join(value)}]"
+    return str(value)
+
+
+def _show(value: Any) -> str:
+    return f"{_clip(value)} ({type(value).__name__})"
+
+
+def _clip(value: Any, limit: int = 60) -> str:
+    """repr of a value, shortened so one pasted blob cannot flood the message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,163 @@
+"""The ``osmd`` command line: data, train, predict and the main job.
+
+Every command takes ``key.sub=value`` overrides where it takes a config; errors in the
+input (config, data, run folder) end with a one-line message and exit code 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from osmd_ray import __version__
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train one run (OS-MD or a baseline) on a local Ray instance or a cluster",
+        description=(
+            "Train one run with Ray Train workers under DeepSpeed and write the run folder: "
+            "config.yaml, metrics.json, history.json, Ray checkpoints, deploy/ and plots/. "
+            "Rerunning with the same --out resumes from the last checkpoint. Connects to the "
+            "cluster in RAY_ADDRESS when set, else starts a local Ray instance."
+        ),
+        epilog="example: osmd train --config configs/osmd_synth.yaml --out runs/a "
+        "method=ordinary_only train.epochs=5 loss.w_jan=0.5",
+    )
+    p.add_argument("--config", required=True, help="YAML training config (see configs/)")
+    p.add_argument("--out", required=True, help="run folder (created; reused to resume)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. seed=1")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from osmd_ray.config import load_config
+    from osmd_ray.train.runner import train
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = train(cfg, args.out)
+    print(_metrics_line(metrics))
+    print(f"run folder: {os.path.abspath(args.out)}")
+    return 0
+
+
+def _metrics_line(metrics: dict) -> str:
+    parts = [f"method={metrics['method']}"]
+    for split in ("val", "test"):
+        for path, values in metrics.get(split, {}).items():
+            parts.append(f"{split}.{path}.accuracy={values['accuracy']:.4f}")
+    parts.append(f"train_time_s={metrics['train_time_s']:.1f}")
+    return "  ".join(parts)
+
+
+def _add_predict(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="predict a split of a dataset with a deployment model",
+        description=(
+            "Load RUN/deploy (safetensors + meta.json, no code executed), read the ordinary "
+            "modalities of one split of a dataset, and write sample_id, prediction and class "
+            "probabilities (and the label, when the data has one) to a Parquet file."
+        ),
+    )
+    p.add_argument("--model", required=True, help="deployment model folder (RUN/deploy)")
+    p.add_argument("--data", required=True, help="dataset folder with manifest.json")
+    p.add_argument("--split", default="test", help="split to predict (default: test)")
+    p.add_argument("--out", required=True, help="output Parquet file")
+    p.add_argument("--batch-size", type=int, default=256, help="rows per forward (default 256)")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from osmd_ray.predict import predict_split
+
+    summary = predict_split(args.model, args.data, args.split, args.out, args.batch_size)
+    print(summary)
+    return 0
+
+
+def _add_main(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "main",
+        help="the main job: synthetic data, ordinary_only / full_multimodal / osmd, a table",
+        description=(
+            "Generate the default synthetic RGB-D set if it is missing, train ordinary_only, "
+            "full_multimodal and osmd with the same encoders and budget on the configured "
+            "workers, and print deployment accuracy on test with gap closure."
+        ),
+    )
+    p.add_argument("--config", default="configs/osmd_synth.yaml", help="base training config")
+    p.add_argument("--out", default="runs/main", help="folder for the three runs")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides for every run")
+    p.set_defaults(func=_cmd_main)
+
+
+def _cmd_main(args: argparse.Namespace) -> int:
+    from osmd_ray.main_job import run_main_job
+
+    run_main_job(args.config, args.out, args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from osmd_ray.data.cli import add_data_commands
+
+    parser = argparse.ArgumentParser(
+        prog="osmd",
+        description=(
+            "One-stage modality distillation on Ray Train + DeepSpeed: train with privileged "
+            "modalities (depth, IR, ...), deploy on the ordinary ones."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"osmd_ray {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_data_commands(subparsers)
+    _add_train(subparsers)
+    _add_predict(subparsers)
+    _add_main(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from osmd_ray.config import ConfigError
+    from osmd_ray.data.contract import DataError
+    from osmd_ray.deploy import DeployError
+    from osmd_ray.train.runner import RunError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataError, DeployError, RunError) as error:
+        print(f"osmd {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"osmd {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+    except Exception as error:  # a failed distributed run: show the root cause, not Ray's stack
+        cause = _root_cause(error)
+        print(f"osmd {args.command}: failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+        if os.environ.get("OSMD_DEBUG"):
+            raise
+        return EXIT_FAILED
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        nxt = error.__cause__ or getattr(error, "cause", None)
+        if not isinstance(nxt, BaseException):
+            break
+        error = nxt
+    return error
+
+
+if __name__ == "__main__":
+    sys.exit(main())

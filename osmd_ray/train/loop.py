@@ -1,0 +1,356 @@
+"""The training loop every Ray Train worker runs: one DeepSpeed rank per worker (DESIGN §6).
+
+This file is the only place where a training step, validation, checkpointing and resuming
+happen. The driver side (building the trainer, writing the run folder) is in ``runner.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from osmd_ray.config import Config, config_from_dict
+from osmd_ray.data.contract import Manifest
+
+CHECKPOINT_TAG = "ds"
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "model.safetensors"
+# Paths evaluated on val and test, per method; "deploy" is what the deployment model computes.
+EVAL_PATHS = {
+    "osmd": ("deploy", "teacher"),
+    "full_multimodal": ("deploy",),
+    "ordinary_only": ("deploy",),
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; raised on every rank so none is left waiting."""
+
+
+def deepspeed_config(cfg: Config, use_bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed engine configuration for a run."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "gradient_clipping": cfg.train.grad_clip,
+        "bf16": {"enabled": use_bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def uses_bf16(cfg: Config) -> bool:
+    """bf16 on GPU, fp32 on CPU, unless the config says otherwise."""
+    if cfg.train.precision == "auto":
+        return cfg.scaling.use_gpu
+    return cfg.train.precision == "bf16"
+
+
+def batch_to_device(
+    batch: Mapping[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def privileged_mask(
+    batch: Mapping[str, torch.Tensor], privileged: Iterable[str]
+) -> torch.Tensor | None:
+    """Rows that have every privileged modality (None when none can be missing)."""
+    masks = [batch[f"has_{m}"].bool() for m in privileged if f"has_{m}" in batch]
+    if not masks:
+        return None
+    return torch.stack(masks).all(dim=0)
+
+
+def _all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def nonfinite_terms(losses: Mapping[str, torch.Tensor], device: torch.device) -> list[str]:
+    """Names of the loss terms that are non-finite on any rank (a collective: call on all)."""
+    names = sorted(losses)
+    flags = torch.tensor(
+        [0.0 if bool(torch.isfinite(losses[n].detach()).all()) else 1.0 for n in names],
+        device=device,
+    )
+    flags = _all_reduce_max(flags)
+    return [n for n, f in zip(names, flags.tolist(), strict=True) if f > 0]
+
+
+@torch.no_grad()
+def evaluate(
+    engine: Any,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    method: str,
+    device: torch.device,
+) -> dict[str, dict[str, float]]:
+    """Accuracy and loss per path over a whole split.
+
+    Every rank sees the whole (unsplit) split, so every rank runs the same number of
+    forward passes (ZeRO-3's forward is a collective) and gets the exact figure.
+    """
+    import torch.nn.functional as functional
+
+    engine.eval()
+    paths = EVAL_PATHS[method]
+    correct = dict.fromkeys(paths, 0)
+    loss_sum = dict.fromkeys(paths, 0.0)
+    count = 0
+    for raw in batches:
+        batch = batch_to_device(raw, device)
+        labels = batch["label"].long()
+        outputs = engine(batch)
+        for path in paths:
+            logits = outputs[f"{path}_logits"].float()
+            correct[path] += int((logits.argmax(dim=1) == labels).sum())
+            loss_sum[path] += float(functional.cross_entropy(logits, labels, reduction="sum"))
+        count += int(labels.shape[0])
+    engine.train()
+    if count == 0:
+        raise RuntimeError("evaluation split is empty")
+    return {
+        path: {"accuracy": correct[path] / count, "loss": loss_sum[path] / count}
+        for path in paths
+    }
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _full_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on rank 0 (a collective under ZeRO-3: call on every rank)."""
+    import deepspeed
+
+    module = engine.module
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = (
+                {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+                if rank == 0
+                else None
+            )
+        return state
+    if rank != 0:
+        return None
+    return {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def _load_state(checkpoint_dir: str) -> dict[str, Any]:
+    with open(os.path.join(checkpoint_dir, STATE_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker.
+
+    ``loop_config`` holds the resolved run config (``cfg``, a plain dict), the dataset
+    manifest (``manifest_json``), the wandb settings (``wandb``, or None) and, for resume
+    tests, ``stop_after_epoch``. The train/val/test datasets come from
+    ``ray.train.get_dataset_shard``.
+    """
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    from safetensors.torch import save_file
+
+    from osmd_ray.method.losses import compute_losses
+    from osmd_ray.method.model import build_model
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    cfg = config_from_dict(loop_config["cfg"])
+    manifest = Manifest.from_json(loop_config["manifest_json"], source="manifest")
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    bf16 = uses_bf16(cfg)
+
+    # Same seed on every rank for the initial weights (DeepSpeed also broadcasts rank 0's).
+    _seed_everything(cfg.seed)
+    model = build_model(cfg, manifest)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, bf16)
+    )
+
+    start_epoch, step, history, train_time = 0, 0, [], 0.0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as checkpoint_dir:
+            engine.load_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+            state = _load_state(checkpoint_dir)
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        history, train_time = state["history"], state["train_time_s"]
+        if rank == 0:
+            print(f"[osmd] resumed from the checkpoint of epoch {start_epoch} (step {step})")
+
+    tracker = None
+    if rank == 0 and loop_config.get("wandb"):
+        from osmd_ray.tracking import start_wandb
+
+        tracker = start_wandb(loop_config["wandb"], cfg)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    test_shard = ray.train.get_dataset_shard("test")
+    eval_size = cfg.data.eval_batch_size
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        # Seeded per epoch and rank: a resumed run draws the same dropout and shuffles.
+        _seed_everything(cfg.seed * 100_003 + epoch * 1009 + rank)
+        engine.train()
+        started = time.perf_counter()
+        sums = torch.zeros(0)
+        names: list[str] = []
+        batches = 0
+        for raw in train_shard.iter_torch_batches(
+            batch_size=cfg.data.batch_size,
+            drop_last=True,  # equal step counts on every rank, or DeepSpeed collectives hang
+            local_shuffle_buffer_size=4 * cfg.data.batch_size,
+            local_shuffle_seed=cfg.seed * 7919 + epoch * 31 + rank,
+        ):
+            batch = batch_to_device(raw, device)
+            outputs = engine(batch)
+            losses = compute_losses(
+                outputs,
+                batch["label"].long(),
+                privileged_mask(batch, cfg.data.privileged),
+                cfg.method,
+                cfg.loss,
+            )
+            bad = nonfinite_terms(losses, device)
+            step += 1
+            if bad:
+                message = (
+                    f"non-finite loss at epoch {epoch + 1}, step {step}: term(s) "
+                    f"{', '.join(bad)} (values on rank {rank}: "
+                    + ", ".join(f"{n}={float(losses[n]):.4g}" for n in bad)
+                    + "). Lower train.lr, check the data with `osmd data check`, or set "
+                    "train.nonfinite=skip to drop such steps."
+                )
+                if cfg.train.nonfinite == "skip":
+                    if rank == 0:
+                        print(f"[osmd] skipped: {message}")
+                    continue
+                raise NonFiniteLossError(message)
+            engine.backward(losses["total"])
+            engine.step()
+            if not names:
+                names = sorted(losses)
+                sums = torch.zeros(len(names), dtype=torch.float64)
+            sums += torch.tensor([float(losses[n].detach()) for n in names], dtype=torch.float64)
+            batches += 1
+        epoch_time = time.perf_counter() - started
+        train_time += epoch_time
+
+        # Mean of every loss term over all ranks' steps.
+        totals = _all_reduce_sum(
+            torch.cat([sums, torch.tensor([float(batches)], dtype=torch.float64)]).to(device)
+        ).cpu()
+        n_steps = max(float(totals[-1]), 1.0)
+        train_losses = {n: float(totals[i]) / n_steps for i, n in enumerate(names)}
+
+        val = evaluate(
+            engine, val_shard.iter_torch_batches(batch_size=eval_size), cfg.method, device
+        )
+        last = epoch + 1 == cfg.train.epochs
+        # Test once, after the last epoch, and keep it in that epoch's checkpoint: Ray's
+        # result carries the metrics of the latest checkpoint, and a rerun of a finished
+        # run reads them back from there.
+        test = (
+            evaluate(
+                engine, test_shard.iter_torch_batches(batch_size=eval_size), cfg.method, device
+            )
+            if last
+            else None
+        )
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "epoch_time_s": epoch_time,
+            "train": {"loss": train_losses},
+            "val": val,
+        }
+        history.append(record)
+        if rank == 0:
+            val_text = "  ".join(f"val.{p}.accuracy={m['accuracy']:.3f}" for p, m in val.items())
+            total = train_losses.get("total", math.nan)
+            print(
+                f"[osmd] epoch {epoch + 1}/{cfg.train.epochs}  loss={total:.4f}  {val_text}  "
+                f"({epoch_time:.1f}s)",
+                flush=True,
+            )
+            if tracker is not None:
+                tracker.log(_flatten({"train": record["train"], "val": val}), step=epoch + 1)
+                if test is not None:
+                    tracker.summary.update(_flatten({"test": test, "val": val}))
+
+        weights = _full_state_dict(engine, cfg.train.zero_stage)
+        with tempfile.TemporaryDirectory(prefix="osmd-ckpt-") as checkpoint_dir:
+            # Every rank writes its own DeepSpeed shards; Ray merges the folders.
+            engine.save_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+            if rank == 0:
+                state = {
+                    "epoch": epoch,
+                    "step": step,
+                    "history": history,
+                    "train_time_s": train_time,
+                    "world_size": world,
+                    "test": test,
+                }
+                with open(os.path.join(checkpoint_dir, STATE_FILE), "w", encoding="utf-8") as f:
+                    json.dump(state, f, indent=1)
+                save_file(weights, os.path.join(checkpoint_dir, WEIGHTS_FILE))
+            # A barrier: every rank reports, equally often, never under a rank-0 guard.
+            ray.train.report(
+                {"epoch": epoch + 1, **_flatten({"val": val, "test": test or {}})},
+                checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+            )
+        if loop_config.get("stop_after_epoch") == epoch + 1:
+            # Fault injection for resume tests: fail as a crash would, after the checkpoint.
+            raise RuntimeError(f"stopped after epoch {epoch + 1} on request (stop_after_epoch)")
+
+    if tracker is not None:
+        tracker.finish()
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"val": {"deploy": {"accuracy": 1}}} -> {"val/deploy/accuracy": 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}/"))
+        else:
+            flat[name] = value
+    return flat

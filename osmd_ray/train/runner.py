@@ -1,0 +1,242 @@
+"""Driver side of a training run: Ray, the TorchTrainer, and the run folder (DESIGN §5, §6).
+
+    <out>/config.yaml      the fully resolved config
+    <out>/metrics.json     final metrics per split and path, e.g. test.deploy.accuracy
+    <out>/history.json     one record per epoch
+    <out>/checkpoint_*/    Ray-managed checkpoints (DeepSpeed shards of every rank)
+    <out>/deploy/          the deployment model (safetensors + meta.json)
+    <out>/plots/           training curves
+
+Rerunning with the same ``out`` resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+from osmd_ray.config import Config, ConfigError, check_against_manifest, dump_yaml, save_config
+from osmd_ray.data.contract import Manifest, verify_dataset
+from osmd_ray.train.loop import STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
+from osmd_ray.tracking import wandb_settings
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.json"
+
+
+class RunError(RuntimeError):
+    """A run could not start or finish; the message says why and what to do."""
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start a local Ray instance sized for the run.
+
+    Ray Data's read tasks need CPU slots beside the training workers, or the pipeline starves
+    and the run hangs without an error; so a local instance declares more logical CPUs than
+    the workers take (DESIGN §6).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {"DS_ACCELERATOR": "cuda" if cfg.scaling.use_gpu else "cpu"}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        return
+    needed = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 2
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, needed),
+        include_dashboard=False,
+        runtime_env={"env_vars": env_vars},
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+
+
+def prepare_run_dir(cfg: Config, out: str) -> str:
+    """Create the run folder, or check that an existing one holds the same run (to resume)."""
+    run_dir = os.path.abspath(out)
+    os.makedirs(run_dir, exist_ok=True)
+    config_path = os.path.join(run_dir, CONFIG_FILE)
+    if os.path.exists(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            previous = f.read()
+        if previous != dump_yaml(cfg):
+            raise RunError(
+                f"{run_dir} already holds a run with another configuration ({config_path}). "
+                "Rerun with the same config and overrides to resume it, or choose another --out."
+            )
+    else:
+        save_config(cfg, config_path)
+    return run_dir
+
+
+def build_trainer(
+    cfg: Config, manifest: Manifest, run_dir: str, stop_after_epoch: int | None = None
+) -> Any:
+    """The Ray Train V2 TorchTrainer of a run (rerunning with the same folder resumes)."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from osmd_ray.data.reading import read_split
+
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    # Deterministic assignment of blocks to workers, so a seed makes a run repeatable.
+    data_context.execution_options.preserve_order = True
+    columns = ["label", *cfg.data.ordinary, *cfg.data.privileged]
+    columns += [f"has_{m}" for m in cfg.data.privileged if m in manifest.optional_modalities]
+    datasets = {
+        split: read_split(
+            cfg.data.root,
+            split,
+            columns,
+            manifest=manifest,
+            shuffle_files=split == "train",
+            seed=cfg.seed,
+        )
+        for split in ("train", "val", "test")
+    }
+    loop_config = {
+        "cfg": _config_dict(cfg),
+        "manifest_json": manifest.to_json(),
+        "wandb": wandb_settings(cfg, run_dir, os.path.basename(run_dir)),
+        "stop_after_epoch": stop_after_epoch,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=os.path.basename(run_dir),
+            storage_path=os.path.dirname(run_dir),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets=datasets,
+        # Only train is split across workers; every rank evaluates whole val/test splits.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def _config_dict(cfg: Config) -> dict[str, Any]:
+    from osmd_ray.config import config_to_dict
+
+    return config_to_dict(cfg)
+
+
+def train(cfg: Config, out: str, stop_after_epoch: int | None = None) -> dict[str, Any]:
+    """Train (or resume) one run into ``out`` and write its artifacts; returns metrics.json.
+
+    ``stop_after_epoch`` makes the workers fail right after that epoch's checkpoint (for
+    tests of resuming); rerunning without it continues from there.
+    """
+    manifest = verify_dataset(cfg.data.root, deep=False)
+    check_against_manifest(cfg, manifest)
+    run_dir = prepare_run_dir(cfg, out)
+    ensure_ray(cfg)
+    started = time.perf_counter()
+    result = build_trainer(cfg, manifest, run_dir, stop_after_epoch).fit()
+    wall = time.perf_counter() - started
+    if result.checkpoint is None:
+        raise RunError(f"training in {run_dir} ended without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        with open(os.path.join(checkpoint_dir, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+        if state.get("test") is None or state["epoch"] + 1 != cfg.train.epochs:
+            raise RunError(f"training in {run_dir} stopped before its last epoch: {result.error}")
+        export_from_checkpoint(cfg, manifest, os.path.join(checkpoint_dir, WEIGHTS_FILE), run_dir)
+    history = state["history"]
+    metrics = {
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "test": state["test"],
+        "val": history[-1]["val"],
+        "train_time_s": state["train_time_s"],
+        "epochs": len(history),
+        "wall_time_s": wall,
+        "privileged_at_test": cfg.method == "full_multimodal",
+    }
+    _write_json(os.path.join(run_dir, HISTORY_FILE), history)
+    _write_json(os.path.join(run_dir, METRICS_FILE), metrics)
+    plot_history(history, os.path.join(run_dir, "plots", "history.png"))
+    return metrics
+
+
+def export_from_checkpoint(cfg: Config, manifest: Manifest, weights: str, run_dir: str) -> None:
+    """Rebuild the model from a checkpoint's consolidated weights and export deploy/."""
+    from safetensors.torch import load_file
+
+    from osmd_ray.deploy import export_deploy
+    from osmd_ray.method.model import build_model
+
+    model = build_model(cfg, manifest)
+    model.load_state_dict(load_file(weights), strict=True)
+    model.eval()
+    roles = {
+        "ordinary": [manifest.modalities[m] for m in cfg.data.ordinary],
+        "privileged": [manifest.modalities[m] for m in cfg.data.privileged],
+    }
+    export_deploy(
+        model,
+        os.path.join(run_dir, "deploy"),
+        method=cfg.method,
+        ordinary=roles["ordinary"],
+        privileged=roles["privileged"],
+        num_classes=manifest.num_classes,
+        model_cfg=cfg.model,
+        normalization=manifest.normalization,
+        task=manifest.task,
+        class_names=manifest.class_names,
+        extra_meta={"run": os.path.basename(run_dir), "dataset": manifest.description},
+    )
+
+
+def plot_history(history: list[dict[str, Any]], path: str) -> None:
+    """Training loss and validation accuracy per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for term in history[0]["train"]["loss"]:
+        ax_loss.plot(epochs, [h["train"]["loss"].get(term) for h in history], label=term)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log")
+    ax_loss.legend(fontsize=7)
+    for path_name in history[0]["val"]:
+        values = [h["val"][path_name]["accuracy"] for h in history]
+        ax_acc.plot(epochs, values, marker="o", label=f"val {path_name}")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy")
+    ax_acc.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, payload: Any) -> None:
+    """Write JSON to a temporary name and move it into place (never half-written)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+__all__ = ["ConfigError", "RunError", "ensure_ray", "train", "prepare_run_dir"]
