@@ -138,7 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"osmd {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"osmd {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
+        print(
+            f"osmd {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr
+        )
         return 130
     except Exception as error:  # a failed distributed run: show the root cause, not Ray's stack
         cause = _root_cause(error)

@@ -70,9 +70,14 @@ def run_main_job(config_path: str, out: str, overrides: Sequence[str] = ()) -> l
     ensure_synthetic_data(base.data.root)
     results = {}
     for method in METHODS_IN_TABLE:
-        print(f"[osmd] training {method} ({base.train.epochs} epochs, "
-              f"{base.scaling.num_workers} workers)", flush=True)
-        results[method] = train(apply_overrides(base, [f"method={method}"]), os.path.join(out, method))
+        print(
+            f"[osmd] training {method} ({base.train.epochs} epochs, "
+            f"{base.scaling.num_workers} workers)",
+            flush=True,
+        )
+        results[method] = train(
+            apply_overrides(base, [f"method={method}"]), os.path.join(out, method)
+        )
     rows = results_table(results)
     table = format_table(rows)
     with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:

@@ -9,7 +9,9 @@ import numpy as np
 from osmd_ray.data.contract import DataError, read_manifest
 
 
-def predict_split(model_dir: str, data_root: str, split: str, out: str, batch_size: int = 256) -> str:
+def predict_split(
+    model_dir: str, data_root: str, split: str, out: str, batch_size: int = 256
+) -> str:
     """Predict every row of ``split`` from the ordinary modalities; returns a one-line summary.
 
     Writes sample_id, prediction, probabilities and (when present) label to ``out`` as

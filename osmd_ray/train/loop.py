@@ -61,16 +61,6 @@ def batch_to_device(
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def privileged_mask(
-    batch: Mapping[str, torch.Tensor], privileged: Iterable[str]
-) -> torch.Tensor | None:
-    """Rows that have every privileged modality (None when none can be missing)."""
-    masks = [batch[f"has_{m}"].bool() for m in privileged if f"has_{m}" in batch]
-    if not masks:
-        return None
-    return torch.stack(masks).all(dim=0)
-
-
 def _all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
@@ -130,8 +120,7 @@ def evaluate(
     if count == 0:
         raise RuntimeError("evaluation split is empty")
     return {
-        path: {"accuracy": correct[path] / count, "loss": loss_sum[path] / count}
-        for path in paths
+        path: {"accuracy": correct[path] / count, "loss": loss_sum[path] / count} for path in paths
     }
 
 
@@ -161,7 +150,8 @@ def _full_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | 
         return state
     if rank != 0:
         return None
-    return {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+    # clone: shared stages appear under two keys, and safetensors refuses shared memory.
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def _load_state(checkpoint_dir: str) -> dict[str, Any]:
@@ -183,7 +173,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     from osmd_ray.method.losses import compute_losses
-    from osmd_ray.method.model import build_model
+    from osmd_ray.method.model import build_model, privileged_mask
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     cfg = config_from_dict(loop_config["cfg"])

@@ -20,8 +20,8 @@ from typing import Any
 
 from osmd_ray.config import Config, ConfigError, check_against_manifest, dump_yaml, save_config
 from osmd_ray.data.contract import Manifest, verify_dataset
-from osmd_ray.train.loop import STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
 from osmd_ray.tracking import wandb_settings
+from osmd_ray.train.loop import STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"

@@ -39,8 +39,14 @@ def test_vector_and_sequence_ordinary_with_image_privileged(ray_local, tmp_path,
     )
     cfg = load_config(
         configs_dir / "osmd_synth.yaml",
-        [*fast, f"data.root={root}", "data.ordinary=[imu,tabular]", "data.privileged=[ir]",
-         "train.epochs=1", "scaling.num_workers=2"],
+        [
+            *fast,
+            f"data.root={root}",
+            "data.ordinary=[imu,tabular]",
+            "data.privileged=[ir]",
+            "train.epochs=1",
+            "scaling.num_workers=2",
+        ],
     )
     run_dir = str(tmp_path / "run")
     metrics = train(cfg, run_dir)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 
 from osmd_ray.config import load_config
@@ -13,15 +12,23 @@ from osmd_ray.config import load_config
 pytestmark = pytest.mark.integration
 
 
-def test_stopped_after_first_epoch_resumes_and_deploys(ray_local, tiny_synth, tmp_path, configs_dir, fast):
+def test_stopped_after_first_epoch_resumes_and_deploys(
+    ray_local, tiny_synth, tmp_path, configs_dir, fast
+):
     from osmd_ray import load_deploy
     from osmd_ray.data.reading import read_split_numpy
     from osmd_ray.train.runner import train
 
     cfg = load_config(
         configs_dir / "osmd_synth.yaml",
-        [*fast, f"data.root={tiny_synth}", "train.epochs=2", "train.zero_stage=2",
-         "scaling.num_workers=2", "tracking.wandb=true"],
+        [
+            *fast,
+            f"data.root={tiny_synth}",
+            "train.epochs=2",
+            "train.zero_stage=2",
+            "scaling.num_workers=2",
+            "tracking.wandb=true",
+        ],
     )
     run_dir = str(tmp_path / "run")
 
@@ -61,6 +68,8 @@ def test_rerun_with_another_config_is_refused(ray_local, tiny_synth, tmp_path, c
 
     base = load_config(configs_dir / "osmd_synth.yaml", [*fast, f"data.root={tiny_synth}"])
     prepare_run_dir(base, str(tmp_path / "run"))
-    other = load_config(configs_dir / "osmd_synth.yaml", [*fast, f"data.root={tiny_synth}", "seed=5"])
+    other = load_config(
+        configs_dir / "osmd_synth.yaml", [*fast, f"data.root={tiny_synth}", "seed=5"]
+    )
     with pytest.raises(RunError, match="another configuration"):
         prepare_run_dir(other, str(tmp_path / "run"))

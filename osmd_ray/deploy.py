@@ -1,0 +1,335 @@
+"""Export and load the deployment model (DESIGN §2 "Deployment model", §5 ``deploy/``).
+
+An export is a folder with two files:
+
+- ``model.safetensors``: the :class:`~osmd_ray.method.model.DeployNet` state dict, CPU,
+  floating tensors in fp32. safetensors holds raw tensors only, so loading executes no code
+  (never ``torch.load`` of a pickle);
+- ``meta.json``: format version, package version, method, task, classes, the input modality
+  specs (for osmd and ordinary_only the ordinary modalities only), the model config, the
+  inputs' normalisation statistics, the sha256 of ``model.safetensors`` and free-form
+  ``extra`` metadata.
+
+:func:`load_deploy` rebuilds the network from ``meta.json`` (for osmd and ordinary_only
+without any privileged encoder), checks the checksum and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from osmd_ray import __version__
+from osmd_ray.config import ModelConfig
+from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.method.encoders import Normalization, resolve_normalization
+from osmd_ray.method.model import DeployNet, OSMDModel, build_deploy_net
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+
+
+class DeployError(Exception):
+    """An export that cannot be loaded or an input the deployed model cannot take."""
+
+
+def _spec_to_json(spec: ModalitySpec) -> dict[str, Any]:
+    return {"name": spec.name, "kind": spec.kind, "shape": list(spec.shape), "dtype": spec.dtype}
+
+
+def _spec_from_json(data: Mapping[str, Any]) -> ModalitySpec:
+    return ModalitySpec(
+        name=data["name"], kind=data["kind"], shape=tuple(data["shape"]), dtype=data["dtype"]
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _cpu_state(net: DeployNet) -> dict[str, Tensor]:
+    """Contiguous CPU tensors, floating ones in fp32 (bf16 engines export fp32 weights).
+
+    Cloned: shared modules (E_h's stages taken from E_o) appear under two keys, and
+    safetensors refuses tensors that share memory.
+    """
+    state: dict[str, Tensor] = {}
+    for key, value in net.state_dict().items():
+        tensor = value.detach().to("cpu")
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float32)
+        state[key] = tensor.contiguous().clone()
+    return state
+
+
+def _check_export_args(
+    model: OSMDModel,
+    method: str,
+    ordinary: Sequence[ModalitySpec],
+    privileged: Sequence[ModalitySpec],
+    num_classes: int,
+    model_cfg: ModelConfig,
+    class_names: Sequence[str] | None,
+) -> None:
+    """The metadata must describe the model being exported, or the export would not load."""
+    problems = []
+    if model.method != method:
+        problems.append(f"method {method!r} but the model is {model.method!r}")
+
+    def as_json(specs: Sequence[ModalitySpec]) -> list[dict[str, Any]]:
+        return [_spec_to_json(s) for s in specs]
+
+    if as_json(ordinary) != as_json(model.ordinary):
+        problems.append(f"ordinary {[s.name for s in ordinary]} differs from the model's")
+    if method == "full_multimodal" and as_json(privileged) != as_json(model.privileged):
+        problems.append(f"privileged {[s.name for s in privileged]} differs from the model's")
+    if num_classes != model.num_classes:
+        problems.append(f"num_classes {num_classes} but the model has {model.num_classes}")
+    if dataclasses.asdict(model_cfg) != dataclasses.asdict(model.cfg):
+        problems.append("model_cfg differs from the config the model was built with")
+    if class_names is not None and len(class_names) != num_classes:
+        problems.append(f"{len(class_names)} class names for {num_classes} classes")
+    if problems:
+        raise ValueError("export_deploy: " + "; ".join(problems))
+
+
+def _replaceable(path: Path) -> bool:
+    """Only an earlier export (or an empty folder) may be replaced, never unrelated files."""
+    return path.is_dir() and ((path / META_FILE).is_file() or not any(path.iterdir()))
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` folder to ``out``; the previous export is moved aside only
+    now that the new one is complete, and restored if the final rename fails."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_deploy(
+    model: OSMDModel,
+    out_dir: str,
+    *,
+    method: str,
+    ordinary: list[ModalitySpec],
+    privileged: list[ModalitySpec],
+    num_classes: int,
+    model_cfg: ModelConfig,
+    normalization: Normalization | None,
+    task: str = "classification",
+    class_names: Sequence[str] | None = None,
+    extra_meta: dict | None = None,
+) -> None:
+    """Write the deployment model of ``model`` to the local folder ``out_dir`` atomically.
+
+    Both files are written into a temporary sibling folder that then replaces ``out_dir``; an
+    existing export there stays intact until the new one is complete. ``out_dir`` must be
+    absent, empty or an earlier export.
+    """
+    _check_export_args(model, method, ordinary, privileged, num_classes, model_cfg, class_names)
+    net = model.deploy_module()
+    inputs = list(net.input_modalities)
+    stats = resolve_normalization(inputs, normalization)
+    for name, values in stats.items():
+        built = model.normalization[name]
+        if not (
+            np.allclose(values["mean"], built["mean"]) and np.allclose(values["std"], built["std"])
+        ):
+            raise ValueError(
+                f"export_deploy: normalization of {name!r} differs from the model's own"
+            )
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "osmd_ray_version": __version__,
+        "method": method,
+        "task": task,
+        "num_classes": num_classes,
+        "class_names": list(class_names) if class_names is not None else None,
+        "ordinary": [_spec_to_json(s) for s in ordinary],
+        # Only full_multimodal (the non-deployable upper bound) takes privileged inputs.
+        "privileged": [_spec_to_json(s) for s in privileged] if method == "full_multimodal" else [],
+        "input_modalities": [s.name for s in inputs],
+        "model_config": dataclasses.asdict(model_cfg),
+        "normalization": stats,
+        "sha256": {},
+        "extra": dict(extra_meta or {}),
+    }
+    json.dumps(meta)  # fail on non-JSON extra_meta before touching the disk
+
+    out = Path(out_dir)
+    if out.exists() and not _replaceable(out):
+        raise FileExistsError(f"{out} exists and is not a deployment export; not replacing it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; an export is meant to be shared
+        save_file(_cpu_state(net), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _fsync(tmp / WEIGHTS_FILE)
+        meta["sha256"][WEIGHTS_FILE] = _sha256(tmp / WEIGHTS_FILE)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _fsync(tmp / META_FILE)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class DeployedModel:
+    """A loaded deployment model: numpy (or tensor) batches in, class probabilities out.
+
+    Attributes: ``net`` (the :class:`DeployNet`, CPU, eval mode), ``meta`` (meta.json) and
+    ``input_modalities`` (the ModalitySpecs it needs; other keys of a batch are ignored).
+    """
+
+    def __init__(self, net: DeployNet, meta: dict[str, Any]) -> None:
+        self.net = net
+        self.meta = meta
+        self.input_modalities: tuple[ModalitySpec, ...] = net.input_modalities
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.meta.get("class_names")
+
+    def _inputs(self, batch: Mapping[str, np.ndarray | Tensor]) -> tuple[dict[str, Tensor], int]:
+        tensors: dict[str, Tensor] = {}
+        rows: int | None = None
+        for spec in self.input_modalities:
+            expected = f"(N, {', '.join(str(d) for d in spec.shape)})"
+            if spec.name not in batch:
+                raise DeployError(
+                    f"missing input modality {spec.name!r} (expected shape {expected}); "
+                    f"the model needs {[s.name for s in self.input_modalities]}"
+                )
+            value = batch[spec.name]
+            if isinstance(value, Tensor):
+                tensor = value.detach().cpu()
+            else:
+                tensor = torch.from_numpy(np.ascontiguousarray(np.asarray(value)))
+            if tuple(tensor.shape[1:]) != tuple(spec.shape) or tensor.dim() != len(spec.shape) + 1:
+                raise DeployError(
+                    f"modality {spec.name!r}: expected shape {expected}, got {tuple(tensor.shape)}"
+                )
+            if rows is not None and tensor.shape[0] != rows:
+                raise DeployError(
+                    f"modality {spec.name!r} has {tensor.shape[0]} rows, the others {rows}"
+                )
+            rows = tensor.shape[0]
+            tensors[spec.name] = tensor
+        return tensors, int(rows or 0)
+
+    def predict_proba(
+        self, batch: Mapping[str, np.ndarray | Tensor], batch_size: int = 256
+    ) -> np.ndarray:
+        """Softmax probabilities (N, num_classes) float32, ``batch_size`` rows at a time."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        inputs, rows = self._inputs(batch)
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, rows, batch_size):
+                part = {k: v[start : start + batch_size] for k, v in inputs.items()}
+                chunks.append(torch.softmax(self.net(part).float(), dim=1).numpy())
+        if not chunks:
+            return np.zeros((0, self.num_classes), dtype=np.float32)
+        return np.concatenate(chunks, axis=0)
+
+    def predict(
+        self, batch: Mapping[str, np.ndarray | Tensor], batch_size: int = 256
+    ) -> np.ndarray:
+        """Predicted class indices, (N,) int64."""
+        return self.predict_proba(batch, batch_size).argmax(axis=1).astype(np.int64)
+
+
+def _model_config(data: Mapping[str, Any]) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        # A newer package wrote fields this one does not know: guessing could build another net.
+        raise DeployError(f"meta.json model_config has unknown fields {unknown}; upgrade osmd_ray")
+    return ModelConfig(**data)
+
+
+def load_deploy(path: str) -> DeployedModel:
+    """Load an export written by :func:`export_deploy` onto the CPU, in eval mode.
+
+    Raises :class:`DeployError` when meta.json is missing or malformed, when
+    model.safetensors does not match the checksum in meta.json, or when the weights do not fit
+    the network the metadata describes.
+    """
+    root = Path(path)
+    meta_path, weights_path = root / META_FILE, root / WEIGHTS_FILE
+    if not meta_path.is_file():
+        raise DeployError(f"{meta_path} not found: {root} is not a deployment export")
+    if not weights_path.is_file():
+        raise DeployError(f"{weights_path} not found: the export is incomplete")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as err:
+        raise DeployError(f"{meta_path} is not valid JSON: {err}") from err
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DeployError(
+            f"{meta_path}: format_version {meta.get('format_version')!r}, this osmd_ray reads "
+            f"{FORMAT_VERSION}"
+        )
+    try:
+        expected = meta["sha256"][WEIGHTS_FILE]
+        actual = _sha256(weights_path)
+        if actual != expected:
+            raise DeployError(
+                f"{weights_path} was modified after export: its sha256 {actual} differs from "
+                f"{expected} recorded in meta.json"
+            )
+        net = build_deploy_net(
+            meta["method"],
+            [_spec_from_json(s) for s in meta["ordinary"]],
+            [_spec_from_json(s) for s in meta["privileged"]],
+            int(meta["num_classes"]),
+            _model_config(meta["model_config"]),
+            meta["normalization"],
+        )
+    except KeyError as err:
+        raise DeployError(f"{meta_path} lacks the field {err}") from err
+    try:
+        net.load_state_dict(load_file(str(weights_path), device="cpu"), strict=True)
+    except (RuntimeError, ValueError) as err:
+        raise DeployError(f"{weights_path} does not fit the network in meta.json: {err}") from err
+    net.eval()
+    return DeployedModel(net, meta)

@@ -1,0 +1,341 @@
+"""Encoders: one family per modality kind, and the role encoder that combines them.
+
+Every encoder maps one modality to a feature vector of size ``ModelConfig.feature_dim``:
+
+- image ``C x H x W``: ``small_cnn`` (below), ``timm:<name>`` or ``torchvision:<name>``;
+- sequence ``C x T``: a 1-D CNN;
+- vector ``D``: an MLP.
+
+A :class:`RoleEncoder` runs one encoder per modality of a role (ordinary or privileged) and
+projects the concatenation back to ``feature_dim`` when the role has several modalities.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from osmd_ray.config import ModelConfig
+from osmd_ray.data.contract import ModalitySpec
+
+Normalization = Mapping[str, Mapping[str, Sequence[float]]]
+"""Per modality, per-channel statistics: ``{name: {"mean": [...], "std": [...]}}``."""
+
+# A channel whose training-split std is (nearly) zero is constant: dividing by its std would
+# blow it up, so it is only centred.
+_MIN_STD = 1e-6
+
+_BACKBONES_HINT = (
+    "install the optional backbones with `pip install 'osmd_ray[backbones]'` on a GPU node "
+    "(PyPI torchvision needs a CUDA build of torch), or use model.image_encoder=small_cnn"
+)
+
+
+def num_channels(spec: ModalitySpec) -> int:
+    """Statistics length of a modality: C for images and sequences, D for vectors."""
+    expected_rank = {"image": 3, "sequence": 2, "vector": 1}
+    if spec.kind not in expected_rank:
+        raise ValueError(f"modality {spec.name!r}: unknown kind {spec.kind!r}")
+    if len(spec.shape) != expected_rank[spec.kind]:
+        raise ValueError(
+            f"modality {spec.name!r} of kind {spec.kind} needs a {expected_rank[spec.kind]}-d "
+            f"shape, got {tuple(spec.shape)}"
+        )
+    return int(spec.shape[0])
+
+
+def resolve_normalization(
+    specs: Sequence[ModalitySpec], normalization: Normalization | None
+) -> dict[str, dict[str, list[float]]]:
+    """Validated statistics for ``specs`` only, as plain lists (what meta.json stores).
+
+    ``None`` means identity statistics (mean 0, std 1) for every modality, for synthetic data
+    and tests; a mapping that lacks one of the modalities is an error, never a silent default.
+    """
+    resolved: dict[str, dict[str, list[float]]] = {}
+    for spec in specs:
+        channels = num_channels(spec)
+        if normalization is None:
+            resolved[spec.name] = {"mean": [0.0] * channels, "std": [1.0] * channels}
+            continue
+        if spec.name not in normalization:
+            raise ValueError(
+                f"no normalization statistics for modality {spec.name!r} "
+                f"(have: {sorted(normalization)})"
+            )
+        stats = normalization[spec.name]
+        mean, std = [float(v) for v in stats["mean"]], [float(v) for v in stats["std"]]
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(
+                f"modality {spec.name!r} has {channels} channels but its normalization has "
+                f"{len(mean)} means and {len(std)} stds"
+            )
+        resolved[spec.name] = {"mean": mean, "std": std}
+    return resolved
+
+
+class Normalize(nn.Module):
+    """Per-channel standardisation of a raw input (uint8 or float) of one modality kind.
+
+    Computes in fp32, then casts to the dtype of its buffers, which follow the module's dtype:
+    under a bf16 DeepSpeed engine the encoder then receives bf16 as its weights expect.
+    """
+
+    def __init__(self, kind: str, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        # Statistics broadcast over (B, C, H, W), (B, C, T) or (B, D).
+        view = {"image": (1, -1, 1, 1), "sequence": (1, -1, 1), "vector": (1, -1)}[kind]
+        std_t = torch.tensor(std, dtype=torch.float32)
+        std_t = torch.where(std_t.abs() < _MIN_STD, torch.ones_like(std_t), std_t)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(view))
+        self.register_buffer("std", std_t.reshape(view))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = (x.to(torch.float32) - self.mean.float()) / self.std.float()
+        return out.to(self.mean.dtype)
+
+
+class SmallCNN(nn.Module):
+    """A plain VGG-like CNN: ``stages`` (a ModuleList, so E_h can share a prefix), then a head.
+
+    Stage i: Conv(3x3, stride 1 for the first stage, else 2), BN, ReLU, Conv(3x3), BN, ReLU,
+    with ``width * 2**i`` channels. Head: global average pool, Linear to ``feature_dim``, ReLU.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        depth: int,
+        feature_dim: int,
+        shared_stages: Sequence[nn.Module] = (),
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"small_cnn needs model.depth >= 1, got {depth}")
+        if len(shared_stages) > depth:
+            raise ValueError(f"cannot share {len(shared_stages)} stages of a {depth}-stage CNN")
+        stages: list[nn.Module] = list(shared_stages)
+        for i in range(len(stages), depth):
+            c_in = in_channels if i == 0 else width * 2 ** (i - 1)
+            stages.append(self._stage(c_in, width * 2**i, stride=1 if i == 0 else 2))
+        self.stages = nn.ModuleList(stages)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(width * 2 ** (depth - 1), feature_dim),
+            nn.ReLU(),
+        )
+
+    @staticmethod
+    def _stage(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+        # No conv bias: the following BatchNorm has its own shift.
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1, stride=stride, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x)
+
+
+def sequence_cnn(in_channels: int, width: int, depth: int, feature_dim: int) -> nn.Sequential:
+    """1-D CNN for ``C x T``: depth x [Conv1d(k=5), BN, ReLU] (stride 2 after the first)."""
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for i in range(depth):
+        stride = 1 if i == 0 else 2
+        layers += [
+            nn.Conv1d(c_in, width, 5, padding=2, stride=stride, bias=False),
+            nn.BatchNorm1d(width),
+            nn.ReLU(),
+        ]
+        c_in = width
+    layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(c_in, feature_dim), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def vector_mlp(in_features: int, width: int, depth: int, feature_dim: int) -> nn.Sequential:
+    """MLP for ``D``: depth x [Linear, LayerNorm, ReLU], then Linear to feature_dim, ReLU.
+
+    LayerNorm rather than BatchNorm: it does not couple the rows of a batch, so a sample's
+    features do not depend on which other samples share its batch.
+    """
+    layers: list[nn.Module] = []
+    d_in = in_features
+    for _ in range(depth):
+        layers += [nn.Linear(d_in, width), nn.LayerNorm(width), nn.ReLU()]
+        d_in = width
+    layers += [nn.Linear(d_in, feature_dim), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _import_backbone_library(name: str):
+    """Import timm or torchvision only when a config asks for it (never at module level)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise ImportError(f"model.image_encoder needs {name}: {_BACKBONES_HINT}") from err
+
+
+def timm_encoder(name: str, in_channels: int, feature_dim: int) -> nn.Sequential:
+    """A timm backbone without its classifier (random init), then Linear to feature_dim."""
+    timm = _import_backbone_library("timm")
+    net = timm.create_model(name, pretrained=False, in_chans=in_channels, num_classes=0)
+    return nn.Sequential(net, nn.Linear(net.num_features, feature_dim), nn.ReLU())
+
+
+def _replace_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def torchvision_encoder(name: str, in_channels: int, feature_dim: int) -> nn.Sequential:
+    """A torchvision classification model (random init) adapted to ``in_channels``.
+
+    The first Conv2d is rebuilt for ``in_channels`` and the last Linear (the classifier) is
+    replaced by Identity; this covers ResNet, VGG, MobileNet, EfficientNet, ConvNeXt, DenseNet.
+    """
+    torchvision = _import_backbone_library("torchvision")
+    builder = getattr(torchvision.models, name, None)
+    if not callable(builder):
+        raise ValueError(f"torchvision.models has no model {name!r}")
+    net = builder(weights=None)
+    modules = dict(net.named_modules())
+    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if not convs or not linears:
+        raise ValueError(f"torchvision:{name} has no Conv2d stem or no Linear classifier")
+    stem: nn.Conv2d = modules[convs[0]]
+    if stem.in_channels != in_channels:
+        _replace_submodule(
+            net,
+            convs[0],
+            nn.Conv2d(
+                in_channels,
+                stem.out_channels,
+                stem.kernel_size,
+                stride=stem.stride,
+                padding=stem.padding,
+                dilation=stem.dilation,
+                groups=stem.groups,
+                bias=stem.bias is not None,
+                padding_mode=stem.padding_mode,
+            ),
+        )
+    classifier: nn.Linear = modules[linears[-1]]
+    _replace_submodule(net, linears[-1], nn.Identity())
+    return nn.Sequential(net, nn.Linear(classifier.in_features, feature_dim), nn.ReLU())
+
+
+class ModalityEncoder(nn.Module):
+    """Normalize, then the kind's encoder body: one modality -> (B, feature_dim)."""
+
+    def __init__(self, normalize: Normalize, body: nn.Module) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.body = body
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(self.normalize(x))
+
+
+def build_modality_encoder(
+    spec: ModalitySpec,
+    cfg: ModelConfig,
+    stats: Mapping[str, Sequence[float]],
+    shared_stages: Sequence[nn.Module] = (),
+) -> ModalityEncoder:
+    """The encoder for one modality, chosen from its kind (and, for images, the config)."""
+    channels = num_channels(spec)
+    normalize = Normalize(spec.kind, stats["mean"], stats["std"])
+    if spec.kind == "image":
+        choice = cfg.image_encoder
+        if choice == "small_cnn":
+            body: nn.Module = SmallCNN(
+                channels, cfg.width, cfg.depth, cfg.feature_dim, shared_stages
+            )
+        elif shared_stages:
+            raise ValueError("model.hallucination_shared_stages needs image_encoder=small_cnn")
+        elif choice.startswith("timm:"):
+            body = timm_encoder(choice.removeprefix("timm:"), channels, cfg.feature_dim)
+        elif choice.startswith("torchvision:"):
+            body = torchvision_encoder(
+                choice.removeprefix("torchvision:"), channels, cfg.feature_dim
+            )
+        else:
+            raise ValueError(
+                f"model.image_encoder={choice!r}: use small_cnn, timm:<name> or torchvision:<name>"
+            )
+    elif spec.kind == "sequence":
+        body = sequence_cnn(channels, cfg.width, cfg.depth, cfg.feature_dim)
+    else:
+        body = vector_mlp(channels, cfg.width, cfg.depth, cfg.feature_dim)
+    return ModalityEncoder(normalize, body)
+
+
+class RoleEncoder(nn.Module):
+    """All modalities of one role -> (B, feature_dim).
+
+    ``share_from`` and ``shared_stages``: reuse the first ``shared_stages`` stage modules of
+    ``share_from``'s small_cnn image encoders (same objects, so the same parameters); this is
+    how E_h shares its early layers with E_o.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[ModalitySpec],
+        cfg: ModelConfig,
+        normalization: Normalization | None,
+        share_from: RoleEncoder | None = None,
+        shared_stages: int = 0,
+    ) -> None:
+        super().__init__()
+        if not specs:
+            raise ValueError("a role encoder needs at least one modality")
+        if shared_stages < 0:
+            raise ValueError(f"shared_stages must be >= 0, got {shared_stages}")
+        if shared_stages and not any(s.kind == "image" for s in specs):
+            raise ValueError(
+                "model.hallucination_shared_stages > 0 shares small_cnn image stages, but the "
+                f"role has no image modality ({[s.name for s in specs]})"
+            )
+        stats = resolve_normalization(specs, normalization)
+        self.specs = tuple(specs)
+        self.encoders = nn.ModuleDict()
+        for spec in specs:
+            shared: Sequence[nn.Module] = ()
+            if shared_stages and spec.kind == "image":
+                if share_from is None:
+                    raise ValueError("shared_stages > 0 needs share_from")
+                source = share_from.encoders[spec.name].body
+                if not isinstance(source, SmallCNN):
+                    raise ValueError(
+                        "model.hallucination_shared_stages needs image_encoder=small_cnn"
+                    )
+                if shared_stages > len(source.stages):
+                    raise ValueError(
+                        f"model.hallucination_shared_stages={shared_stages} exceeds the "
+                        f"{len(source.stages)} stages of the small_cnn (model.depth)"
+                    )
+                shared = list(source.stages)[:shared_stages]
+            self.encoders[spec.name] = build_modality_encoder(spec, cfg, stats[spec.name], shared)
+        self.project: nn.Module = nn.Identity()
+        if len(specs) > 1:
+            self.project = nn.Sequential(
+                nn.Linear(len(specs) * cfg.feature_dim, cfg.feature_dim), nn.ReLU()
+            )
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        feats = [self.encoders[spec.name](batch[spec.name]) for spec in self.specs]
+        return self.project(feats[0] if len(feats) == 1 else torch.cat(feats, dim=1))

@@ -1,0 +1,144 @@
+"""The training objective of DESIGN §2, with per-sample masking of missing privileged data.
+
+``L = w_deploy L_deploy + w_teacher L_teacher + w_priv L_priv + w_jan L_jan + w_mimic L_mimic``
+
+- ``deploy``  task_loss(H(F(z_o, z_h)), y)        all rows
+- ``teacher`` task_loss(H(F(z_o, z_p)), y)        rows with the privileged modalities
+- ``priv``    task_loss(H_p(z_p), y)              rows with the privileged modalities
+- ``jan``     JMMD({z_p, softmax(H_p(z_p))}, {z_h, softmax(H_p(z_h))}) (or MMD(z_p, z_h)),
+  over the rows with the privileged modalities; needs at least two of them
+- ``mimic``   mean((z_h - stopgrad(z_p))^2): the mean over rows *and* features, so its weight
+  does not scale with ``model.feature_dim``
+
+A term with no usable rows is an exact 0 that stays connected to the graph (no NaN, and every
+parameter still gets a gradient, as DeepSpeed expects on every rank).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from osmd_ray.config import LossConfig
+from osmd_ray.method.jmmd import jmmd, mmd
+
+ALIGNMENTS = ("jmmd", "mmd")
+TERMS = ("deploy", "teacher", "priv", "jan", "mimic")
+
+
+def _zero(t: Tensor) -> Tensor:
+    """A 0 connected to ``t``'s graph; summing an empty slice cannot produce NaN."""
+    return t.reshape(-1)[:0].float().sum()
+
+
+def task_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Cross-entropy, mean over the labelled targets (0 when none is labelled).
+
+    Works for classification, (B, C) and (B,), and dense prediction, (B, C, H, W) and
+    (B, H, W). Computed in fp32 so bf16 logits do not lose the loss's precision.
+    """
+    labels = labels.long()
+    summed = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    count = (labels != ignore_index).sum().clamp_min(1)
+    return summed / count
+
+
+def alignment_loss(
+    z_p: Tensor,
+    z_h: Tensor,
+    priv_logits: Tensor,
+    priv_logits_h: Tensor,
+    cfg: LossConfig,
+) -> Tensor:
+    """The ``jan`` term on already-masked rows: JMMD of (features, predictions) or MMD."""
+    if cfg.alignment not in ALIGNMENTS:
+        raise ValueError(f"loss.alignment={cfg.alignment!r}: use one of {ALIGNMENTS}")
+    p_feat, p_prob = z_p, torch.softmax(priv_logits.float(), dim=1)
+    if cfg.detach_privileged:
+        p_feat, p_prob = p_feat.detach(), p_prob.detach()
+    if cfg.alignment == "mmd":
+        return mmd(p_feat, z_h, cfg.num_kernels, cfg.kernel_mul)
+    h_prob = torch.softmax(priv_logits_h.float(), dim=1)
+    return jmmd([p_feat, p_prob], [z_h, h_prob], cfg.num_kernels, cfg.kernel_mul)
+
+
+def compute_losses(
+    outputs: dict[str, Tensor],
+    labels: Tensor,
+    has_privileged: Tensor | None,
+    method: str,
+    cfg: LossConfig,
+    ignore_index: int = -100,
+) -> dict[str, Tensor]:
+    """Each active term, unweighted, under its name, and ``total`` (the weighted sum).
+
+    ``has_privileged`` (B,) bool marks the rows that have the privileged modalities; ``None``
+    falls back to ``outputs["has_privileged"]`` (set by the model from ``has_<name>``
+    columns), and then to "every row". ordinary_only and full_multimodal return only
+    ``deploy`` and ``total = deploy`` (their only term; a weight would merely rescale the
+    learning rate). For osmd a term whose weight is 0 is neither computed nor reported.
+    """
+    if method != "osmd":
+        deploy = task_loss(outputs["deploy_logits"], labels, ignore_index)
+        return {"deploy": deploy, "total": deploy}
+
+    if cfg.alignment not in ALIGNMENTS:
+        raise ValueError(f"loss.alignment={cfg.alignment!r}: use one of {ALIGNMENTS}")
+    mask = outputs.get("has_privileged") if has_privileged is None else has_privileged
+    if has_privileged is not None and "has_privileged" in outputs:
+        ran_with = outputs["has_privileged"]
+        if not torch.equal(has_privileged.reshape(-1).to(ran_with.device, torch.bool), ran_with):
+            raise ValueError("has_privileged differs from the mask the model ran E_p with")
+    valid = None if mask is None else mask.reshape(-1).to(labels.device, torch.bool)
+
+    def rows(t: Tensor) -> Tensor:
+        return t if valid is None else t[valid]
+
+    n_valid = labels.shape[0] if valid is None else int(valid.sum())
+    weights = {
+        "deploy": cfg.w_deploy,
+        "teacher": cfg.w_teacher,
+        "priv": cfg.w_priv,
+        "jan": cfg.w_jan,
+        "mimic": cfg.w_mimic,
+    }
+    terms: dict[str, Tensor] = {}
+    if weights["deploy"] != 0:
+        terms["deploy"] = task_loss(outputs["deploy_logits"], labels, ignore_index)
+    if weights["teacher"] != 0:
+        terms["teacher"] = (
+            task_loss(rows(outputs["teacher_logits"]), rows(labels), ignore_index)
+            if n_valid
+            else _zero(outputs["teacher_logits"])
+        )
+    if weights["priv"] != 0:
+        terms["priv"] = (
+            task_loss(rows(outputs["priv_logits"]), rows(labels), ignore_index)
+            if n_valid
+            else _zero(outputs["priv_logits"])
+        )
+    if weights["jan"] != 0:
+        # Distances between fewer than two samples of a side say nothing about a distribution.
+        terms["jan"] = (
+            alignment_loss(
+                rows(outputs["z_p"]),
+                rows(outputs["z_h"]),
+                rows(outputs["priv_logits"]),
+                rows(outputs["priv_logits_h"]),
+                cfg,
+            )
+            if n_valid >= 2
+            else _zero(outputs["z_h"]) + _zero(outputs["z_p"]) + _zero(outputs["priv_logits_h"])
+        )
+    if weights["mimic"] != 0:
+        terms["mimic"] = (
+            F.mse_loss(rows(outputs["z_h"]).float(), rows(outputs["z_p"]).detach().float())
+            if n_valid
+            else _zero(outputs["z_h"])
+        )
+    total = _zero(outputs["deploy_logits"])
+    for name, value in terms.items():
+        total = total + weights[name] * value
+    terms["total"] = total
+    return terms

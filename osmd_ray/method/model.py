@@ -1,0 +1,273 @@
+"""The OS-MD model of DESIGN §2 and its two baselines of §3, plus the deployment network.
+
+Parts (attribute names are part of the contract: state dict keys, tests and the trainer use
+them):
+
+- ``E_o`` ordinary encoder, ``E_p`` privileged encoder, ``E_h`` hallucination encoder;
+- ``F`` fusion and ``H`` task head, shared by the teacher path ``H(F(z_o, z_p))`` and the
+  deployment path ``H(F(z_o, z_h))``; with ``model.share_fusion=False`` (osmd only) the
+  teacher path gets its own ``F_t`` and ``H_t`` instead;
+- ``H_p`` head on privileged-space features (``z_p`` and ``z_h``).
+
+Methods: ``ordinary_only`` (E_o + H), ``full_multimodal`` (E_o + E_p + F + H, the upper bound
+that needs the privileged modalities at test time) and ``osmd`` (everything).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from osmd_ray.config import METHODS, Config, ModelConfig
+from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.method.encoders import Normalization, RoleEncoder, resolve_normalization
+from osmd_ray.method.fusion import build_fusion
+
+
+def privileged_mask(batch: Mapping[str, Tensor], privileged: Sequence[str]) -> Tensor | None:
+    """(B,) bool, True where every privileged modality is present, from ``has_<name>`` columns.
+
+    ``None`` when the batch has no such column (every row has every privileged modality).
+    """
+    mask: Tensor | None = None
+    for name in privileged:
+        column = batch.get(f"has_{name}")
+        if column is None:
+            continue
+        present = torch.as_tensor(column).reshape(-1).bool()
+        mask = present if mask is None else mask & present
+    return mask
+
+
+def _check_roles(
+    method: str, ordinary: Sequence[ModalitySpec], privileged: Sequence[ModalitySpec]
+) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: use one of {METHODS}")
+    if not ordinary:
+        raise ValueError("data.ordinary is empty: every method needs an ordinary modality")
+    overlap = {s.name for s in ordinary} & {s.name for s in privileged}
+    if overlap:
+        raise ValueError(f"modalities {sorted(overlap)} are both ordinary and privileged")
+
+
+def _deploy_part_names(method: str) -> tuple[str, ...]:
+    """What the deployment network of ``method`` holds, in registration order."""
+    return {
+        "ordinary_only": ("E_o", "H"),
+        "full_multimodal": ("E_o", "E_p", "F", "H"),
+        "osmd": ("E_o", "E_h", "F", "H"),
+    }[method]
+
+
+def _deploy_parts(
+    method: str,
+    ordinary: Sequence[ModalitySpec],
+    privileged: Sequence[ModalitySpec],
+    num_classes: int,
+    cfg: ModelConfig,
+    normalization: Normalization | None,
+) -> dict[str, nn.Module]:
+    """Build the deployment parts of ``method`` (and nothing else: no E_p for osmd)."""
+    parts: dict[str, nn.Module] = {"E_o": RoleEncoder(ordinary, cfg, normalization)}
+    if method == "full_multimodal":
+        if not privileged:
+            raise ValueError("full_multimodal needs at least one privileged modality")
+        parts["E_p"] = RoleEncoder(privileged, cfg, normalization)
+    if method == "osmd":
+        parts["E_h"] = RoleEncoder(
+            ordinary,
+            cfg,
+            normalization,
+            share_from=parts["E_o"],
+            shared_stages=cfg.hallucination_shared_stages,
+        )
+    if method != "ordinary_only":
+        parts["F"] = build_fusion(cfg.fusion, cfg.feature_dim, cfg.shared_translator)
+    parts["H"] = nn.Linear(cfg.feature_dim, num_classes)
+    return parts
+
+
+class DeployNet(nn.Module):
+    """The deployment network: ordinary inputs (plus privileged for full_multimodal) -> logits.
+
+    Holds exactly the parts of :func:`_deploy_part_names`; built either around an
+    :class:`OSMDModel`'s modules (same parameter tensors) or from scratch when loading an
+    export. Both have the same state dict keys.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        parts: Mapping[str, nn.Module],
+        input_modalities: Sequence[ModalitySpec],
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        expected = _deploy_part_names(method)
+        if tuple(parts) != expected:
+            raise ValueError(f"{method} deploys {expected}, got {tuple(parts)}")
+        self.method = method
+        self.input_modalities: tuple[ModalitySpec, ...] = tuple(input_modalities)
+        for name, module in parts.items():
+            self.add_module(name, module)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        z_o = self.E_o(batch)
+        if self.method == "ordinary_only":
+            return self.H(self.dropout(z_o))
+        other = self.E_h(batch) if self.method == "osmd" else self.E_p(batch)
+        return self.H(self.dropout(self.F(z_o, other)))
+
+
+def build_deploy_net(
+    method: str,
+    ordinary: Sequence[ModalitySpec],
+    privileged: Sequence[ModalitySpec],
+    num_classes: int,
+    cfg: ModelConfig,
+    normalization: Normalization | None,
+) -> DeployNet:
+    """A freshly initialised :class:`DeployNet`; for osmd and ordinary_only no E_p is built
+    (``privileged`` may then be empty)."""
+    _check_roles(method, ordinary, privileged)
+    inputs = list(ordinary) + (list(privileged) if method == "full_multimodal" else [])
+    parts = _deploy_parts(method, ordinary, privileged, num_classes, cfg, normalization)
+    return DeployNet(method, parts, inputs, cfg.dropout)
+
+
+class OSMDModel(nn.Module):
+    """OS-MD (DESIGN §2) or one of its baselines (§3), for training and evaluation.
+
+    ``forward(batch)`` returns a dict of tensors:
+
+    - all methods: ``z_o``, ``deploy_logits``;
+    - full_multimodal and osmd: ``z_p``, ``teacher_logits`` (for full_multimodal the teacher
+      path *is* the deployment path);
+    - osmd: ``z_h``, ``priv_logits = H_p(z_p)``, ``priv_logits_h = H_p(z_h)``;
+    - ``has_privileged`` (B,) bool, when a mask was given or read from ``has_<name>`` columns.
+
+    Rows without their privileged modalities never enter ``E_p``: it runs on the other rows
+    only (so they do not shift BatchNorm statistics or receive gradient), and their ``z_p`` is
+    zero. Losses must mask those rows (:func:`osmd_ray.method.losses.compute_losses` does).
+    """
+
+    def __init__(
+        self,
+        method: str,
+        ordinary: Sequence[ModalitySpec],
+        privileged: Sequence[ModalitySpec],
+        num_classes: int,
+        cfg: ModelConfig,
+        normalization: Normalization | None,
+    ) -> None:
+        super().__init__()
+        _check_roles(method, ordinary, privileged)
+        if method != "ordinary_only" and not privileged:
+            raise ValueError(f"method {method} needs at least one privileged modality")
+        self.method = method
+        self.ordinary = tuple(ordinary)
+        self.privileged = tuple(privileged) if method != "ordinary_only" else ()
+        self.num_classes = num_classes
+        self.cfg = cfg
+        self.normalization = resolve_normalization(self.ordinary + self.privileged, normalization)
+        for name, module in _deploy_parts(
+            method, ordinary, privileged, num_classes, cfg, normalization
+        ).items():
+            self.add_module(name, module)
+        self.dropout = nn.Dropout(cfg.dropout)
+        if method == "osmd":
+            self.E_p = RoleEncoder(privileged, cfg, normalization)
+            self.H_p = nn.Linear(cfg.feature_dim, num_classes)
+            if not cfg.share_fusion:
+                self.F_t = build_fusion(cfg.fusion, cfg.feature_dim, cfg.shared_translator)
+                self.H_t = nn.Linear(cfg.feature_dim, num_classes)
+
+    @property
+    def teacher_parts(self) -> tuple[nn.Module, nn.Module]:
+        """(fusion, head) of the teacher path: F and H unless share_fusion is off (osmd)."""
+        if self.method == "osmd" and not self.cfg.share_fusion:
+            return self.F_t, self.H_t
+        return self.F, self.H
+
+    def privileged_mask(self, batch: Mapping[str, Tensor]) -> Tensor | None:
+        """The rows that have every privileged modality (see :func:`privileged_mask`)."""
+        return privileged_mask(batch, [s.name for s in self.privileged])
+
+    def _encode_privileged(self, batch: Mapping[str, Tensor], mask: Tensor | None) -> Tensor:
+        if mask is None or bool(mask.all()):
+            return self.E_p(batch)
+        rows = mask.nonzero(as_tuple=True)[0]
+        # An empty selection still runs E_p (BatchNorm skips empty batches), which keeps every
+        # E_p parameter in the graph with a zero gradient: DeepSpeed expects that on all ranks.
+        z_valid = self.E_p({s.name: batch[s.name][mask] for s in self.privileged})
+        full = z_valid.new_zeros((mask.shape[0], z_valid.shape[1]))
+        return full.index_copy(0, rows, z_valid)
+
+    def forward(
+        self, batch: Mapping[str, Tensor], has_privileged: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        z_o = self.E_o(batch)
+        out: dict[str, Tensor] = {"z_o": z_o}
+        if self.method == "ordinary_only":
+            out["deploy_logits"] = self.H(self.dropout(z_o))
+            return out
+        mask = self.privileged_mask(batch) if has_privileged is None else has_privileged
+        if mask is not None:
+            mask = mask.reshape(-1).to(device=z_o.device, dtype=torch.bool)
+            if mask.shape[0] != z_o.shape[0]:
+                raise ValueError(f"has_privileged has {mask.shape[0]} rows, batch {z_o.shape[0]}")
+            out["has_privileged"] = mask
+        z_p = self._encode_privileged(batch, mask)
+        fusion, head = self.teacher_parts
+        out["z_p"] = z_p
+        out["teacher_logits"] = head(self.dropout(fusion(z_o, z_p)))
+        if self.method == "full_multimodal":
+            out["deploy_logits"] = out["teacher_logits"]
+            return out
+        z_h = self.E_h(batch)
+        out["z_h"] = z_h
+        out["deploy_logits"] = self.H(self.dropout(self.F(z_o, z_h)))
+        out["priv_logits"] = self.H_p(self.dropout(z_p))
+        out["priv_logits_h"] = self.H_p(self.dropout(z_h))
+        return out
+
+    def deploy_module(self) -> DeployNet:
+        """The deployment network around this model's own modules (no copies, no E_p for
+        osmd): training it trains the model, and its state dict is what gets exported."""
+        parts = {name: getattr(self, name) for name in _deploy_part_names(self.method)}
+        inputs = self.ordinary + (self.privileged if self.method == "full_multimodal" else ())
+        return DeployNet(self.method, parts, inputs, self.cfg.dropout)
+
+
+def _role_specs(manifest, names: Sequence[str], role: str) -> list[ModalitySpec]:
+    missing = [n for n in names if n not in manifest.modalities]
+    if missing:
+        raise ValueError(
+            f"data.{role} names {missing}, which the dataset does not have "
+            f"(modalities: {sorted(manifest.modalities)})"
+        )
+    return [manifest.modalities[n] for n in names]
+
+
+def build_model(cfg: Config, manifest) -> OSMDModel:
+    """The model of ``cfg.method`` for a dataset's manifest.
+
+    Uses ``manifest.modalities[name]`` (ModalitySpec) for the configured roles,
+    ``manifest.num_classes`` and the ``manifest.normalization`` of the roles' modalities.
+    ordinary_only ignores (and does not require) the privileged modalities.
+    """
+    ordinary = _role_specs(manifest, cfg.data.ordinary, "ordinary")
+    privileged = (
+        []
+        if cfg.method == "ordinary_only"
+        else _role_specs(manifest, cfg.data.privileged, "privileged")
+    )
+    stats = manifest.normalization
+    if stats is not None:
+        names = {s.name for s in ordinary + privileged}
+        stats = {name: v for name, v in stats.items() if name in names}
+    return OSMDModel(cfg.method, ordinary, privileged, manifest.num_classes, cfg.model, stats)

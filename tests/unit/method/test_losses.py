@@ -1,0 +1,246 @@
+"""compute_losses: terms, weights, alignment choice, masking of missing privileged rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from osmd_ray.config import LossConfig, ModelConfig
+from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.method.jmmd import jmmd, mmd
+from osmd_ray.method.losses import compute_losses, task_loss
+from osmd_ray.method.model import OSMDModel
+
+NUM_CLASSES = 3
+DIM = 6
+
+
+def fake_outputs(rows: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    """osmd outputs as leaf tensors, so gradients into each can be inspected."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in ("z_o", "z_p", "z_h"):
+        out[key] = torch.rand(rows, DIM, generator=gen).requires_grad_()
+    for key in ("teacher_logits", "deploy_logits", "priv_logits", "priv_logits_h"):
+        out[key] = torch.randn(rows, NUM_CLASSES, generator=gen).requires_grad_()
+    return out
+
+
+def labels_for(rows: int = 6) -> torch.Tensor:
+    return torch.arange(rows) % NUM_CLASSES
+
+
+def test_task_loss_is_cross_entropy_and_handles_ignored_targets():
+    logits, labels = torch.randn(5, 4), torch.tensor([0, 3, 1, 1, 2])
+    torch.testing.assert_close(task_loss(logits, labels), F.cross_entropy(logits, labels))
+    masked = torch.tensor([0, -100, 1, -100, 2])
+    torch.testing.assert_close(
+        task_loss(logits, masked), F.cross_entropy(logits[[0, 2, 4]], labels[[0, 2, 4]])
+    )
+    # Dense prediction shapes, and a batch with nothing labelled gives 0 rather than NaN.
+    dense, dense_labels = torch.randn(2, 4, 3, 3), torch.randint(0, 4, (2, 3, 3))
+    torch.testing.assert_close(task_loss(dense, dense_labels), F.cross_entropy(dense, dense_labels))
+    leaf = torch.randn(2, 4, requires_grad=True)
+    zero = task_loss(leaf, torch.full((2,), 7), ignore_index=7)
+    assert zero.item() == 0.0
+    zero.backward()
+    assert torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.parametrize("method", ["ordinary_only", "full_multimodal"])
+def test_baselines_have_only_the_deploy_term(method):
+    out = fake_outputs()
+    losses = compute_losses(out, labels_for(), None, method, LossConfig(w_deploy=3.0))
+    assert set(losses) == {"deploy", "total"}
+    want = F.cross_entropy(out["deploy_logits"], labels_for())
+    torch.testing.assert_close(losses["deploy"], want)
+    torch.testing.assert_close(losses["total"], want)
+
+
+def test_osmd_terms_and_weighted_total():
+    out, labels = fake_outputs(), labels_for()
+    cfg = LossConfig(w_deploy=0.5, w_teacher=2.0, w_priv=0.25, w_jan=3.0, w_mimic=1.5)
+    losses = compute_losses(out, labels, None, "osmd", cfg)
+    assert set(losses) == {"deploy", "teacher", "priv", "jan", "mimic", "total"}
+    torch.testing.assert_close(losses["deploy"], F.cross_entropy(out["deploy_logits"], labels))
+    torch.testing.assert_close(losses["teacher"], F.cross_entropy(out["teacher_logits"], labels))
+    torch.testing.assert_close(losses["priv"], F.cross_entropy(out["priv_logits"], labels))
+    p = [out["z_p"], torch.softmax(out["priv_logits"], 1)]
+    h = [out["z_h"], torch.softmax(out["priv_logits_h"], 1)]
+    torch.testing.assert_close(losses["jan"], jmmd(p, h))
+    torch.testing.assert_close(losses["mimic"], ((out["z_h"] - out["z_p"]) ** 2).mean())
+    total = sum(
+        w * losses[k]
+        for k, w in [
+            ("deploy", 0.5),
+            ("teacher", 2.0),
+            ("priv", 0.25),
+            ("jan", 3.0),
+            ("mimic", 1.5),
+        ]
+    )
+    torch.testing.assert_close(losses["total"], total)
+
+
+def test_zero_weight_terms_are_not_reported():
+    losses = compute_losses(
+        fake_outputs(), labels_for(), None, "osmd", LossConfig(w_teacher=0.0, w_jan=0.0)
+    )
+    assert set(losses) == {"deploy", "priv", "total"}  # w_mimic is 0 by default
+
+
+def test_mmd_alignment_and_kernel_settings():
+    out = fake_outputs()
+    cfg = LossConfig(alignment="mmd", num_kernels=3, kernel_mul=1.5)
+    losses = compute_losses(out, labels_for(), None, "osmd", cfg)
+    torch.testing.assert_close(losses["jan"], mmd(out["z_p"], out["z_h"], 3, 1.5))
+    with pytest.raises(ValueError, match="alignment"):
+        compute_losses(out, labels_for(), None, "osmd", LossConfig(alignment="coral"))
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detach_privileged_stops_alignment_gradients_into_the_privileged_side(detach):
+    out = fake_outputs()
+    cfg = LossConfig(w_deploy=0, w_teacher=0, w_priv=0, w_jan=1.0, detach_privileged=detach)
+    compute_losses(out, labels_for(), None, "osmd", cfg)["total"].backward()
+    assert out["z_h"].grad.abs().sum() > 0 and out["priv_logits_h"].grad.abs().sum() > 0
+    for key in ("z_p", "priv_logits"):
+        got = out[key].grad
+        if detach:
+            assert got is None or (got == 0).all(), key
+        else:
+            assert got.abs().sum() > 0, key
+
+
+def test_mimic_never_moves_the_privileged_features():
+    out = fake_outputs()
+    cfg = LossConfig(w_deploy=0, w_teacher=0, w_priv=0, w_jan=0, w_mimic=1.0)
+    compute_losses(out, labels_for(), None, "osmd", cfg)["total"].backward()
+    assert out["z_p"].grad is None and out["z_h"].grad.abs().sum() > 0
+
+
+ALL_TERMS = LossConfig(w_mimic=1.0)
+
+
+def test_rows_without_privileged_data_do_not_change_the_masked_terms():
+    out, labels = fake_outputs(rows=7), labels_for(7)
+    has = torch.tensor([True, False, True, True, False, True, False])
+    masked = compute_losses(out, labels, has, "osmd", ALL_TERMS)
+    valid_only = compute_losses(
+        {k: v[has] for k, v in out.items()}, labels[has], None, "osmd", ALL_TERMS
+    )
+    for term in ("teacher", "priv", "jan", "mimic"):
+        torch.testing.assert_close(masked[term], valid_only[term], msg=term)
+    # deploy uses every row.
+    torch.testing.assert_close(masked["deploy"], F.cross_entropy(out["deploy_logits"], labels))
+    # Garbage (even NaN) in the missing rows' privileged outputs changes nothing.
+    garbage = dict(out)
+    for key in ("z_p", "teacher_logits", "priv_logits"):
+        garbage[key] = out[key].detach().clone()
+        garbage[key][~has] = float("nan")
+    again = compute_losses(garbage, labels, has, "osmd", ALL_TERMS)
+    for term in ("teacher", "priv", "jan", "mimic"):
+        torch.testing.assert_close(again[term], masked[term], msg=term)
+
+
+def _small_model(cfg: ModelConfig | None = None) -> OSMDModel:
+    torch.manual_seed(0)
+    return OSMDModel(
+        "osmd",
+        [ModalitySpec("meta", "vector", (5,), "float32")],
+        [ModalitySpec("depth", "image", (1, 8, 8), "float32")],
+        NUM_CLASSES,
+        cfg or ModelConfig(width=4, depth=2, feature_dim=8),
+        None,
+    )
+
+
+def _random_batch(rows: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "meta": torch.randn(rows, 5, generator=gen),
+        "depth": torch.randn(rows, 1, 8, 8, generator=gen),
+    }
+
+
+def test_masking_through_the_model_matches_a_batch_of_the_valid_rows():
+    """Train mode (BatchNorm in E_p uses batch statistics): the model's output for a batch
+    with missing privileged rows gives the same masked losses, and the same E_p gradients, as
+    the batch of the valid rows alone; the missing rows' privileged input gets no gradient."""
+    model = _small_model().train()
+    batch, labels = _random_batch(6), labels_for(6)
+    has = torch.tensor([True, True, False, True, False, True])
+    depth = batch["depth"].requires_grad_()
+    masked_cfg = LossConfig(w_deploy=0.0, w_mimic=1.0, detach_privileged=False)
+
+    losses = compute_losses(model(dict(batch, has_depth=has)), labels, has, "osmd", masked_cfg)
+    losses["total"].backward()
+    grads = {n: p.grad.clone() for n, p in model.E_p.named_parameters()}
+    assert (depth.grad[~has] == 0).all() and depth.grad[has].abs().sum() > 0
+
+    model.zero_grad()
+    valid = {k: v.detach()[has] for k, v in batch.items()}
+    reference = compute_losses(model(valid), labels[has], None, "osmd", masked_cfg)
+    reference["total"].backward()
+    for term in ("teacher", "priv", "jan", "mimic"):
+        torch.testing.assert_close(losses[term], reference[term], msg=term)
+    for name, p in model.E_p.named_parameters():
+        # Same maths; only BLAS blocking differs with the batch size (E_h saw 6 rows, not 4).
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_all_missing_batch_gives_finite_zeros_and_gradients_everywhere():
+    model = _small_model().train()
+    batch = dict(_random_batch(4), has_depth=torch.zeros(4, dtype=torch.bool))
+    losses = compute_losses(model(batch), labels_for(4), None, "osmd", ALL_TERMS)
+    for term in ("teacher", "priv", "jan", "mimic"):
+        assert losses[term].item() == 0.0, term
+    assert torch.isfinite(losses["total"]) and losses["total"].item() > 0  # deploy remains
+    losses["total"].backward()
+    # Every parameter is in the graph (DeepSpeed expects a gradient for each on every rank).
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert all((p.grad == 0).all() for p in model.E_p.parameters())
+
+
+def test_one_valid_row_skips_the_alignment_but_not_the_task_terms():
+    out, labels = fake_outputs(rows=4), labels_for(4)
+    has = torch.tensor([False, True, False, False])
+    losses = compute_losses(out, labels, has, "osmd", ALL_TERMS)
+    assert losses["jan"].item() == 0.0 and losses["jan"].requires_grad
+    torch.testing.assert_close(
+        losses["teacher"], F.cross_entropy(out["teacher_logits"][1:2], labels[1:2])
+    )
+
+
+def test_mask_from_the_model_is_used_and_must_agree():
+    model = _small_model()
+    has = torch.tensor([True, False, True, True])
+    out = model(dict(_random_batch(4), has_depth=has))
+    implicit = compute_losses(out, labels_for(4), None, "osmd", ALL_TERMS)
+    explicit = compute_losses(out, labels_for(4), has, "osmd", ALL_TERMS)
+    for term in explicit:
+        torch.testing.assert_close(implicit[term], explicit[term], msg=term)
+    with pytest.raises(ValueError, match="differs"):
+        compute_losses(out, labels_for(4), torch.ones(4, dtype=torch.bool), "osmd", ALL_TERMS)
+
+
+def test_training_steps_decrease_the_osmd_loss():
+    """A real learning check: AdamW on one random batch lowers the objective and the
+    deployment path's task loss."""
+    model = _small_model(ModelConfig(width=8, depth=2, feature_dim=16)).train()
+    batch, labels = _random_batch(16, seed=1), torch.randint(0, NUM_CLASSES, (16,))
+    batch["has_depth"] = torch.tensor([True] * 12 + [False] * 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(25):
+        losses = compute_losses(model(batch), labels, None, "osmd", ALL_TERMS)
+        optimizer.zero_grad()
+        losses["total"].backward()
+        optimizer.step()
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+    first, last = history[0], history[-1]
+    assert last["total"] < 0.5 * first["total"], (first, last)
+    for term in ("deploy", "teacher", "priv", "jan"):
+        assert last[term] < 0.9 * first[term], (term, first, last)

@@ -1,0 +1,263 @@
+"""OSMDModel: parts per method, parameter sharing, the deployment network, build_model."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from osmd_ray.config import Config, ModelConfig
+from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.method.model import OSMDModel, build_deploy_net, build_model, privileged_mask
+
+RGB = ModalitySpec("rgb", "image", (3, 12, 12), "uint8")
+DEPTH = ModalitySpec("depth", "image", (1, 12, 12), "float32")
+META = ModalitySpec("meta", "vector", (5,), "float32")
+CFG = ModelConfig(width=4, depth=2, feature_dim=8)
+NUM_CLASSES = 3
+
+
+def make_batch(specs, rows: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    batch = {}
+    for s in specs:
+        if s.dtype == "uint8":
+            batch[s.name] = torch.randint(0, 256, (rows, *s.shape), generator=gen).to(torch.uint8)
+        else:
+            batch[s.name] = torch.randn(rows, *s.shape, generator=gen)
+    return batch
+
+
+def make_model(method: str, cfg: ModelConfig = CFG, ordinary=(RGB,), privileged=(DEPTH,)):
+    torch.manual_seed(0)
+    return OSMDModel(method, list(ordinary), list(privileged), NUM_CLASSES, cfg, None)
+
+
+def param_ids(module) -> set[int]:
+    return {id(p) for p in module.parameters()}
+
+
+EXPECTED_KEYS = {
+    "ordinary_only": {"z_o", "deploy_logits"},
+    "full_multimodal": {"z_o", "z_p", "teacher_logits", "deploy_logits"},
+    "osmd": {
+        "z_o",
+        "z_p",
+        "z_h",
+        "teacher_logits",
+        "deploy_logits",
+        "priv_logits",
+        "priv_logits_h",
+    },
+}
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED_KEYS))
+def test_forward_keys_and_shapes(method):
+    model = make_model(method)
+    out = model(make_batch([RGB, DEPTH]))
+    assert set(out) == EXPECTED_KEYS[method]
+    for key, value in out.items():
+        width = CFG.feature_dim if key.startswith("z_") else NUM_CLASSES
+        assert value.shape == (4, width), key
+
+
+def test_parts_per_method():
+    names = {m: {n for n, _ in make_model(m).named_children()} for m in EXPECTED_KEYS}
+    assert names["ordinary_only"] == {"E_o", "H", "dropout"}
+    assert names["full_multimodal"] == {"E_o", "E_p", "F", "H", "dropout"}
+    assert names["osmd"] == {"E_o", "E_p", "E_h", "F", "H", "H_p", "dropout"}
+    separate = make_model("osmd", ModelConfig(width=4, depth=2, feature_dim=8, share_fusion=False))
+    assert {n for n, _ in separate.named_children()} == names["osmd"] | {"F_t", "H_t"}
+
+
+def test_full_multimodal_deploys_the_teacher_path():
+    out = make_model("full_multimodal").eval()(make_batch([RGB, DEPTH]))
+    assert out["deploy_logits"] is out["teacher_logits"]
+
+
+def _grad_owners(model, loss) -> set[str]:
+    """Top-level parts that receive a non-zero gradient from ``loss``."""
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {
+        name.split(".")[0]
+        for name, p in model.named_parameters()
+        if p.grad is not None and p.grad.abs().sum() > 0
+    }
+
+
+def test_teacher_and_deployment_paths_share_fusion_and_head():
+    model = make_model("osmd")
+    assert model.teacher_parts == (model.F, model.H)
+    deploy = model.deploy_module()
+    assert deploy.F is model.F and deploy.H is model.H
+    batch = make_batch([RGB, DEPTH])
+    # The teacher loss alone trains F and H, the very modules the deployment path uses.
+    assert {"F", "H", "E_o", "E_p"} <= _grad_owners(model, model(batch)["teacher_logits"].sum())
+    assert _grad_owners(model, model(batch)["deploy_logits"].sum()) == {"E_o", "E_h", "F", "H"}
+
+
+def test_separate_fusion_and_head_when_share_fusion_is_off():
+    cfg = ModelConfig(width=4, depth=2, feature_dim=8, share_fusion=False)
+    model = make_model("osmd", cfg)
+    assert model.teacher_parts == (model.F_t, model.H_t)
+    assert not param_ids(model.F_t) & param_ids(model.F)
+    assert not param_ids(model.H_t) & param_ids(model.H)
+    batch = make_batch([RGB, DEPTH])
+    owners = _grad_owners(model, model(batch)["teacher_logits"].sum())
+    assert {"F_t", "H_t"} <= owners and not {"F", "H"} & owners
+    assert not {"F_t", "H_t"} & _grad_owners(model, model(batch)["deploy_logits"].sum())
+
+
+@pytest.mark.parametrize("fusion", ["ctn", "concat", "sum"])
+def test_deploy_module_holds_only_deployment_parts(fusion):
+    cfg = ModelConfig(width=4, depth=2, feature_dim=8, fusion=fusion)
+    model = make_model("osmd", cfg).eval()
+    deploy = model.deploy_module()
+    keys = list(deploy.state_dict())
+    assert not [k for k in keys if k.startswith(("E_p", "H_p", "F_t", "H_t"))]
+    assert {k.split(".")[0] for k in keys} <= {"E_o", "E_h", "F", "H"}
+    expected = param_ids(model.E_o) | param_ids(model.E_h) | param_ids(model.F) | param_ids(model.H)
+    assert param_ids(deploy) == expected
+    assert sum(p.numel() for p in deploy.parameters()) == sum(
+        p.numel() for p in model.parameters() if id(p) in expected
+    )
+    # Same tensors, not copies.
+    assert all(id(p) in param_ids(model) for p in deploy.parameters())
+    batch = make_batch([RGB, DEPTH])
+    logits = deploy({"rgb": batch["rgb"]})  # ordinary inputs only
+    torch.testing.assert_close(logits, model(batch)["deploy_logits"])
+    assert [s.name for s in deploy.input_modalities] == ["rgb"]
+
+
+def test_deploy_module_of_each_baseline():
+    only = make_model("ordinary_only").eval()
+    deploy = only.deploy_module()
+    assert {k.split(".")[0] for k in deploy.state_dict()} == {"E_o", "H"}
+    batch = make_batch([RGB, DEPTH])
+    torch.testing.assert_close(deploy({"rgb": batch["rgb"]}), only(batch)["deploy_logits"])
+
+    full = make_model("full_multimodal").eval()
+    deploy = full.deploy_module()
+    assert {k.split(".")[0] for k in deploy.state_dict()} == {"E_o", "E_p", "F", "H"}
+    assert [s.name for s in deploy.input_modalities] == ["rgb", "depth"]
+    torch.testing.assert_close(deploy(batch), full(batch)["deploy_logits"])
+
+
+@pytest.mark.parametrize(
+    "method,cfg,ordinary",
+    [
+        ("osmd", CFG, (RGB,)),
+        (
+            "osmd",
+            ModelConfig(width=4, depth=2, feature_dim=8, hallucination_shared_stages=1),
+            (RGB, META),
+        ),
+        ("osmd", ModelConfig(width=4, depth=2, feature_dim=8, shared_translator=False), (META,)),
+        ("ordinary_only", CFG, (RGB,)),
+        ("full_multimodal", CFG, (RGB,)),
+    ],
+)
+def test_fresh_deploy_net_loads_the_models_weights_strictly(method, cfg, ordinary):
+    model = make_model(method, cfg, ordinary=ordinary).eval()
+    privileged = [DEPTH] if method == "full_multimodal" else []  # osmd needs no E_p here
+    fresh = build_deploy_net(method, list(ordinary), privileged, NUM_CLASSES, cfg, None).eval()
+    assert not hasattr(fresh, "E_p") or method == "full_multimodal"
+    state = model.deploy_module().state_dict()
+    assert list(fresh.state_dict()) == list(state)
+    fresh.load_state_dict(state, strict=True)
+    batch = make_batch(list(ordinary) + [DEPTH])
+    torch.testing.assert_close(fresh(batch), model(batch)["deploy_logits"])
+
+
+def test_hallucination_shared_stages_share_modules():
+    cfg = ModelConfig(width=4, depth=3, feature_dim=8, hallucination_shared_stages=2)
+    model = make_model("osmd", cfg)
+    o, h = model.E_o.encoders["rgb"].body.stages, model.E_h.encoders["rgb"].body.stages
+    assert o[0] is h[0] and o[1] is h[1] and o[2] is not h[2]
+    fresh = build_deploy_net("osmd", [RGB], [], NUM_CLASSES, cfg, None)
+    fo, fh = fresh.E_o.encoders["rgb"].body.stages, fresh.E_h.encoders["rgb"].body.stages
+    assert fo[1] is fh[1] and fo[2] is not fh[2]
+
+
+def test_privileged_rows_missing_are_kept_out_of_the_privileged_encoder():
+    model = make_model("osmd")
+    batch = make_batch([RGB, DEPTH], rows=5)
+    batch["has_depth"] = torch.tensor([True, False, True, False, True])
+    depth = batch["depth"].requires_grad_()
+    out = model(batch)
+    torch.testing.assert_close(out["has_privileged"], batch["has_depth"])
+    assert (out["z_p"][~batch["has_depth"]] == 0).all()
+    out["z_p"].sum().backward()
+    assert (depth.grad[~batch["has_depth"]] == 0).all()
+    assert depth.grad[batch["has_depth"]].abs().sum() > 0
+    # BatchNorm statistics of E_p come from the present rows only.
+    reference = make_model("osmd")
+    reference({"rgb": batch["rgb"][[0, 2, 4]], "depth": depth.detach()[[0, 2, 4]]})
+    for (name, a), (_, b) in zip(
+        model.E_p.named_buffers(), reference.E_p.named_buffers(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_privileged_mask_combines_has_columns():
+    batch = {
+        "has_a": torch.tensor([1, 1, 0, 1]),
+        "has_b": torch.tensor([True, False, True, True]),
+    }
+    assert privileged_mask(batch, ["a", "b"]).tolist() == [True, False, False, True]
+    assert privileged_mask(batch, ["c"]) is None
+
+
+def test_invalid_roles_are_rejected():
+    with pytest.raises(ValueError, match="method='nope'"):
+        make_model("nope")
+    with pytest.raises(ValueError, match="both ordinary and privileged"):
+        make_model("osmd", privileged=(RGB,))
+    with pytest.raises(ValueError, match="needs at least one privileged"):
+        make_model("osmd", privileged=())
+    assert make_model("ordinary_only", privileged=()).privileged == ()
+
+
+def _manifest():
+    stats = {
+        "rgb": {"mean": [120.0] * 3, "std": [60.0] * 3},
+        "depth": {"mean": [2.0], "std": [1.0]},
+        "meta": {"mean": [0.5] * 5, "std": [2.0] * 5},
+    }
+    return SimpleNamespace(
+        modalities={"rgb": RGB, "depth": DEPTH, "meta": META},
+        num_classes=NUM_CLASSES,
+        normalization=stats,
+    )
+
+
+def test_build_model_from_config_and_manifest():
+    cfg = Config()
+    cfg.model = CFG
+    cfg.data.ordinary, cfg.data.privileged = ["rgb", "meta"], ["depth"]
+    model = build_model(cfg, _manifest())
+    assert model.method == "osmd" and model.num_classes == NUM_CLASSES
+    assert [s.name for s in model.ordinary] == ["rgb", "meta"]
+    assert [s.name for s in model.privileged] == ["depth"]
+    assert set(model.normalization) == {"rgb", "meta", "depth"}
+    norm = model.E_o.encoders["rgb"].normalize
+    torch.testing.assert_close(norm.mean.reshape(-1), torch.full((3,), 120.0))
+
+    cfg.method, cfg.data.privileged = "ordinary_only", ["not_in_dataset"]
+    assert not hasattr(build_model(cfg, _manifest()), "E_p")
+    cfg.method = "osmd"
+    with pytest.raises(ValueError, match="not_in_dataset"):
+        build_model(cfg, _manifest())
+
+
+def test_nan_filled_missing_privileged_rows_do_not_leak_into_any_output():
+    model = make_model("osmd")
+    batch = make_batch([RGB, DEPTH], rows=4)
+    batch["depth"][1] = float("nan")  # how a writer might fill a missing sample
+    batch["has_depth"] = torch.tensor([True, False, True, True])
+    out = model(batch)
+    for key, value in out.items():
+        assert torch.isfinite(value.float()).all(), key
