@@ -29,7 +29,7 @@ def predict_split(
         raise DataError(
             f"{data_root}: no split {split!r} in manifest.json (splits: {sorted(manifest.splits)})"
         )
-    inputs = list(model.input_modalities)
+    inputs = [spec.name for spec in model.input_modalities]
     missing = [m for m in inputs if m not in manifest.modalities]
     if missing:
         raise DataError(

@@ -28,20 +28,10 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_synth(tmp_path_factory) -> str:
     """A small synthetic RGB-D classification set (the real generator, tiny sizes)."""
-    from osmd_ray.data.contract import write_dataset
-    from osmd_ray.data.synth import generate_classification
+    from osmd_ray.data.cli import write_synth_dataset
 
     root = str(tmp_path_factory.mktemp("data") / "tiny_synth")
-    splits, info = generate_classification(n_train=256, n_val=64, n_test=64, size=16, seed=0)
-    write_dataset(
-        root,
-        splits,
-        task="classification",
-        num_classes=info["num_classes"],
-        class_names=info["class_names"],
-        description=info["description"],
-        progress=False,
-    )
+    write_synth_dataset(root, n_train=256, n_val=64, n_test=64, size=16, seed=0, progress=False)
     return root
 
 

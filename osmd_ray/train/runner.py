@@ -52,6 +52,8 @@ def ensure_ray(cfg: Config) -> None:
     ray.init(
         num_cpus=max(os.cpu_count() or 1, needed),
         include_dashboard=False,
+        # A local instance talks over loopback only.
+        _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": env_vars},
         log_to_driver=True,
         configure_logging=True,

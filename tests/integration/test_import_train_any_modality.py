@@ -53,7 +53,7 @@ def test_vector_and_sequence_ordinary_with_image_privileged(ray_local, tmp_path,
     assert set(metrics["test"]) == {"deploy", "teacher"}
 
     model = load_deploy(os.path.join(run_dir, "deploy"))
-    assert sorted(model.input_modalities) == ["imu", "tabular"]
+    assert sorted(spec.name for spec in model.input_modalities) == ["imu", "tabular"]
     test = read_split_numpy(root, "test", ["imu", "tabular", "label"])
     proba = model.predict_proba({"imu": test["imu"], "tabular": test["tabular"]})
     assert proba.shape == (64, 3)

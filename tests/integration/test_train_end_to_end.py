@@ -56,7 +56,7 @@ def test_stopped_after_first_epoch_resumes_and_deploys(
 
     # The exported model reproduces the workers' test accuracy from RGB alone.
     model = load_deploy(os.path.join(run_dir, "deploy"))
-    assert list(model.input_modalities) == ["rgb"]
+    assert [spec.name for spec in model.input_modalities] == ["rgb"]
     test = read_split_numpy(tiny_synth, "test", ["rgb", "label"])
     predicted = model.predict({"rgb": test["rgb"]})
     accuracy = float((predicted == test["label"]).mean())

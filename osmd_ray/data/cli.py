@@ -1,0 +1,287 @@
+"""``osmd data ...``: write a synthetic dataset, import NPZ files, check a dataset.
+
+Each command function takes the parsed arguments and returns an exit code: 0 success,
+1 a check found problems, 2 bad input (a DataError, printed without a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from functools import wraps
+
+from osmd_ray.data.contract import DataError, Manifest, check_dataset, read_manifest
+
+# Help texts keep their own line breaks (RawDescriptionHelpFormatter), so they stay narrow.
+_EPILOG_LAYOUT = """\
+A dataset is a folder (or s3:// prefix) holding manifest.json and
+<split>/part-*.parquet; see DESIGN.md section 4."""
+
+_SYNTH_DESCRIPTION = """\
+Generate the procedural RGB-D scenes of osmd_ray.data.synth (ordinary
+modality rgb, privileged modality depth) and write them as a dataset."""
+
+_IMPORT_DESCRIPTION = """\
+Import NPZ files (np.savez) into a dataset, one file per split. Each holds:
+  <modality>      one array per modality, samples on the first axis; the
+                  per-sample shape gives the kind: C x H x W image,
+                  C x T sequence, D vector
+  label           integers: (N,) classification, (N, H, W) segmentation
+  has_<modality>  optional (N,) bool: the modality is missing where false
+  sample_id       optional (N,) strings
+Without --val, a seeded slice of the training file (stratified by class)
+becomes the validation split."""
+
+_CHECK_DESCRIPTION = """\
+Check a dataset against its manifest. Prints every problem found, each
+naming the file (exit 1), or OK with a summary (exit 0). The full check
+hashes every shard and scans labels and values; --quick checks existence,
+sizes, Parquet schemas and row counts only."""
+
+
+def _synth_defaults() -> dict:
+    """SYNTH_DEFAULTS for the help text, or {} while the generator is not installed."""
+    try:
+        from osmd_ray.data.synth import SYNTH_DEFAULTS
+    except ImportError:
+        return {}
+    return dict(SYNTH_DEFAULTS)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
+    return value
+
+
+def _reports_data_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """Turn a DataError into a one-line message on stderr and exit code 2."""
+
+    @wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``data`` with its commands synth, import and check; return its parser."""
+    data = subparsers.add_parser(
+        "data",
+        help="write, import and check datasets",
+        description="Write, import and check datasets of the osmd_ray data contract.",
+        epilog=_EPILOG_LAYOUT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    d = _synth_defaults()
+    synth = commands.add_parser(
+        "synth",
+        help="write the synthetic RGB-D benchmark dataset",
+        description=_SYNTH_DESCRIPTION,
+        epilog="example:\n  osmd data synth --out data/synth_cls",
+        formatter_class=fmt,
+    )
+    synth.add_argument("--out", required=True, metavar="DIR", help="dataset folder or s3:// URI")
+    synth.add_argument(
+        "--task",
+        choices=["classification", "segmentation"],
+        default="classification",
+        help="prediction task (default: %(default)s; segmentation is not available yet)",
+    )
+    for flag, key, what in (
+        ("--train", "n_train", "number of training samples"),
+        ("--val", "n_val", "number of validation samples"),
+        ("--test", "n_test", "number of test samples"),
+        ("--size", "size", "image side in pixels"),
+    ):
+        synth.add_argument(
+            flag,
+            dest=key,
+            type=_positive_int,
+            metavar="N",
+            help=f"{what} (default: {d.get(key, 'the generator default')})",
+        )
+    synth.add_argument(
+        "--seed",
+        type=int,
+        metavar="K",
+        help=f"random seed (default: {d.get('seed', 'the generator default')})",
+    )
+    synth.add_argument(
+        "--overwrite", action="store_true", help="replace a dataset already at --out"
+    )
+    synth.set_defaults(func=cmd_synth)
+
+    imp = commands.add_parser(
+        "import",
+        help="import NPZ files (one per split) as a dataset",
+        description=_IMPORT_DESCRIPTION,
+        epilog="example:\n  osmd data import --out data/mine --train train.npz --test test.npz",
+        formatter_class=fmt,
+    )
+    imp.add_argument("--out", required=True, metavar="DIR", help="dataset folder or s3:// URI")
+    imp.add_argument("--train", required=True, metavar="FILE", help="training split (.npz)")
+    imp.add_argument(
+        "--val", metavar="FILE", help="validation split (.npz; default: carved from --train)"
+    )
+    imp.add_argument("--test", required=True, metavar="FILE", help="test split (.npz)")
+    imp.add_argument(
+        "--task",
+        choices=["classification", "segmentation"],
+        default="classification",
+        help="classification: label (N,); segmentation: label (N, H, W), -100 = unlabelled "
+        "(default: %(default)s)",
+    )
+    imp.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=0.1,
+        metavar="F",
+        help="share of --train moved to val when --val is not given (default: %(default)s)",
+    )
+    imp.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="K",
+        help="seed of the validation slice (default: %(default)s)",
+    )
+    imp.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    imp.set_defaults(func=cmd_import)
+
+    check = commands.add_parser(
+        "check",
+        help="check a dataset against its manifest",
+        description=_CHECK_DESCRIPTION,
+        formatter_class=fmt,
+    )
+    check.add_argument("root", metavar="DIR", help="dataset folder or s3:// URI")
+    check.add_argument(
+        "--quick",
+        action="store_true",
+        help="skip checksums and value scans (default: full check)",
+    )
+    check.set_defaults(func=cmd_check)
+    return data
+
+
+def write_synth_dataset(
+    out: str, *, overwrite: bool = False, progress: bool = True, **params: int
+) -> Manifest:
+    """Generate the synthetic classification set (SYNTH_DEFAULTS for what is not given)."""
+    from osmd_ray.data.contract import write_dataset
+    from osmd_ray.data.synth import SYNTH_DEFAULTS, generate_classification
+
+    try:
+        splits, info = generate_classification(**{**SYNTH_DEFAULTS, **params})
+    except ValueError as e:  # the generator's own rules on its parameters (e.g. even size)
+        raise DataError(f"synthetic data: {e}") from None
+    return write_dataset(
+        out,
+        splits,
+        task="classification",
+        num_classes=info["num_classes"],
+        class_names=info.get("class_names"),
+        description=info.get("description", ""),
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+@_reports_data_errors
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Generate the synthetic dataset and write it."""
+    if args.task == "segmentation":
+        print(
+            "error: synthetic segmentation data are not available yet; use --task "
+            "classification, or import your own with `osmd data import --task segmentation`",
+            file=sys.stderr,
+        )
+        return 2
+    params = {
+        key: getattr(args, key)
+        for key in ("n_train", "n_val", "n_test", "size", "seed")
+        if getattr(args, key) is not None
+    }
+    manifest = write_synth_dataset(args.out, overwrite=args.overwrite, **params)
+    print(f"wrote {args.out}")
+    print(summary(manifest))
+    return 0
+
+
+@_reports_data_errors
+def cmd_import(args: argparse.Namespace) -> int:
+    """Import NPZ files."""
+    from osmd_ray.data.importer import import_npz
+
+    manifest = import_npz(
+        args.out,
+        train=args.train,
+        val=args.val,
+        test=args.test,
+        task=args.task,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {args.out}")
+    print(summary(manifest))
+    return 0
+
+
+@_reports_data_errors
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check a dataset; exit 1 when it has problems."""
+    problems = check_dataset(args.root, deep=not args.quick)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.root}:")
+        for p in problems:
+            print(f"  {p}")
+        return 1
+    depth = "quick check" if args.quick else "full check"
+    print(f"OK {args.root} ({depth})")
+    print(summary(read_manifest(args.root)))
+    return 0
+
+
+def summary(m: Manifest) -> str:
+    """A few lines: task, splits with rows and shards, modalities with kind, shape, dtype."""
+    lines = [f"  task: {m.task}, {m.num_classes} classes"]
+    if m.class_names:
+        lines[0] += f" ({', '.join(m.class_names)})"
+    for split, shards in m.splits.items():
+        lines.append(f"  {split}: {m.num_rows(split)} rows in {len(shards)} shard(s)")
+    for name, spec in m.modalities.items():
+        optional = ", optional (has_" + name + ")" if name in m.optional_modalities else ""
+        shape = "x".join(str(d) for d in spec.shape)
+        lines.append(f"  {name}: {spec.kind} {shape} {spec.dtype}{optional}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """A parser with just the data group (``data synth|import|check ...``), for tests."""
+    parser = argparse.ArgumentParser(prog="osmd", description="osmd_ray data commands")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_data_commands(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Reading a dataset of the §4 contract: through Ray Data for training, or into numpy.
+
+Both readers take the shard list from the manifest (never a glob), so a stray or
+half-written file under the root is never read. Neither verifies the shards; call
+:func:`osmd_ray.data.contract.verify_dataset` first where that matters (it is cheap).
+
+Column selection: ``has_<modality>`` columns exist only for modalities missing on some rows
+(``manifest.optional_modalities``). Asking for ``has_<m>`` of a modality that is always
+present is allowed and simply yields no such column: a consumer treats a missing
+``has_<m>`` as "present on every row". Any other unknown column is a DataError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from osmd_ray.data.contract import DataError, Manifest, column_to_numpy, read_manifest
+
+if TYPE_CHECKING:
+    import ray.data
+
+
+def select_columns(manifest: Manifest, columns: Sequence[str], root: str) -> list[str]:
+    """The requested columns that the shards hold, in the order asked.
+
+    ``has_<m>`` of a modality without that column is dropped (see the module docstring);
+    anything else the shards do not hold raises DataError naming it and the choices.
+    """
+    available = manifest.columns()
+    chosen: list[str] = []
+    for col in columns:
+        if col in available:
+            if col not in chosen:
+                chosen.append(col)
+        elif not (col.startswith("has_") and col[4:] in manifest.modalities):
+            raise DataError(
+                f"column {col!r} is not in the dataset at {root}; it has {', '.join(available)}"
+            )
+    if not chosen:
+        raise DataError(f"no columns to read from {root} (asked for {list(columns)})")
+    return chosen
+
+
+def read_split(
+    root: str,
+    split: str,
+    columns: Sequence[str],
+    *,
+    manifest: Manifest | None = None,
+    shuffle_files: bool = False,
+    seed: int | None = None,
+) -> ray.data.Dataset:
+    """A lazy Ray Dataset over one split's shards, restricted to ``columns``.
+
+    Tensor columns arrive as (B, *shape) arrays/tensors (``iter_torch_batches``);
+    ``sample_id`` is a string column, so leave it out of anything converted to torch.
+    ``shuffle_files`` shuffles the order of the shards (with ``seed`` when given), not rows.
+    """
+    import ray.data
+
+    manifest = manifest or read_manifest(root)
+    cols = select_columns(manifest, columns, root)
+    files = manifest.files(root, split)
+    if not files:
+        raise DataError(f"split {split!r} of {root} has no shards")
+    shuffle: str | ray.data.FileShuffleConfig | None = None
+    if shuffle_files:
+        shuffle = "files" if seed is None else ray.data.FileShuffleConfig(seed=seed)
+    fs, _ = fsspec.core.url_to_fs(root)
+    kwargs = {}
+    if not isinstance(fs, LocalFileSystem):
+        # Hand Ray the same fsspec filesystem (same endpoint and credentials from the
+        # environment) that wrote and checked the data, instead of letting it resolve the URI
+        # on its own.
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        kwargs["filesystem"] = PyFileSystem(FSSpecHandler(fs))
+        files = [fsspec.core.url_to_fs(f)[1] for f in files]
+    # partitioning=None: a "key=value" folder above the root must not turn into a column.
+    ds = ray.data.read_parquet(files, shuffle=shuffle, partitioning=None, **kwargs)
+    return ds.select_columns(cols)
+
+
+def read_split_numpy(
+    root: str,
+    split: str,
+    columns: Sequence[str] | None = None,
+    manifest: Manifest | None = None,
+) -> dict[str, np.ndarray]:
+    """One split in memory, without Ray: {column: array} with tensor columns as
+    (N, *shape), ``label`` as (N,) or (N, H, W) int64, ``sample_id`` as str and ``has_<m>``
+    as bool. ``columns=None`` reads every column. For prediction and tests.
+    """
+    manifest = manifest or read_manifest(root)
+    cols = select_columns(manifest, columns if columns is not None else manifest.columns(), root)
+    fs, _ = fsspec.core.url_to_fs(root)
+    tables = []
+    for path in manifest.files(root, split):
+        with fs.open(fsspec.core.url_to_fs(path)[1], "rb") as f:
+            tables.append(pq.read_table(f, columns=cols))
+    if tables:
+        table = pa.concat_tables(tables)
+        return {c: column_to_numpy(table.column(c)) for c in cols}
+    return {c: _empty(manifest, c) for c in cols}
+
+
+def _empty(manifest: Manifest, col: str) -> np.ndarray:
+    """A zero-row array of the right shape and dtype for a split without shards."""
+    if col == "sample_id":
+        return np.array([], dtype=str)
+    if col.startswith("has_"):
+        return np.zeros(0, dtype=bool)
+    if col == "label":
+        return np.zeros((0, *manifest.label_shape), dtype=np.int64)
+    spec = manifest.modalities[col]
+    return np.zeros((0, *spec.shape), dtype=spec.dtype)
