@@ -41,6 +41,9 @@ class DataConfig:
     """Training batch size per worker."""
     eval_batch_size: int = 256
     """Batch size per worker for validation and test."""
+    in_memory_mb: int = 1024
+    """Datasets up to this size (all splits, on disk) are read once into Ray's object store;
+    larger ones stream from storage every epoch. 0 always streams."""
 
 
 @dataclass
@@ -104,7 +107,7 @@ class TrainConfig:
     nonfinite: str = "error"
     """On a NaN or inf loss: error (stop, naming step and term) or skip (drop the step)."""
     max_failures: int = 0
-    """Worker failures Ray Train recovers from by restarting at the last checkpoint (-1: no limit)."""
+    """Worker failures survived by restarting from the last checkpoint (-1: no limit)."""
 
 
 @dataclass
@@ -332,6 +335,7 @@ def _check_data(cfg: Config) -> None:
         )
     _at_least(data.batch_size, 1, "data.batch_size")
     _at_least(data.eval_batch_size, 1, "data.eval_batch_size")
+    _at_least(data.in_memory_mb, 0, "data.in_memory_mb")
 
 
 def _check_model(model: ModelConfig) -> None:

@@ -95,32 +95,35 @@ def evaluate(
     method: str,
     device: torch.device,
 ) -> dict[str, dict[str, float]]:
-    """Accuracy and loss per path over a whole split.
+    """Accuracy and mean loss per path over a split, summed across ranks.
 
-    Every rank sees the whole (unsplit) split, so every rank runs the same number of
-    forward passes (ZeRO-3's forward is a collective) and gets the exact figure.
+    Ray Data splits val/test into equal parts (up to workers - 1 rows of a split whose size
+    is not a multiple of the worker count are left out), so every rank runs the same number
+    of forward passes, which ZeRO-3's collective forward needs. A collective: call on all.
     """
     import torch.nn.functional as functional
 
     engine.eval()
     paths = EVAL_PATHS[method]
-    correct = dict.fromkeys(paths, 0)
-    loss_sum = dict.fromkeys(paths, 0.0)
-    count = 0
+    # Per path: correct predictions and summed loss; last entry: rows seen.
+    sums = torch.zeros(2 * len(paths) + 1, dtype=torch.float64)
     for raw in batches:
         batch = batch_to_device(raw, device)
         labels = batch["label"].long()
         outputs = engine(batch)
-        for path in paths:
+        for i, path in enumerate(paths):
             logits = outputs[f"{path}_logits"].float()
-            correct[path] += int((logits.argmax(dim=1) == labels).sum())
-            loss_sum[path] += float(functional.cross_entropy(logits, labels, reduction="sum"))
-        count += int(labels.shape[0])
+            sums[2 * i] += float((logits.argmax(dim=1) == labels).sum())
+            sums[2 * i + 1] += float(functional.cross_entropy(logits, labels, reduction="sum"))
+        sums[-1] += labels.shape[0]
     engine.train()
+    sums = _all_reduce_sum(sums.to(device)).cpu()
+    count = float(sums[-1])
     if count == 0:
         raise RuntimeError("evaluation split is empty")
     return {
-        path: {"accuracy": correct[path] / count, "loss": loss_sum[path] / count} for path in paths
+        path: {"accuracy": float(sums[2 * i]) / count, "loss": float(sums[2 * i + 1]) / count}
+        for i, path in enumerate(paths)
     }
 
 
@@ -180,6 +183,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     manifest = Manifest.from_json(loop_config["manifest_json"], source="manifest")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    say = _progress_reporter(loop_config.get("progress"))
     device = ray.train.torch.get_device()
     bf16 = uses_bf16(cfg)
 
@@ -202,7 +206,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, step = state["epoch"] + 1, state["step"]
         history, train_time = state["history"], state["train_time_s"]
         if rank == 0:
-            print(f"[osmd] resumed from the checkpoint of epoch {start_epoch} (step {step})")
+            say(f"resumed from the checkpoint of epoch {start_epoch} (step {step})")
 
     tracker = None
     if rank == 0 and loop_config.get("wandb"):
@@ -250,7 +254,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
                 if cfg.train.nonfinite == "skip":
                     if rank == 0:
-                        print(f"[osmd] skipped: {message}")
+                        say(f"skipped: {message}")
                     continue
                 raise NonFiniteLossError(message)
             engine.backward(losses["total"])
@@ -295,10 +299,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             val_text = "  ".join(f"val.{p}.accuracy={m['accuracy']:.3f}" for p, m in val.items())
             total = train_losses.get("total", math.nan)
-            print(
-                f"[osmd] epoch {epoch + 1}/{cfg.train.epochs}  loss={total:.4f}  {val_text}  "
-                f"({epoch_time:.1f}s)",
-                flush=True,
+            say(
+                f"epoch {epoch + 1}/{cfg.train.epochs}  loss={total:.4f}  {val_text}  "
+                f"({epoch_time:.1f}s)"
             )
             if tracker is not None:
                 tracker.log(_flatten({"train": record["train"], "val": val}), step=epoch + 1)
@@ -332,6 +335,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if tracker is not None:
         tracker.finish()
+
+
+def _progress_reporter(queue: Any) -> Any:
+    """Progress lines go to the driver's queue (clean console), or to stdout without one."""
+
+    def say(line: str) -> None:
+        if queue is not None:
+            queue.put(line)
+        else:
+            print(f"[osmd] {line}", flush=True)
+
+    return say
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from typing import Any
 
@@ -43,7 +44,11 @@ def ensure_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    env_vars = {"DS_ACCELERATOR": "cuda" if cfg.scaling.use_gpu else "cpu"}
+    env_vars = {
+        "DS_ACCELERATOR": "cuda" if cfg.scaling.use_gpu else "cpu",
+        # Ray Train V2 routes print() through a logger as well: lines would show twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
@@ -55,7 +60,9 @@ def ensure_ray(cfg: Config) -> None:
         # A local instance talks over loopback only.
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": env_vars},
-        log_to_driver=True,
+        # Workers' logs stay in /tmp/ray/session_latest/logs; progress comes through a queue
+        # and failures through the exception fit() raises. OSMD_VERBOSE=1 streams them all.
+        log_to_driver=bool(os.environ.get("OSMD_VERBOSE")),
         configure_logging=True,
         logging_level="WARNING",
     )
@@ -80,7 +87,11 @@ def prepare_run_dir(cfg: Config, out: str) -> str:
 
 
 def build_trainer(
-    cfg: Config, manifest: Manifest, run_dir: str, stop_after_epoch: int | None = None
+    cfg: Config,
+    manifest: Manifest,
+    run_dir: str,
+    stop_after_epoch: int | None = None,
+    progress: Any = None,
 ) -> Any:
     """The Ray Train V2 TorchTrainer of a run (rerunning with the same folder resumes)."""
     import ray.data
@@ -95,8 +106,12 @@ def build_trainer(
     data_context.execution_options.preserve_order = True
     columns = ["label", *cfg.data.ordinary, *cfg.data.privileged]
     columns += [f"has_{m}" for m in cfg.data.privileged if m in manifest.optional_modalities]
-    datasets = {
-        split: read_split(
+    in_memory = sum(
+        shard.bytes for shards in manifest.splits.values() for shard in shards
+    ) <= cfg.data.in_memory_mb * 2**20
+    datasets = {}
+    for split in ("train", "val", "test"):
+        dataset = read_split(
             cfg.data.root,
             split,
             columns,
@@ -104,13 +119,14 @@ def build_trainer(
             shuffle_files=split == "train",
             seed=cfg.seed,
         )
-        for split in ("train", "val", "test")
-    }
+        # Small data: read once, so epochs do not pay Ray Data's per-read start-up again.
+        datasets[split] = dataset.materialize() if in_memory else dataset
     loop_config = {
         "cfg": _config_dict(cfg),
         "manifest_json": manifest.to_json(),
         "wandb": wandb_settings(cfg, run_dir, os.path.basename(run_dir)),
         "stop_after_epoch": stop_after_epoch,
+        "progress": progress,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -126,10 +142,48 @@ def build_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
+        # Every split is divided evenly across workers (equal row counts, so equal step
+        # counts); val/test metrics are summed across ranks.
         datasets=datasets,
-        # Only train is split across workers; every rank evaluates whole val/test splits.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+class ProgressPrinter:
+    """Prints the lines rank 0 puts on a Ray queue while the trainer runs (any node)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.queue: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> ProgressPrinter:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+        return self
+
+    def _drain(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                line = self.queue.get(timeout=0.5)
+            except Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            except Exception:  # the queue actor is gone: nothing more to print
+                return
+            print(f"{self.prefix}{line}", flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.queue.shutdown()
 
 
 def _config_dict(cfg: Config) -> dict[str, Any]:
@@ -149,7 +203,9 @@ def train(cfg: Config, out: str, stop_after_epoch: int | None = None) -> dict[st
     run_dir = prepare_run_dir(cfg, out)
     ensure_ray(cfg)
     started = time.perf_counter()
-    result = build_trainer(cfg, manifest, run_dir, stop_after_epoch).fit()
+    with ProgressPrinter(prefix=f"[osmd {cfg.method}] ") as progress:
+        trainer = build_trainer(cfg, manifest, run_dir, stop_after_epoch, progress.queue)
+        result = trainer.fit()
     wall = time.perf_counter() - started
     if result.checkpoint is None:
         raise RunError(f"training in {run_dir} ended without a checkpoint: {result.error}")
