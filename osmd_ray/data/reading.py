@@ -100,15 +100,26 @@ def read_split_numpy(
     """
     manifest = manifest or read_manifest(root)
     cols = select_columns(manifest, columns if columns is not None else manifest.columns(), root)
+    if not manifest.splits.get(split):
+        return {c: _empty(manifest, c) for c in cols}
+    table = read_split_table(root, split, cols, manifest=manifest)
+    return {c: column_to_numpy(table.column(c)) for c in cols}
+
+
+def read_split_table(
+    root: str, split: str, columns: Sequence[str], *, manifest: Manifest | None = None
+) -> pa.Table:
+    """One split as a single pyarrow Table (tensor columns keep their fixed-shape type)."""
+    manifest = manifest or read_manifest(root)
+    cols = select_columns(manifest, columns, root)
     fs, _ = fsspec.core.url_to_fs(root)
     tables = []
     for path in manifest.files(root, split):
         with fs.open(fsspec.core.url_to_fs(path)[1], "rb") as f:
             tables.append(pq.read_table(f, columns=cols))
-    if tables:
-        table = pa.concat_tables(tables)
-        return {c: column_to_numpy(table.column(c)) for c in cols}
-    return {c: _empty(manifest, c) for c in cols}
+    if not tables:
+        raise DataError(f"split {split!r} of {root} has no shards")
+    return pa.concat_tables(tables)
 
 
 def _empty(manifest: Manifest, col: str) -> np.ndarray:

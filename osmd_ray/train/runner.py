@@ -13,6 +13,7 @@ Rerunning with the same ``out`` resumes from the last checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
@@ -98,29 +99,22 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from osmd_ray.data.reading import read_split
-
+    if not os.environ.get("OSMD_VERBOSE"):
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
     # Deterministic assignment of blocks to workers, so a seed makes a run repeatable.
     data_context.execution_options.preserve_order = True
     columns = ["label", *cfg.data.ordinary, *cfg.data.privileged]
     columns += [f"has_{m}" for m in cfg.data.privileged if m in manifest.optional_modalities]
-    in_memory = sum(
-        shard.bytes for shards in manifest.splits.values() for shard in shards
-    ) <= cfg.data.in_memory_mb * 2**20
-    datasets = {}
-    for split in ("train", "val", "test"):
-        dataset = read_split(
-            cfg.data.root,
-            split,
-            columns,
-            manifest=manifest,
-            shuffle_files=split == "train",
-            seed=cfg.seed,
-        )
-        # Small data: read once, so epochs do not pay Ray Data's per-read start-up again.
-        datasets[split] = dataset.materialize() if in_memory else dataset
+    in_memory = (
+        sum(shard.bytes for shards in manifest.splits.values() for shard in shards)
+        <= cfg.data.in_memory_mb * 2**20
+    )
+    datasets = {
+        split: (in_memory_dataset if in_memory else streamed_dataset)(cfg, manifest, split, columns)
+        for split in ("train", "val", "test")
+    }
     loop_config = {
         "cfg": _config_dict(cfg),
         "manifest_json": manifest.to_json(),
@@ -184,6 +178,41 @@ class ProgressPrinter:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.queue.shutdown()
+
+
+def streamed_dataset(cfg: Config, manifest: Manifest, split: str, columns: list[str]) -> Any:
+    """A split streamed from storage by Ray Data read tasks, shards in seeded random order."""
+    from osmd_ray.data.reading import read_split
+
+    return read_split(
+        cfg.data.root,
+        split,
+        columns,
+        manifest=manifest,
+        shuffle_files=split == "train",
+        seed=cfg.seed,
+    )
+
+
+def in_memory_dataset(cfg: Config, manifest: Manifest, split: str, columns: list[str]) -> Any:
+    """A small split read once by the driver into Ray's object store.
+
+    Ray Data's read tasks cost seconds of start-up per read, more than a small dataset takes
+    to train on. Rows are put in a seeded random order once and cut into blocks, so the even
+    split across workers mixes the classes; workers shuffle within a window every epoch.
+    """
+    import numpy as np
+    import ray.data
+
+    from osmd_ray.data.reading import read_split_table
+
+    table = read_split_table(cfg.data.root, split, columns, manifest=manifest)
+    if split == "train":
+        order = np.random.default_rng(cfg.seed).permutation(table.num_rows)
+        table = table.take(order)
+    rows_per_block = max(1, -(-table.num_rows // (8 * cfg.scaling.num_workers)))
+    blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+    return ray.data.from_arrow(blocks)
 
 
 def _config_dict(cfg: Config) -> dict[str, Any]:
