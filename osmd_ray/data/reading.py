@@ -100,7 +100,7 @@ def read_split_numpy(
     """
     manifest = manifest or read_manifest(root)
     cols = select_columns(manifest, columns if columns is not None else manifest.columns(), root)
-    if not manifest.splits.get(split):
+    if split in manifest.splits and not manifest.splits[split]:
         return {c: _empty(manifest, c) for c in cols}
     table = read_split_table(root, split, cols, manifest=manifest)
     return {c: column_to_numpy(table.column(c)) for c in cols}
