@@ -66,6 +66,8 @@ class ModelConfig:
     """Image small_cnn only: how many first stages E_h shares with E_o."""
     dropout: float = 0.0
     """Dropout before the heads."""
+    norm: str = "batch"
+    """Normalisation in the CNN encoders: batch or group (no running statistics)."""
 
 
 @dataclass
@@ -102,6 +104,8 @@ class TrainConfig:
     """DeepSpeed ZeRO stage, 0 to 3."""
     precision: str = "auto"
     """auto (fp32 on CPU, bf16 on GPU), fp32 or bf16."""
+    schedule: str = "cosine"
+    """Learning rate over the run: cosine (decays to 0 at the last step) or constant."""
     grad_clip: float = 1.0
     """Gradient norm clipping (0 turns it off)."""
     nonfinite: str = "error"
@@ -145,6 +149,8 @@ class Config:
 
 
 METHODS = ("osmd", "ordinary_only", "full_multimodal")
+NORMS = ("batch", "group")
+SCHEDULES = ("cosine", "constant")
 FUSIONS = ("ctn", "concat", "sum")
 ALIGNMENTS = ("jmmd", "mmd")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -350,6 +356,7 @@ def _check_model(model: ModelConfig) -> None:
     for name in ("width", "depth", "feature_dim"):
         _at_least(getattr(model, name), 1, f"model.{name}")
     _one_of(model.fusion, FUSIONS, "model.fusion")
+    _one_of(model.norm, NORMS, "model.norm")
     key = "model.hallucination_shared_stages"
     if not 0 <= model.hallucination_shared_stages <= model.depth:
         raise ConfigError(
@@ -405,6 +412,7 @@ def _check_train(cfg: Config) -> None:
             "train.precision",
         )
     _one_of(train.nonfinite, NONFINITE_POLICIES, "train.nonfinite")
+    _one_of(train.schedule, SCHEDULES, "train.schedule")
     _at_least(train.max_failures, -1, "train.max_failures")
 
 

@@ -55,6 +55,23 @@ def uses_bf16(cfg: Config) -> bool:
     return cfg.train.precision == "bf16"
 
 
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, cfg: Config, rows_per_worker: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine decay to zero over the run's steps (or constant); stepped by DeepSpeed.
+
+    Its state is part of the DeepSpeed checkpoint, so a resumed run continues the curve.
+    """
+    total = max(1, cfg.train.epochs * (rows_per_worker // cfg.data.batch_size))
+
+    def factor(step: int) -> float:
+        if cfg.train.schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def batch_to_device(
     batch: Mapping[str, torch.Tensor], device: torch.device
 ) -> dict[str, torch.Tensor]:
@@ -194,7 +211,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, bf16)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_schedule(optimizer, cfg, manifest.num_rows("train") // world),
+        config=deepspeed_config(cfg, bf16),
     )
 
     start_epoch, step, history, train_time = 0, 0, [], 0.0
