@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 OUT ?= runs/main
 PYTEST_ARGS ?=
 
-.PHONY: run test unit integration lint bench clean venv
+.PHONY: run test unit integration lint clean venv
 
 venv: $(VENV)/.installed
 
@@ -35,10 +35,7 @@ integration: venv
 	$(PY) -m pytest -q -m integration $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check osmd_ray jobs tests benchmarks
-
-bench: venv
-	$(PY) benchmarks/train_throughput.py
+	$(VENV)/bin/ruff check osmd_ray tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs

@@ -144,6 +144,21 @@ def evaluate(
     }
 
 
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module, world: int) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks.
+
+    DeepSpeed keeps gradients in sync but not buffers: each rank's BatchNorm tracks its own
+    batches. Averaging them after every epoch makes every rank, the checkpoint and the
+    exported deployment model evaluate identically. A collective: call on every rank.
+    """
+    if world == 1:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            buffer.copy_(_all_reduce_sum(buffer.detach().clone()) / world)
+
+
 def _seed_everything(seed: int) -> None:
     import random
 
@@ -284,6 +299,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 sums = torch.zeros(len(names), dtype=torch.float64)
             sums += torch.tensor([float(losses[n].detach()) for n in names], dtype=torch.float64)
             batches += 1
+        average_buffers(engine.module, world)
         epoch_time = time.perf_counter() - started
         train_time += epoch_time
 
