@@ -20,7 +20,14 @@ import threading
 import time
 from typing import Any
 
-from osmd_ray.config import Config, ConfigError, check_against_manifest, dump_yaml, save_config
+from osmd_ray.config import (
+    Config,
+    ConfigError,
+    check_against_manifest,
+    config_to_dict,
+    dump_yaml,
+    save_config,
+)
 from osmd_ray.data.contract import Manifest, verify_dataset
 from osmd_ray.tracking import wandb_settings
 from osmd_ray.train.loop import STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
@@ -116,7 +123,7 @@ def build_trainer(
         for split in ("train", "val", "test")
     }
     loop_config = {
-        "cfg": _config_dict(cfg),
+        "cfg": config_to_dict(cfg),
         "manifest_json": manifest.to_json(),
         "wandb": wandb_settings(cfg, run_dir, os.path.basename(run_dir)),
         "stop_after_epoch": stop_after_epoch,
@@ -213,12 +220,6 @@ def in_memory_dataset(cfg: Config, manifest: Manifest, split: str, columns: list
     rows_per_block = max(1, -(-table.num_rows // (8 * cfg.scaling.num_workers)))
     blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
     return ray.data.from_arrow(blocks)
-
-
-def _config_dict(cfg: Config) -> dict[str, Any]:
-    from osmd_ray.config import config_to_dict
-
-    return config_to_dict(cfg)
 
 
 def train(cfg: Config, out: str, stop_after_epoch: int | None = None) -> dict[str, Any]:
