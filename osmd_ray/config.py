@@ -68,6 +68,12 @@ class ModelConfig:
     """Dropout before the heads."""
     norm: str = "batch"
     """Normalisation in the CNN encoders: batch or group (no running statistics)."""
+    teacher_detach_ordinary: bool = False
+    """osmd: the teacher path sees stopgrad(z_o), so E_o learns only from the deployment path
+    (with real privileged features beside it, E_o could otherwise stay lazy)."""
+    recon_size: int = 6
+    """osmd, loss.w_recon: image privileged inputs are average-pooled to recon_size x
+    recon_size (sequences to recon_size steps) as the target E_h's features must decode."""
 
 
 @dataclass
@@ -82,6 +88,9 @@ class LossConfig:
     """Weight of the distribution alignment between z_h and z_p (JMMD or MMD, see alignment)."""
     w_mimic: float = 0.0
     """Weight of ||z_h - stopgrad(z_p)||^2 (Hoffman et al. 2016)."""
+    w_recon: float = 0.0
+    """Weight of the dense supervision of E_h by the privileged input: a linear decoder D_h
+    maps z_h to the pooled, normalised privileged input (mean squared error)."""
     alignment: str = "jmmd"
     """What the w_jan term computes: jmmd (features and predictions) or mmd (features only)."""
     num_kernels: int = 5
@@ -90,6 +99,25 @@ class LossConfig:
     """Ratio between successive kernel bandwidths."""
     detach_privileged: bool = True
     """Stop gradients from the alignment terms into E_p."""
+
+
+@dataclass
+class BaselineConfig:
+    two_stage_teacher: float = 0.4
+    """two_stage_hallucination: share of train.epochs that trains the teacher."""
+    two_stage_hallucination: float = 0.3
+    """two_stage_hallucination: share that trains E_h to mimic the frozen teacher; the rest
+    (1 - both shares) trains the fusion of E_o and the frozen E_h."""
+    kd_teacher_fraction: float = 0.5
+    """logit_kd: share of train.epochs that trains the full_multimodal teacher; the rest
+    trains the ordinary-only student."""
+    kd_temperature: float = 4.0
+    """logit_kd: softmax temperature of the distillation term."""
+    kd_weight: float = 0.9
+    """logit_kd: weight of the distillation term; the label term gets 1 - kd_weight."""
+    imputation_fraction: float = 0.4
+    """imputation: share of train.epochs that trains the generator G alone (L1); the rest
+    trains E_o, E_p, F and H on (ordinary, reconstructed)."""
 
 
 @dataclass
@@ -137,18 +165,28 @@ class TrackingConfig:
 @dataclass
 class Config:
     method: str = "osmd"
-    """osmd, ordinary_only or full_multimodal."""
+    """osmd, ordinary_only, full_multimodal, two_stage_hallucination, logit_kd or imputation."""
     seed: int = 0
     """Seed of initialisation, data order and dropout."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-METHODS = ("osmd", "ordinary_only", "full_multimodal")
+METHODS = (
+    "osmd",
+    "ordinary_only",
+    "full_multimodal",
+    "two_stage_hallucination",
+    "logit_kd",
+    "imputation",
+)
+STAGED_METHODS = {"two_stage_hallucination": 3, "logit_kd": 2, "imputation": 2}
+"""Baselines trained in stages, and how many (each stage needs at least one epoch)."""
 NORMS = ("batch", "group")
 SCHEDULES = ("cosine", "constant")
 FUSIONS = ("ctn", "concat", "sum")
@@ -157,7 +195,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 NONFINITE_POLICIES = ("error", "skip")
 ZERO_STAGES = (0, 1, 2, 3)
 IMAGE_ENCODER_PREFIXES = ("timm:", "torchvision:")
-LOSS_WEIGHTS = ("w_deploy", "w_teacher", "w_priv", "w_jan", "w_mimic")
+LOSS_WEIGHTS = ("w_deploy", "w_teacher", "w_priv", "w_jan", "w_mimic", "w_recon")
 SEED_LIMIT = 2**32
 """Seeds must be below this: numpy's legacy and Ray Data's seeding reject larger ones."""
 
@@ -290,6 +328,7 @@ def validate(cfg: Config) -> None:
     _check_model(cfg.model)
     _check_loss(cfg)
     _check_train(cfg)
+    _check_baselines(cfg)
     _check_scaling(cfg.scaling)
     if cfg.tracking.wandb and not cfg.tracking.project.strip():
         raise ConfigError(
@@ -332,7 +371,7 @@ def _check_data(cfg: Config) -> None:
             "privileged (training only), remove it from one list",
             "data.privileged",
         )
-    if cfg.method in ("osmd", "full_multimodal") and not data.privileged:
+    if cfg.method != "ordinary_only" and not data.privileged:
         raise ConfigError(
             f"config key 'data.privileged' is empty but method {cfg.method!r} needs at least "
             "one privileged modality; add one (e.g. data.privileged=[depth]) or use "
@@ -370,6 +409,7 @@ def _check_model(model: ModelConfig) -> None:
             "set it to 0",
             key,
         )
+    _at_least(model.recon_size, 1, "model.recon_size")
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(
             f"config key 'model.dropout' must be in [0, 1); got {model.dropout}", "model.dropout"
@@ -393,6 +433,47 @@ def _check_loss(cfg: Config) -> None:
             f"config key 'loss.kernel_mul' must be > 1 (the ratio between kernel bandwidths); "
             f"got {loss.kernel_mul}",
             "loss.kernel_mul",
+        )
+
+
+def _check_baselines(cfg: Config) -> None:
+    base = cfg.baselines
+    for name in (
+        "two_stage_teacher",
+        "two_stage_hallucination",
+        "kd_teacher_fraction",
+        "imputation_fraction",
+    ):
+        value = getattr(base, name)
+        if not 0.0 < value < 1.0:
+            raise ConfigError(
+                f"config key 'baselines.{name}' must be strictly between 0 and 1 (both stages "
+                f"need epochs); got {value}",
+                f"baselines.{name}",
+            )
+    if not base.two_stage_teacher + base.two_stage_hallucination < 1.0:
+        raise ConfigError(
+            "config keys 'baselines.two_stage_teacher' + 'baselines.two_stage_hallucination' "
+            f"must stay below 1 (the fusion stage gets the rest); got "
+            f"{base.two_stage_teacher} + {base.two_stage_hallucination}",
+            "baselines.two_stage_hallucination",
+        )
+    if not base.kd_temperature > 0:
+        raise ConfigError(
+            f"config key 'baselines.kd_temperature' must be > 0; got {base.kd_temperature}",
+            "baselines.kd_temperature",
+        )
+    if not 0.0 <= base.kd_weight <= 1.0:
+        raise ConfigError(
+            f"config key 'baselines.kd_weight' must be in [0, 1]; got {base.kd_weight}",
+            "baselines.kd_weight",
+        )
+    stages = STAGED_METHODS.get(cfg.method, 1)
+    if stages > 1 and cfg.train.epochs < stages:
+        raise ConfigError(
+            f"config key 'train.epochs' is {cfg.train.epochs}, but method {cfg.method!r} trains "
+            f"in {stages} stages of at least one epoch each; use train.epochs>={stages}",
+            "train.epochs",
         )
 
 

@@ -6,12 +6,13 @@ An export is a folder with two files:
   floating tensors in fp32. safetensors holds raw tensors only, so loading executes no code
   (never ``torch.load`` of a pickle);
 - ``meta.json``: format version, package version, method, task, classes, the input modality
-  specs (for osmd and ordinary_only the ordinary modalities only), the model config, the
+  specs (for every method but full_multimodal the ordinary modalities only), the model config, the
   inputs' normalisation statistics, the sha256 of ``model.safetensors`` and free-form
   ``extra`` metadata.
 
-:func:`load_deploy` rebuilds the network from ``meta.json`` (for osmd and ordinary_only
-without any privileged encoder), checks the checksum and loads the weights strictly.
+:func:`load_deploy` rebuilds the network from ``meta.json`` (without any privileged encoder
+except for full_multimodal and imputation, whose E_p reads real or reconstructed privileged
+inputs), checks the checksum and loads the weights strictly.
 """
 
 from __future__ import annotations
@@ -36,7 +37,12 @@ from osmd_ray import __version__
 from osmd_ray.config import ModelConfig
 from osmd_ray.data.contract import ModalitySpec
 from osmd_ray.method.encoders import Normalization, resolve_normalization
-from osmd_ray.method.model import DeployNet, OSMDModel, build_deploy_net
+from osmd_ray.method.model import (
+    DEPLOY_NEEDS_PRIVILEGED_SPECS,
+    DeployNet,
+    OSMDModel,
+    build_deploy_net,
+)
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -107,7 +113,7 @@ def _check_export_args(
 
     if as_json(ordinary) != as_json(model.ordinary):
         problems.append(f"ordinary {[s.name for s in ordinary]} differs from the model's")
-    if method == "full_multimodal" and as_json(privileged) != as_json(model.privileged):
+    if method in DEPLOY_NEEDS_PRIVILEGED_SPECS and as_json(privileged) != as_json(model.privileged):
         problems.append(f"privileged {[s.name for s in privileged]} differs from the model's")
     if num_classes != model.num_classes:
         problems.append(f"num_classes {num_classes} but the model has {model.num_classes}")
@@ -163,7 +169,11 @@ def export_deploy(
     _check_export_args(model, method, ordinary, privileged, num_classes, model_cfg, class_names)
     net = model.deploy_module()
     inputs = list(net.input_modalities)
-    stats = resolve_normalization(inputs, normalization)
+    # imputation's network normalises privileged-shaped reconstructions: keep their statistics.
+    built_from = list(model.ordinary) + (
+        list(model.privileged) if method in DEPLOY_NEEDS_PRIVILEGED_SPECS else []
+    )
+    stats = resolve_normalization(built_from, normalization)
     for name, values in stats.items():
         built = model.normalization[name]
         if not (
@@ -180,8 +190,13 @@ def export_deploy(
         "num_classes": num_classes,
         "class_names": list(class_names) if class_names is not None else None,
         "ordinary": [_spec_to_json(s) for s in ordinary],
-        # Only full_multimodal (the non-deployable upper bound) takes privileged inputs.
-        "privileged": [_spec_to_json(s) for s in privileged] if method == "full_multimodal" else [],
+        # Only full_multimodal (the non-deployable upper bound) takes privileged inputs;
+        # imputation's network needs their specs to rebuild G and E_p, never their values.
+        "privileged": (
+            [_spec_to_json(s) for s in privileged]
+            if method in DEPLOY_NEEDS_PRIVILEGED_SPECS
+            else []
+        ),
         "input_modalities": [s.name for s in inputs],
         "model_config": dataclasses.asdict(model_cfg),
         "normalization": stats,

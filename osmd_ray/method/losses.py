@@ -1,6 +1,7 @@
 """The training objective of DESIGN §2, with per-sample masking of missing privileged data.
 
-``L = w_deploy L_deploy + w_teacher L_teacher + w_priv L_priv + w_jan L_jan + w_mimic L_mimic``
+``L = w_deploy L_deploy + w_teacher L_teacher + w_priv L_priv + w_jan L_jan + w_mimic L_mimic
++ w_recon L_recon``
 
 - ``deploy``  task_loss(H(F(z_o, z_h)), y)        all rows
 - ``teacher`` task_loss(H(F(z_o, z_p)), y)        rows with the privileged modalities
@@ -9,12 +10,22 @@
   over the rows with the privileged modalities; needs at least two of them
 - ``mimic``   mean((z_h - stopgrad(z_p))^2): the mean over rows *and* features, so its weight
   does not scale with ``model.feature_dim``
+- ``recon``   mean((D_h(z_h) - pooled privileged input)^2): dense supervision of E_h by the
+  privileged input itself (see ``OSMDModel.privileged_target``)
+
+Terms of the staged baselines (:mod:`osmd_ray.method.stages` gives each stage its weights):
+
+- ``kd``      T^2 KL(softmax(teacher / T) || softmax(deploy / T)), teacher detached (logit_kd),
+  rows with the privileged modalities
+- ``impute``  mean |G(x_o) - x_p| in the normalised privileged space (imputation), same rows
 
 A term with no usable rows is an exact 0 that stays connected to the graph (no NaN, and every
 parameter still gets a gradient, as DeepSpeed expects on every rank).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +35,7 @@ from osmd_ray.config import LossConfig
 from osmd_ray.method.jmmd import jmmd, mmd
 
 ALIGNMENTS = ("jmmd", "mmd")
-TERMS = ("deploy", "teacher", "priv", "jan", "mimic")
+TERMS = ("deploy", "teacher", "priv", "jan", "mimic", "recon", "kd", "impute")
 
 
 def _zero(t: Tensor) -> Tensor:
@@ -63,6 +74,28 @@ def alignment_loss(
     return jmmd([p_feat, p_prob], [z_h, h_prob], cfg.num_kernels, cfg.kernel_mul)
 
 
+def osmd_weights(cfg: LossConfig) -> dict[str, float]:
+    """The single-stage OS-MD objective's term weights, from the ``loss`` config."""
+    return {
+        "deploy": cfg.w_deploy,
+        "teacher": cfg.w_teacher,
+        "priv": cfg.w_priv,
+        "jan": cfg.w_jan,
+        "mimic": cfg.w_mimic,
+        "recon": cfg.w_recon,
+    }
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """Hinton et al.'s soft-target term: T^2 KL(p_teacher^T || p_student^T), batch mean; the
+    teacher is detached (it is trained by its own stage, not pulled towards the student)."""
+    t = float(temperature)
+    log_student = F.log_softmax(student.float() / t, dim=1)
+    log_teacher = F.log_softmax(teacher.detach().float() / t, dim=1)
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+    return kl * t * t
+
+
 def compute_losses(
     outputs: dict[str, Tensor],
     labels: Tensor,
@@ -70,18 +103,24 @@ def compute_losses(
     method: str,
     cfg: LossConfig,
     ignore_index: int = -100,
+    terms: Mapping[str, float] | None = None,
+    kd_temperature: float = 4.0,
 ) -> dict[str, Tensor]:
     """Each active term, unweighted, under its name, and ``total`` (the weighted sum).
 
     ``has_privileged`` (B,) bool marks the rows that have the privileged modalities; ``None``
     falls back to ``outputs["has_privileged"]`` (set by the model from ``has_<name>``
-    columns), and then to "every row". ordinary_only and full_multimodal return only
-    ``deploy`` and ``total = deploy`` (their only term; a weight would merely rescale the
-    learning rate). For osmd a term whose weight is 0 is neither computed nor reported.
+    columns), and then to "every row". ``terms`` (term -> weight) is the current stage's
+    objective; without it, osmd uses ``cfg``'s weights and every other method the deployment
+    task loss alone (a weight would merely rescale the learning rate). A term whose weight is
+    0 is neither computed nor reported.
     """
-    if method != "osmd":
-        deploy = task_loss(outputs["deploy_logits"], labels, ignore_index)
-        return {"deploy": deploy, "total": deploy}
+    if terms is None:
+        terms = osmd_weights(cfg) if method == "osmd" else {"deploy": 1.0}
+    weights = dict(terms)
+    unknown = sorted(set(weights) - set(TERMS))
+    if unknown:
+        raise ValueError(f"unknown loss terms {unknown}; known: {TERMS}")
 
     if cfg.alignment not in ALIGNMENTS:
         raise ValueError(f"loss.alignment={cfg.alignment!r}: use one of {ALIGNMENTS}")
@@ -96,13 +135,7 @@ def compute_losses(
         return t if valid is None else t[valid]
 
     n_valid = labels.shape[0] if valid is None else int(valid.sum())
-    weights = {
-        "deploy": cfg.w_deploy,
-        "teacher": cfg.w_teacher,
-        "priv": cfg.w_priv,
-        "jan": cfg.w_jan,
-        "mimic": cfg.w_mimic,
-    }
+    weights = {name: float(weights.get(name, 0.0)) for name in TERMS}
     terms: dict[str, Tensor] = {}
     if weights["deploy"] != 0:
         terms["deploy"] = task_loss(outputs["deploy_logits"], labels, ignore_index)
@@ -137,7 +170,29 @@ def compute_losses(
             if n_valid
             else _zero(outputs["z_h"])
         )
-    total = _zero(outputs["deploy_logits"])
+    if weights["recon"] != 0:
+        terms["recon"] = (
+            F.mse_loss(rows(outputs["recon"]).float(), rows(outputs["recon_target"]).float())
+            if n_valid
+            else _zero(outputs["recon"])
+        )
+    if weights["kd"] != 0:
+        terms["kd"] = (
+            distillation_loss(
+                rows(outputs["deploy_logits"]), rows(outputs["teacher_logits"]), kd_temperature
+            )
+            if n_valid
+            else _zero(outputs["deploy_logits"])
+        )
+    if weights["impute"] != 0:
+        terms["impute"] = (
+            F.l1_loss(rows(outputs["imputed"]).float(), rows(outputs["imputed_target"]).float())
+            if n_valid
+            else _zero(outputs["imputed"])
+        )
+    # Every output joins the graph (as an exact 0 where its term is off): each parameter then
+    # gets a gradient on every rank, which DeepSpeed's ZeRO reductions expect.
+    total = sum((_zero(v) for v in outputs.values() if v.requires_grad), _zero(labels))
     for name, value in terms.items():
         total = total + weights[name] * value
     terms["total"] = total

@@ -1,16 +1,23 @@
-"""The OS-MD model of DESIGN §2 and its two baselines of §3, plus the deployment network.
+"""The OS-MD model of DESIGN §2 and the baselines of §3, plus the deployment network.
 
-Parts (attribute names are part of the contract: state dict keys, tests and the trainer use
-them):
+Parts (attribute names are part of the contract: state dict keys, tests, the trainer's
+per-part optimiser groups and the staged baselines use them):
 
 - ``E_o`` ordinary encoder, ``E_p`` privileged encoder, ``E_h`` hallucination encoder;
 - ``F`` fusion and ``H`` task head, shared by the teacher path ``H(F(z_o, z_p))`` and the
   deployment path ``H(F(z_o, z_h))``; with ``model.share_fusion=False`` (osmd only) the
   teacher path gets its own ``F_t`` and ``H_t`` instead;
-- ``H_p`` head on privileged-space features (``z_p`` and ``z_h``).
+- ``H_p`` head on privileged-space features (``z_p`` and ``z_h``);
+- ``D_h`` linear decoder from ``z_h`` to the pooled privileged input (the ``recon`` term);
+- ``logit_kd``: the student is ``E_o + H``; the full_multimodal teacher is ``T_o``, ``E_p``,
+  ``F_t``, ``H_t``;
+- ``imputation``: the generator ``G`` (ordinary -> privileged inputs), then ``E_o``, ``E_p``,
+  ``F``, ``H`` run on (ordinary, reconstructed).
 
 Methods: ``ordinary_only`` (E_o + H), ``full_multimodal`` (E_o + E_p + F + H, the upper bound
-that needs the privileged modalities at test time) and ``osmd`` (everything).
+that needs the privileged modalities at test time), ``osmd`` (everything, one stage), and the
+staged baselines ``two_stage_hallucination``, ``logit_kd`` and ``imputation`` (their stages:
+:mod:`osmd_ray.method.stages`).
 """
 
 from __future__ import annotations
@@ -18,12 +25,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from osmd_ray.config import METHODS, Config, ModelConfig
 from osmd_ray.data.contract import ModalitySpec
 from osmd_ray.method.encoders import Normalization, RoleEncoder, resolve_normalization
 from osmd_ray.method.fusion import build_fusion
+from osmd_ray.method.imputation import Generator
+
+HALLUCINATING = ("osmd", "two_stage_hallucination")
+"""Methods whose deployment path fuses E_o with the hallucination encoder E_h."""
+STUDENT_ONLY = ("ordinary_only", "logit_kd")
+"""Methods that deploy E_o + H alone."""
+DEPLOY_NEEDS_PRIVILEGED_SPECS = ("full_multimodal", "imputation")
+"""Deployment networks that hold E_p (fed real or reconstructed privileged inputs)."""
 
 
 def privileged_mask(batch: Mapping[str, Tensor], privileged: Sequence[str]) -> Tensor | None:
@@ -55,10 +71,13 @@ def _check_roles(
 
 def _deploy_part_names(method: str) -> tuple[str, ...]:
     """What the deployment network of ``method`` holds, in registration order."""
+    if method in STUDENT_ONLY:
+        return ("E_o", "H")
+    if method in HALLUCINATING:
+        return ("E_o", "E_h", "F", "H")
     return {
-        "ordinary_only": ("E_o", "H"),
         "full_multimodal": ("E_o", "E_p", "F", "H"),
-        "osmd": ("E_o", "E_h", "F", "H"),
+        "imputation": ("E_o", "E_p", "F", "H", "G"),
     }[method]
 
 
@@ -72,11 +91,11 @@ def _deploy_parts(
 ) -> dict[str, nn.Module]:
     """Build the deployment parts of ``method`` (and nothing else: no E_p for osmd)."""
     parts: dict[str, nn.Module] = {"E_o": RoleEncoder(ordinary, cfg, normalization)}
-    if method == "full_multimodal":
+    if method in DEPLOY_NEEDS_PRIVILEGED_SPECS:
         if not privileged:
-            raise ValueError("full_multimodal needs at least one privileged modality")
+            raise ValueError(f"{method} needs at least one privileged modality")
         parts["E_p"] = RoleEncoder(privileged, cfg, normalization)
-    if method == "osmd":
+    if method in HALLUCINATING:
         parts["E_h"] = RoleEncoder(
             ordinary,
             cfg,
@@ -84,9 +103,11 @@ def _deploy_parts(
             share_from=parts["E_o"],
             shared_stages=cfg.hallucination_shared_stages,
         )
-    if method != "ordinary_only":
+    if method not in STUDENT_ONLY:
         parts["F"] = build_fusion(cfg.fusion, cfg.feature_dim, cfg.shared_translator)
     parts["H"] = nn.Linear(cfg.feature_dim, num_classes)
+    if method == "imputation":
+        parts["G"] = Generator(ordinary, privileged, cfg, normalization)
     return parts
 
 
@@ -117,9 +138,14 @@ class DeployNet(nn.Module):
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         z_o = self.E_o(batch)
-        if self.method == "ordinary_only":
+        if self.method in STUDENT_ONLY:
             return self.H(self.dropout(z_o))
-        other = self.E_h(batch) if self.method == "osmd" else self.E_p(batch)
+        if self.method in HALLUCINATING:
+            other = self.E_h(batch)
+        elif self.method == "imputation":
+            other = self.E_p(self.G.to_raw(self.G(batch)))
+        else:
+            other = self.E_p(batch)
         return self.H(self.dropout(self.F(z_o, other)))
 
 
@@ -131,8 +157,8 @@ def build_deploy_net(
     cfg: ModelConfig,
     normalization: Normalization | None,
 ) -> DeployNet:
-    """A freshly initialised :class:`DeployNet`; for osmd and ordinary_only no E_p is built
-    (``privileged`` may then be empty)."""
+    """A freshly initialised :class:`DeployNet`; only full_multimodal and imputation build
+    E_p (for the other methods ``privileged`` may be empty)."""
     _check_roles(method, ordinary, privileged)
     inputs = list(ordinary) + (list(privileged) if method == "full_multimodal" else [])
     parts = _deploy_parts(method, ordinary, privileged, num_classes, cfg, normalization)
@@ -145,9 +171,11 @@ class OSMDModel(nn.Module):
     ``forward(batch)`` returns a dict of tensors:
 
     - all methods: ``z_o``, ``deploy_logits``;
-    - full_multimodal and osmd: ``z_p``, ``teacher_logits`` (for full_multimodal the teacher
-      path *is* the deployment path);
-    - osmd: ``z_h``, ``priv_logits = H_p(z_p)``, ``priv_logits_h = H_p(z_h)``;
+    - full_multimodal, osmd, two_stage_hallucination and logit_kd: ``z_p``,
+      ``teacher_logits`` (for full_multimodal the teacher path *is* the deployment path);
+    - osmd and two_stage_hallucination: ``z_h``, ``priv_logits = H_p(z_p)``,
+      ``priv_logits_h = H_p(z_h)``, ``recon = D_h(z_h)`` and ``recon_target``;
+    - imputation: ``imputed`` and ``imputed_target`` (normalised, flattened);
     - ``has_privileged`` (B,) bool, when a mask was given or read from ``has_<name>`` columns.
 
     Rows without their privileged modalities never enter ``E_p``: it runs on the other rows
@@ -179,19 +207,41 @@ class OSMDModel(nn.Module):
         ).items():
             self.add_module(name, module)
         self.dropout = nn.Dropout(cfg.dropout)
-        if method == "osmd":
+        if method == "logit_kd":
+            # The full_multimodal teacher, entirely separate from the student E_o + H.
+            self.T_o = RoleEncoder(ordinary, cfg, normalization)
+            self.E_p = RoleEncoder(privileged, cfg, normalization)
+            self.F_t = build_fusion(cfg.fusion, cfg.feature_dim, cfg.shared_translator)
+            self.H_t = nn.Linear(cfg.feature_dim, num_classes)
+        if method in HALLUCINATING:
             self.E_p = RoleEncoder(privileged, cfg, normalization)
             self.H_p = nn.Linear(cfg.feature_dim, num_classes)
-            if not cfg.share_fusion:
+            target_size = sum(_pooled_size(spec, cfg.recon_size) for spec in self.privileged)
+            self.D_h = nn.Linear(cfg.feature_dim, target_size)
+            if method == "osmd" and not cfg.share_fusion:
                 self.F_t = build_fusion(cfg.fusion, cfg.feature_dim, cfg.shared_translator)
                 self.H_t = nn.Linear(cfg.feature_dim, num_classes)
 
     @property
     def teacher_parts(self) -> tuple[nn.Module, nn.Module]:
-        """(fusion, head) of the teacher path: F and H unless share_fusion is off (osmd)."""
-        if self.method == "osmd" and not self.cfg.share_fusion:
+        """(fusion, head) of the teacher path: F and H unless share_fusion is off (osmd) or
+        the teacher is a separate model (logit_kd)."""
+        if self.method == "logit_kd" or (self.method == "osmd" and not self.cfg.share_fusion):
             return self.F_t, self.H_t
         return self.F, self.H
+
+    def privileged_target(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """(B, D) the privileged inputs, normalised as E_p sees them and average-pooled
+        (images to recon_size x recon_size, sequences to recon_size steps), concatenated."""
+        parts = []
+        for spec in self.privileged:
+            x = self.E_p.encoders[spec.name].normalize(batch[spec.name].float())
+            if spec.kind == "image":
+                x = nnf.adaptive_avg_pool2d(x, self.cfg.recon_size)
+            elif spec.kind == "sequence":
+                x = nnf.adaptive_avg_pool1d(x, self.cfg.recon_size)
+            parts.append(x.flatten(1))
+        return torch.cat(parts, dim=1)
 
     def privileged_mask(self, batch: Mapping[str, Tensor]) -> Tensor | None:
         """The rows that have every privileged modality (see :func:`privileged_mask`)."""
@@ -212,8 +262,9 @@ class OSMDModel(nn.Module):
     ) -> dict[str, Tensor]:
         z_o = self.E_o(batch)
         out: dict[str, Tensor] = {"z_o": z_o}
-        if self.method == "ordinary_only":
+        if self.method in STUDENT_ONLY:
             out["deploy_logits"] = self.H(self.dropout(z_o))
+        if self.method == "ordinary_only":
             return out
         mask = self.privileged_mask(batch) if has_privileged is None else has_privileged
         if mask is not None:
@@ -221,10 +272,16 @@ class OSMDModel(nn.Module):
             if mask.shape[0] != z_o.shape[0]:
                 raise ValueError(f"has_privileged has {mask.shape[0]} rows, batch {z_o.shape[0]}")
             out["has_privileged"] = mask
+        if self.method == "imputation":
+            return self._imputation_forward(batch, z_o, mask, out)
         z_p = self._encode_privileged(batch, mask)
         fusion, head = self.teacher_parts
         out["z_p"] = z_p
-        out["teacher_logits"] = head(self.dropout(fusion(z_o, z_p)))
+        if self.method == "logit_kd":
+            out["teacher_logits"] = head(self.dropout(fusion(self.T_o(batch), z_p)))
+            return out
+        z_o_teacher = z_o.detach() if self.cfg.teacher_detach_ordinary else z_o
+        out["teacher_logits"] = head(self.dropout(fusion(z_o_teacher, z_p)))
         if self.method == "full_multimodal":
             out["deploy_logits"] = out["teacher_logits"]
             return out
@@ -233,6 +290,35 @@ class OSMDModel(nn.Module):
         out["deploy_logits"] = self.H(self.dropout(self.F(z_o, z_h)))
         out["priv_logits"] = self.H_p(self.dropout(z_p))
         out["priv_logits_h"] = self.H_p(self.dropout(z_h))
+        out["recon"] = self.D_h(z_h)
+        with torch.no_grad():
+            target = self.privileged_target(batch)
+            # Rows without their privileged inputs may hold anything (NaN); they are masked
+            # out of the loss, and must not carry a NaN into it.
+            out["recon_target"] = target if mask is None else torch.where(mask[:, None], target, 0)
+        return out
+
+    def _imputation_forward(
+        self,
+        batch: Mapping[str, Tensor],
+        z_o: Tensor,
+        mask: Tensor | None,
+        out: dict[str, Tensor],
+    ) -> dict[str, Tensor]:
+        """G reconstructs the privileged inputs; E_p, F and H run on the reconstruction."""
+        imputed = self.G(batch)
+        flat = torch.cat([imputed[s.name].flatten(1) for s in self.privileged], dim=1)
+        out["imputed"] = flat
+        with torch.no_grad():
+            target = torch.cat(
+                [t.flatten(1) for t in self.G.normalised_target(batch).values()], dim=1
+            )
+            out["imputed_target"] = (
+                target if mask is None else torch.where(mask[:, None], target, 0)
+            )
+        z_p = self.E_p(self.G.to_raw(imputed))
+        out["z_p"] = z_p
+        out["deploy_logits"] = self.H(self.dropout(self.F(z_o, z_p)))
         return out
 
     def deploy_module(self) -> DeployNet:
@@ -241,6 +327,16 @@ class OSMDModel(nn.Module):
         parts = {name: getattr(self, name) for name in _deploy_part_names(self.method)}
         inputs = self.ordinary + (self.privileged if self.method == "full_multimodal" else ())
         return DeployNet(self.method, parts, inputs, self.cfg.dropout)
+
+
+def _pooled_size(spec: ModalitySpec, size: int) -> int:
+    """Length of one privileged modality's flattened reconstruction target."""
+    channels, *rest = spec.shape
+    if spec.kind == "image":
+        return channels * size * size
+    if spec.kind == "sequence":
+        return channels * size
+    return int(torch.Size(spec.shape).numel())
 
 
 def _role_specs(manifest, names: Sequence[str], role: str) -> list[ModalitySpec]:

@@ -19,6 +19,13 @@ import torch
 
 from osmd_ray.config import Config, config_from_dict
 from osmd_ray.data.contract import Manifest
+from osmd_ray.method.stages import (
+    method_stages,
+    part_parameter_groups,
+    set_stage_modes,
+    stage_at_epoch,
+    stage_lr_factor,
+)
 
 CHECKPOINT_TAG = "ds"
 STATE_FILE = "state.json"
@@ -28,6 +35,9 @@ EVAL_PATHS = {
     "osmd": ("deploy", "teacher"),
     "full_multimodal": ("deploy",),
     "ordinary_only": ("deploy",),
+    "two_stage_hallucination": ("deploy", "teacher"),
+    "logit_kd": ("deploy", "teacher"),
+    "imputation": ("deploy",),
 }
 
 
@@ -56,20 +66,17 @@ def uses_bf16(cfg: Config) -> bool:
 
 
 def lr_schedule(
-    optimizer: torch.optim.Optimizer, cfg: Config, rows_per_worker: int
+    optimizer: torch.optim.Optimizer, cfg: Config, rows_per_worker: int, parts: list[str]
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Cosine decay to zero over the run's steps (or constant); stepped by DeepSpeed.
+    """Per part (one optimiser group each): cosine decay to zero within every stage that
+    trains the part (or constant), 0 while a stage freezes it; stepped by DeepSpeed.
 
     Its state is part of the DeepSpeed checkpoint, so a resumed run continues the curve.
     """
-    total = max(1, cfg.train.epochs * (rows_per_worker // cfg.data.batch_size))
-
-    def factor(step: int) -> float:
-        if cfg.train.schedule == "constant":
-            return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    steps_per_epoch = max(1, rows_per_worker // cfg.data.batch_size)
+    stages = method_stages(cfg)
+    factors = [stage_lr_factor(stages, part, steps_per_epoch, cfg.train.schedule) for part in parts]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def batch_to_device(
@@ -133,7 +140,6 @@ def evaluate(
             sums[2 * i] += float((logits.argmax(dim=1) == labels).sum())
             sums[2 * i + 1] += float(functional.cross_entropy(logits, labels, reduction="sum"))
         sums[-1] += labels.shape[0]
-    engine.train()
     sums = _all_reduce_sum(sums.to(device)).cpu()
     count = float(sums[-1])
     if count == 0:
@@ -222,13 +228,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Same seed on every rank for the initial weights (DeepSpeed also broadcasts rank 0's).
     _seed_everything(cfg.seed)
     model = build_model(cfg, manifest)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-    )
+    # One group per part, so a stage of a staged baseline can freeze parts (learning rate 0).
+    parts, groups = part_parameter_groups(model)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    stages = method_stages(cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        lr_scheduler=lr_schedule(optimizer, cfg, manifest.num_rows("train") // world),
+        lr_scheduler=lr_schedule(optimizer, cfg, manifest.num_rows("train") // world, parts),
         config=deepspeed_config(cfg, bf16),
     )
 
@@ -257,7 +264,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.train.epochs):
         # Seeded per epoch and rank: a resumed run draws the same dropout and shuffles.
         _seed_everything(cfg.seed * 100_003 + epoch * 1009 + rank)
-        engine.train()
+        stage = stage_at_epoch(stages, epoch)
+        set_stage_modes(engine.module, stage)
         started = time.perf_counter()
         sums = torch.zeros(0)
         names: list[str] = []
@@ -276,6 +284,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 privileged_mask(batch, cfg.data.privileged),
                 cfg.method,
                 cfg.loss,
+                terms=stage.terms,
+                kd_temperature=cfg.baselines.kd_temperature,
             )
             bad = nonfinite_terms(losses, device)
             step += 1
@@ -328,6 +338,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch": epoch + 1,
             "step": step,
             "epoch_time_s": epoch_time,
+            "stage": stage.name,
             "train": {"loss": train_losses},
             "val": val,
         }
@@ -335,8 +346,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             val_text = "  ".join(f"val.{p}.accuracy={m['accuracy']:.3f}" for p, m in val.items())
             total = train_losses.get("total", math.nan)
+            stage_text = f" [{stage.name}]" if len(stages) > 1 else ""
             say(
-                f"epoch {epoch + 1}/{cfg.train.epochs}  loss={total:.4f}  {val_text}  "
+                f"epoch {epoch + 1}/{cfg.train.epochs}{stage_text}  loss={total:.4f}  {val_text}  "
                 f"({epoch_time:.1f}s)"
             )
             if tracker is not None:

@@ -76,12 +76,24 @@ CASES = [
         [RGB, META],
         ModelConfig(width=4, depth=2, feature_dim=8, hallucination_shared_stages=1),
     ),
+    ("two_stage_hallucination", [RGB], CFG),
+    ("logit_kd", [RGB], CFG),
+    ("imputation", [RGB], CFG),  # image-to-image generator
+    ("imputation", [META], CFG),  # vector -> image generator
+]
+CASE_IDS = [
+    "osmd",
+    "ordinary_only",
+    "full_multimodal",
+    "image+vector",
+    "two_stage",
+    "logit_kd",
+    "imputation",
+    "imputation-from-vector",
 ]
 
 
-@pytest.mark.parametrize(
-    "method,ordinary,cfg", CASES, ids=["osmd", "ordinary_only", "full_multimodal", "image+vector"]
-)
+@pytest.mark.parametrize("method,ordinary,cfg", CASES, ids=CASE_IDS)
 def test_export_load_predict_matches_the_deploy_module(tmp_path, method, ordinary, cfg):
     model = trained_like(method, ordinary, cfg)
     export(model, tmp_path / "deploy")
@@ -104,10 +116,15 @@ def test_export_load_predict_matches_the_deploy_module(tmp_path, method, ordinar
     )
     assert [s.name for s in loaded.input_modalities] == expected_inputs
     assert not loaded.net.training and all(p.device.type == "cpu" for p in loaded.net.parameters())
-    if method != "full_multimodal":
+    if method == "imputation":
+        # E_p runs on G's reconstruction: privileged specs are kept, never asked for as input.
+        assert hasattr(loaded.net, "E_p") and hasattr(loaded.net, "G")
+        assert [s["name"] for s in loaded.meta["privileged"]] == ["depth"]
+    elif method != "full_multimodal":
         # The deployment model was built without any privileged encoder.
         assert not hasattr(loaded.net, "E_p")
         assert not [k for k in loaded.net.state_dict() if k.startswith("E_p")]
+    if method != "full_multimodal":
         # Ordinary inputs alone suffice.
         only = {s.name: batch[s.name] for s in ordinary}
         np.testing.assert_allclose(loaded.predict_proba(only), want, rtol=1e-5, atol=1e-6)

@@ -49,8 +49,13 @@ EXPECTED_KEYS = {
         "deploy_logits",
         "priv_logits",
         "priv_logits_h",
+        "recon",
+        "recon_target",
     },
+    "logit_kd": {"z_o", "z_p", "teacher_logits", "deploy_logits"},
+    "imputation": {"z_o", "z_p", "deploy_logits", "imputed", "imputed_target"},
 }
+EXPECTED_KEYS["two_stage_hallucination"] = EXPECTED_KEYS["osmd"]
 
 
 @pytest.mark.parametrize("method", sorted(EXPECTED_KEYS))
@@ -58,8 +63,11 @@ def test_forward_keys_and_shapes(method):
     model = make_model(method)
     out = model(make_batch([RGB, DEPTH]))
     assert set(out) == EXPECTED_KEYS[method]
+    recon_width = 1 * CFG.recon_size**2  # one depth channel pooled to recon_size^2
     for key, value in out.items():
         width = CFG.feature_dim if key.startswith("z_") else NUM_CLASSES
+        width = recon_width if key.startswith("recon") else width
+        width = DEPTH.shape[1] * DEPTH.shape[2] if key.startswith("imputed") else width
         assert value.shape == (4, width), key
 
 
@@ -67,7 +75,10 @@ def test_parts_per_method():
     names = {m: {n for n, _ in make_model(m).named_children()} for m in EXPECTED_KEYS}
     assert names["ordinary_only"] == {"E_o", "H", "dropout"}
     assert names["full_multimodal"] == {"E_o", "E_p", "F", "H", "dropout"}
-    assert names["osmd"] == {"E_o", "E_p", "E_h", "F", "H", "H_p", "dropout"}
+    assert names["osmd"] == {"E_o", "E_p", "E_h", "F", "H", "H_p", "D_h", "dropout"}
+    assert names["two_stage_hallucination"] == names["osmd"]
+    assert names["logit_kd"] == {"E_o", "H", "T_o", "E_p", "F_t", "H_t", "dropout"}
+    assert names["imputation"] == {"E_o", "E_p", "F", "H", "G", "dropout"}
     separate = make_model("osmd", ModelConfig(width=4, depth=2, feature_dim=8, share_fusion=False))
     assert {n for n, _ in separate.named_children()} == names["osmd"] | {"F_t", "H_t"}
 
@@ -97,6 +108,60 @@ def test_teacher_and_deployment_paths_share_fusion_and_head():
     # The teacher loss alone trains F and H, the very modules the deployment path uses.
     assert {"F", "H", "E_o", "E_p"} <= _grad_owners(model, model(batch)["teacher_logits"].sum())
     assert _grad_owners(model, model(batch)["deploy_logits"].sum()) == {"E_o", "E_h", "F", "H"}
+
+
+def test_teacher_detach_ordinary_keeps_the_teacher_loss_out_of_the_ordinary_encoder():
+    model = make_model("osmd", ModelConfig(width=4, depth=2, feature_dim=8))
+    batch = make_batch([RGB, DEPTH])
+    assert "E_o" in _grad_owners(model, model(batch)["teacher_logits"].sum())
+    model.cfg = ModelConfig(width=4, depth=2, feature_dim=8, teacher_detach_ordinary=True)
+    owners = _grad_owners(model, model(batch)["teacher_logits"].sum())
+    assert "E_o" not in owners and {"E_p", "F", "H"} <= owners
+
+
+def test_recon_target_is_the_pooled_normalised_privileged_input_and_trains_only_E_h():
+    seq = ModalitySpec("imu", "sequence", (2, 10), "float32")
+    cfg = ModelConfig(width=4, depth=2, feature_dim=8, recon_size=3)
+    model = make_model("osmd", cfg, privileged=(DEPTH, seq, META))
+    batch = make_batch([RGB, DEPTH, seq, META])
+    target = model.privileged_target(batch)
+    depth = model.E_p.encoders["depth"].normalize(batch["depth"])
+    imu = model.E_p.encoders["imu"].normalize(batch["imu"])
+    meta = model.E_p.encoders["meta"].normalize(batch["meta"])
+    # 12x12 depth -> 3x3 means of 4x4 blocks; 10 imu steps -> 3 adaptive windows; meta as is.
+    blocks = depth.reshape(4, 1, 3, 4, 3, 4).mean(dim=(3, 5)).flatten(1)
+    torch.testing.assert_close(target[:, :9], blocks)
+    windows = [imu[:, :, 0:4], imu[:, :, 3:7], imu[:, :, 6:10]]
+    torch.testing.assert_close(
+        target[:, 9:15], torch.stack([w.mean(-1) for w in windows], -1).flatten(1)
+    )
+    torch.testing.assert_close(target[:, 15:], meta)
+    out = model(batch)
+    assert out["recon"].shape == target.shape and not out["recon_target"].requires_grad
+    assert _grad_owners(model, out["recon"].sum()) == {"E_o", "E_h", "D_h"} - {"E_o"}
+
+
+def test_logit_kd_teacher_is_separate_from_the_student():
+    model = make_model("logit_kd")
+    assert model.teacher_parts == (model.F_t, model.H_t)
+    assert not param_ids(model.T_o) & param_ids(model.E_o)
+    batch = make_batch([RGB, DEPTH])
+    assert _grad_owners(model, model(batch)["teacher_logits"].sum()) == {"T_o", "E_p", "F_t", "H_t"}
+    assert _grad_owners(model, model(batch)["deploy_logits"].sum()) == {"E_o", "H"}
+
+
+def test_imputation_deploys_on_the_reconstruction_and_never_reads_real_privileged_data():
+    model = make_model("imputation").eval()
+    batch = make_batch([RGB, DEPTH])
+    out = model(batch)
+    changed = dict(batch, depth=batch["depth"] + 100.0)
+    # The real depth only feeds the L1 target, never the prediction.
+    torch.testing.assert_close(model(changed)["deploy_logits"], out["deploy_logits"])
+    assert not torch.equal(model(changed)["imputed_target"], out["imputed_target"])
+    torch.testing.assert_close(
+        out["imputed_target"], model.E_p.encoders["depth"].normalize(batch["depth"]).flatten(1)
+    )
+    assert _grad_owners(model, out["imputed"].sum()) == {"G"}
 
 
 def test_separate_fusion_and_head_when_share_fusion_is_off():
@@ -158,13 +223,17 @@ def test_deploy_module_of_each_baseline():
         ("osmd", ModelConfig(width=4, depth=2, feature_dim=8, shared_translator=False), (META,)),
         ("ordinary_only", CFG, (RGB,)),
         ("full_multimodal", CFG, (RGB,)),
+        ("two_stage_hallucination", CFG, (RGB,)),
+        ("logit_kd", CFG, (RGB,)),
+        ("imputation", CFG, (RGB,)),
     ],
 )
 def test_fresh_deploy_net_loads_the_models_weights_strictly(method, cfg, ordinary):
     model = make_model(method, cfg, ordinary=ordinary).eval()
-    privileged = [DEPTH] if method == "full_multimodal" else []  # osmd needs no E_p here
+    with_e_p = method in ("full_multimodal", "imputation")
+    privileged = [DEPTH] if with_e_p else []  # the others need no E_p here
     fresh = build_deploy_net(method, list(ordinary), privileged, NUM_CLASSES, cfg, None).eval()
-    assert not hasattr(fresh, "E_p") or method == "full_multimodal"
+    assert hasattr(fresh, "E_p") == with_e_p
     state = model.deploy_module().state_dict()
     assert list(fresh.state_dict()) == list(state)
     fresh.load_state_dict(state, strict=True)

@@ -1,0 +1,124 @@
+"""Train the product's own OS-MD model in one process, without Ray or DeepSpeed.
+
+A fast bench for method work (DESIGN §10, issue 3): the same ``build_model`` and
+``compute_losses`` as the Ray Train workers, the same AdamW and cosine schedule, the whole
+dataset in memory. One process with global batch ``data.batch_size x scaling.num_workers``
+stands in for the workers' data-parallel steps (the (J)MMD term then sees the whole global
+batch instead of one rank's share, a small difference). Prints the deployment path's (and
+the teacher path's) test accuracy per run as one JSON line.
+
+Example::
+
+    python benchmarks/method_lab.py --config configs/osmd_synth.yaml method=ordinary_only
+    python benchmarks/method_lab.py --config configs/osmd_synth.yaml loss.w_mimic=1 seed=1
+
+Results: docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from osmd_ray.config import load_config
+from osmd_ray.data.contract import read_manifest
+from osmd_ray.data.reading import read_split_numpy
+from osmd_ray.method.losses import compute_losses
+from osmd_ray.method.model import build_model
+from osmd_ray.method.stages import (
+    method_stages,
+    part_parameter_groups,
+    set_stage_modes,
+    stage_at_epoch,
+    stage_lr_factor,
+)
+from osmd_ray.train.loop import EVAL_PATHS
+
+
+def _tensors(split: dict[str, np.ndarray], names: list[str]) -> dict[str, torch.Tensor]:
+    return {n: torch.from_numpy(np.ascontiguousarray(split[n])) for n in names}
+
+
+@torch.no_grad()
+def _accuracy(model, data: dict[str, torch.Tensor], path: str, batch: int = 512) -> float:
+    model.eval()
+    correct, n = 0, data["label"].shape[0]
+    for i in range(0, n, batch):
+        chunk = {k: v[i : i + batch] for k, v in data.items()}
+        logits = model(chunk)[f"{path}_logits"]
+        correct += int((logits.argmax(1) == chunk["label"]).sum())
+    return correct / n
+
+
+def run(config: str, overrides: list[str]) -> dict:
+    cfg = load_config(config, overrides)
+    torch.manual_seed(cfg.seed)
+    manifest = read_manifest(cfg.data.root)
+    names = list(dict.fromkeys(cfg.data.ordinary + cfg.data.privileged + ["label"]))
+    splits = {
+        s: _tensors(read_split_numpy(cfg.data.root, s, names, manifest=manifest), names)
+        for s in ("train", "val", "test")
+    }
+    model = build_model(cfg, manifest)
+    parts, groups = part_parameter_groups(model)
+    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    batch = cfg.data.batch_size * cfg.scaling.num_workers
+    n = splits["train"]["label"].shape[0]
+    steps_per_epoch = n // batch
+    stages = method_stages(cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, [stage_lr_factor(stages, p, steps_per_epoch, cfg.train.schedule) for p in parts]
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    started = time.perf_counter()
+    for epoch in range(cfg.train.epochs):
+        stage = stage_at_epoch(stages, epoch)
+        set_stage_modes(model, stage)
+        order = torch.randperm(n, generator=gen)
+        for i in range(steps_per_epoch):
+            idx = order[i * batch : (i + 1) * batch]
+            b = {k: v[idx] for k, v in splits["train"].items()}
+            losses = compute_losses(
+                model(b),
+                b["label"].long(),
+                None,
+                cfg.method,
+                cfg.loss,
+                terms=stage.terms,
+                kd_temperature=cfg.baselines.kd_temperature,
+            )
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+            sched.step()
+    result = {
+        "overrides": overrides,
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "test_deploy": _accuracy(model, splits["test"], "deploy"),
+        "val_deploy": _accuracy(model, splits["val"], "deploy"),
+        "train_s": round(time.perf_counter() - started, 1),
+    }
+    if "teacher" in EVAL_PATHS[cfg.method]:
+        result["test_teacher"] = _accuracy(model, splits["test"], "teacher")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/osmd_synth.yaml")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(json.dumps(run(args.config, args.overrides)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

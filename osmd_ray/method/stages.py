@@ -1,0 +1,155 @@
+"""Training stages: which parts each epoch updates, and with which loss terms.
+
+OS-MD and the single-model baselines train in one stage. The baselines of DESIGN §3 that are
+pipelines train in stages that split the same epoch budget (``baselines.*`` in the config):
+
+- ``two_stage_hallucination`` (Hoffman 2016, Garcia 2018): ``teacher`` trains the
+  full_multimodal path and H_p (E_o, E_p, F, H, H_p); ``hallucination`` trains E_h to mimic
+  the frozen E_p's features; ``fusion`` trains E_o, F and H on (z_o, frozen z_h);
+- ``logit_kd`` (Hinton 2015): ``teacher`` trains the full_multimodal teacher (T_o, E_p, F_t,
+  H_t); ``student`` trains E_o and H on the labels and the teacher's softened logits;
+- ``imputation``: ``generator`` trains G (L1 to the privileged input); ``task`` trains E_o,
+  E_p, F and H on (ordinary, reconstructed) with G frozen.
+
+A part outside a stage's ``trains`` is frozen for that stage: its learning rate is 0 (so
+neither AdamW's step nor its weight decay moves it; one optimiser, created once, serves every
+stage and checkpoints as usual) and it runs in eval mode (BatchNorm statistics stay put).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from osmd_ray.config import Config
+from osmd_ray.method.losses import osmd_weights
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    epochs: int
+    trains: tuple[str, ...] | None
+    """Top-level parts updated in this stage; None: every part."""
+    terms: Mapping[str, float]
+    """Loss term -> weight (names of osmd_ray.method.losses.TERMS)."""
+
+    def updates(self, part: str) -> bool:
+        return self.trains is None or part in self.trains
+
+
+def split_epochs(total: int, shares: Sequence[float]) -> list[int]:
+    """``total`` epochs in proportion to ``shares``, each stage at least one epoch.
+
+    Largest-remainder rounding, so the parts always sum to ``total``.
+    """
+    if total < len(shares):
+        raise ValueError(f"{total} epochs cannot cover {len(shares)} stages")
+    scale = total / sum(shares)
+    raw = [s * scale for s in shares]
+    epochs = [max(1, math.floor(r)) for r in raw]
+    while sum(epochs) > total:  # the max(1, ...) floors may overshoot
+        i = max(range(len(epochs)), key=lambda k: (epochs[k] - raw[k], epochs[k]))
+        epochs[i] -= 1
+    while sum(epochs) < total:
+        i = max(range(len(epochs)), key=lambda k: raw[k] - epochs[k])
+        epochs[i] += 1
+    return epochs
+
+
+def method_stages(cfg: Config) -> list[Stage]:
+    """The stages of ``cfg.method``, in order; their epochs sum to ``cfg.train.epochs``."""
+    epochs, base = cfg.train.epochs, cfg.baselines
+    if cfg.method == "osmd":
+        return [Stage("joint", epochs, None, osmd_weights(cfg.loss))]
+    if cfg.method in ("ordinary_only", "full_multimodal"):
+        return [Stage("joint", epochs, None, {"deploy": 1.0})]
+    if cfg.method == "two_stage_hallucination":
+        teacher, hallucination = base.two_stage_teacher, base.two_stage_hallucination
+        e = split_epochs(epochs, [teacher, hallucination, 1 - teacher - hallucination])
+        return [
+            Stage("teacher", e[0], ("E_o", "E_p", "F", "H", "H_p"), {"teacher": 1.0, "priv": 1.0}),
+            Stage("hallucination", e[1], ("E_h",), {"mimic": 1.0}),
+            Stage("fusion", e[2], ("E_o", "F", "H"), {"deploy": 1.0}),
+        ]
+    if cfg.method == "logit_kd":
+        e = split_epochs(epochs, [base.kd_teacher_fraction, 1 - base.kd_teacher_fraction])
+        return [
+            Stage("teacher", e[0], ("T_o", "E_p", "F_t", "H_t"), {"teacher": 1.0}),
+            Stage(
+                "student",
+                e[1],
+                ("E_o", "H"),
+                {"deploy": 1.0 - base.kd_weight, "kd": base.kd_weight},
+            ),
+        ]
+    if cfg.method == "imputation":
+        e = split_epochs(epochs, [base.imputation_fraction, 1 - base.imputation_fraction])
+        return [
+            Stage("generator", e[0], ("G",), {"impute": 1.0}),
+            Stage("task", e[1], ("E_o", "E_p", "F", "H"), {"deploy": 1.0}),
+        ]
+    raise ValueError(f"no stages defined for method {cfg.method!r}")
+
+
+def stage_at_epoch(stages: Sequence[Stage], epoch: int) -> Stage:
+    """The stage that trains 0-based ``epoch``."""
+    end = 0
+    for stage in stages:
+        end += stage.epochs
+        if epoch < end:
+            return stage
+    raise ValueError(f"epoch {epoch + 1} is past the last stage (total {end} epochs)")
+
+
+def part_parameter_groups(model: nn.Module) -> tuple[list[str], list[dict]]:
+    """One optimiser group per top-level part that owns parameters: (names, groups).
+
+    A parameter shared by two parts (E_h sharing E_o's first stages) belongs to the first
+    part that holds it, in registration order.
+    """
+    seen: set[int] = set()
+    names, groups = [], []
+    for name, child in model.named_children():
+        params = [p for p in child.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            names.append(name)
+            groups.append({"params": params})
+    return names, groups
+
+
+def stage_lr_factor(
+    stages: Sequence[Stage], part: str, steps_per_epoch: int, schedule: str
+) -> Callable[[int], float]:
+    """LambdaLR factor for one part's group: cosine (or constant) within each stage that
+    updates the part, 0 in the stages that freeze it."""
+    bounds, start = [], 0
+    for stage in stages:
+        bounds.append((start, start + stage.epochs * steps_per_epoch, stage))
+        start += stage.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        for begin, end, stage in bounds:
+            if step < end or stage is bounds[-1][2]:
+                if not stage.updates(part):
+                    return 0.0
+                if schedule == "constant":
+                    return 1.0
+                length = max(1, end - begin)
+                return 0.5 * (1.0 + math.cos(math.pi * min(step - begin, length) / length))
+        return 0.0
+
+    return factor
+
+
+def set_stage_modes(model: nn.Module, stage: Stage) -> None:
+    """Train mode for the parts the stage updates, eval mode for the frozen ones."""
+    model.train()
+    for name, child in model.named_children():
+        # Parameter-free children (dropout) keep their train-mode behaviour.
+        if not stage.updates(name) and any(True for _ in child.parameters()):
+            child.eval()
