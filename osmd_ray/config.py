@@ -71,9 +71,13 @@ class ModelConfig:
     teacher_detach_ordinary: bool = False
     """osmd: the teacher path sees stopgrad(z_o), so E_o learns only from the deployment path
     (with real privileged features beside it, E_o could otherwise stay lazy)."""
+    recon_mode: str = "dense"
+    """osmd, loss.w_recon: dense (a 1x1 convolution on E_h's last feature map predicts the
+    privileged images pooled to that map's size; needs a small_cnn E_h and image privileged
+    modalities, else pooled is used) or pooled (a linear decoder from z_h)."""
     recon_size: int = 6
-    """osmd, loss.w_recon: image privileged inputs are average-pooled to recon_size x
-    recon_size (sequences to recon_size steps) as the target E_h's features must decode."""
+    """recon_mode=pooled: image privileged inputs are average-pooled to recon_size x
+    recon_size (sequences to recon_size steps) as the target z_h must decode."""
 
 
 @dataclass
@@ -190,6 +194,7 @@ STAGED_METHODS = {"two_stage_hallucination": 3, "logit_kd": 2, "imputation": 2}
 NORMS = ("batch", "group")
 SCHEDULES = ("cosine", "constant")
 FUSIONS = ("ctn", "concat", "sum")
+RECON_MODES = ("dense", "pooled")
 ALIGNMENTS = ("jmmd", "mmd")
 PRECISIONS = ("auto", "fp32", "bf16")
 NONFINITE_POLICIES = ("error", "skip")
@@ -410,6 +415,7 @@ def _check_model(model: ModelConfig) -> None:
             key,
         )
     _at_least(model.recon_size, 1, "model.recon_size")
+    _one_of(model.recon_mode, RECON_MODES, "model.recon_mode")
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(
             f"config key 'model.dropout' must be in [0, 1); got {model.dropout}", "model.dropout"

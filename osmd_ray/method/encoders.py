@@ -144,10 +144,19 @@ class SmallCNN(nn.Module):
             nn.ReLU(),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    @property
+    def map_channels(self) -> int:
+        """Channels of :meth:`feature_map`'s output."""
+        return self.head[2].in_features
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The last stage's (B, C, H / 2^(depth-1), W / 2^(depth-1)) map, before pooling."""
         for stage in self.stages:
             x = stage(x)
-        return self.head(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.feature_map(x))
 
 
 def channel_norm(norm: str, channels: int, dims: int) -> nn.Module:
@@ -355,5 +364,27 @@ class RoleEncoder(nn.Module):
             )
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
-        feats = [self.encoders[spec.name](batch[spec.name]) for spec in self.specs]
-        return self.project(feats[0] if len(feats) == 1 else torch.cat(feats, dim=1))
+        return self.forward_with_map(batch)[0]
+
+    @property
+    def map_source(self) -> str | None:
+        """The first image modality with a small_cnn body: whose feature map
+        :meth:`forward_with_map` returns (None: there is none)."""
+        for spec in self.specs:
+            if isinstance(self.encoders[spec.name].body, SmallCNN):
+                return spec.name
+        return None
+
+    def forward_with_map(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """(features, the last-stage map of :attr:`map_source` or None), in one pass."""
+        source, fmap = self.map_source, None
+        feats = []
+        for spec in self.specs:
+            encoder = self.encoders[spec.name]
+            if spec.name == source:
+                fmap = encoder.body.feature_map(encoder.normalize(batch[spec.name]))
+                feats.append(encoder.body.head(fmap))
+            else:
+                feats.append(encoder(batch[spec.name]))
+        z = self.project(feats[0] if len(feats) == 1 else torch.cat(feats, dim=1))
+        return z, fmap

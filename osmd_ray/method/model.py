@@ -8,7 +8,10 @@ per-part optimiser groups and the staged baselines use them):
   deployment path ``H(F(z_o, z_h))``; with ``model.share_fusion=False`` (osmd only) the
   teacher path gets its own ``F_t`` and ``H_t`` instead;
 - ``H_p`` head on privileged-space features (``z_p`` and ``z_h``);
-- ``D_h`` linear decoder from ``z_h`` to the pooled privileged input (the ``recon`` term);
+- ``D_h`` decoder of the privileged input from E_h (the ``recon`` term): a 1x1 convolution
+  on E_h's last feature map, predicting the privileged images at that map's resolution
+  (``model.recon_mode=dense``, when E_h is a small_cnn and every privileged modality an
+  image), else a linear layer from ``z_h`` to the pooled privileged input;
 - ``logit_kd``: the student is ``E_o + H``; the full_multimodal teacher is ``T_o``, ``E_p``,
   ``F_t``, ``H_t``;
 - ``imputation``: the generator ``G`` (ordinary -> privileged inputs), then ``E_o``, ``E_p``,
@@ -216,8 +219,19 @@ class OSMDModel(nn.Module):
         if method in HALLUCINATING:
             self.E_p = RoleEncoder(privileged, cfg, normalization)
             self.H_p = nn.Linear(cfg.feature_dim, num_classes)
-            target_size = sum(_pooled_size(spec, cfg.recon_size) for spec in self.privileged)
-            self.D_h = nn.Linear(cfg.feature_dim, target_size)
+            source = self.E_h.map_source
+            self.recon_dense = (
+                cfg.recon_mode == "dense"
+                and source is not None
+                and all(spec.kind == "image" for spec in self.privileged)
+            )
+            if self.recon_dense:
+                channels = sum(spec.shape[0] for spec in self.privileged)
+                in_channels = self.E_h.encoders[source].body.map_channels
+                self.D_h: nn.Module = nn.Conv2d(in_channels, channels, 1)
+            else:
+                target_size = sum(_pooled_size(s, cfg.recon_size) for s in self.privileged)
+                self.D_h = nn.Linear(cfg.feature_dim, target_size)
             if method == "osmd" and not cfg.share_fusion:
                 self.F_t = build_fusion(cfg.fusion, cfg.feature_dim, cfg.shared_translator)
                 self.H_t = nn.Linear(cfg.feature_dim, num_classes)
@@ -230,14 +244,17 @@ class OSMDModel(nn.Module):
             return self.F_t, self.H_t
         return self.F, self.H
 
-    def privileged_target(self, batch: Mapping[str, Tensor]) -> Tensor:
+    def privileged_target(
+        self, batch: Mapping[str, Tensor], image_size: tuple[int, int] | None = None
+    ) -> Tensor:
         """(B, D) the privileged inputs, normalised as E_p sees them and average-pooled
-        (images to recon_size x recon_size, sequences to recon_size steps), concatenated."""
+        (images to ``image_size``, default recon_size x recon_size; sequences to recon_size
+        steps), flattened and concatenated (images channel-major, as D_h's map output)."""
         parts = []
         for spec in self.privileged:
             x = self.E_p.encoders[spec.name].normalize(batch[spec.name].float())
             if spec.kind == "image":
-                x = nnf.adaptive_avg_pool2d(x, self.cfg.recon_size)
+                x = nnf.adaptive_avg_pool2d(x, image_size or self.cfg.recon_size)
             elif spec.kind == "sequence":
                 x = nnf.adaptive_avg_pool1d(x, self.cfg.recon_size)
             parts.append(x.flatten(1))
@@ -285,14 +302,18 @@ class OSMDModel(nn.Module):
         if self.method == "full_multimodal":
             out["deploy_logits"] = out["teacher_logits"]
             return out
-        z_h = self.E_h(batch)
+        z_h, h_map = self.E_h.forward_with_map(batch)
         out["z_h"] = z_h
         out["deploy_logits"] = self.H(self.dropout(self.F(z_o, z_h)))
         out["priv_logits"] = self.H_p(self.dropout(z_p))
         out["priv_logits_h"] = self.H_p(self.dropout(z_h))
-        out["recon"] = self.D_h(z_h)
+        if self.recon_dense:
+            out["recon"] = self.D_h(h_map).flatten(1)
+            size = (h_map.shape[2], h_map.shape[3])
+        else:
+            out["recon"], size = self.D_h(z_h), None
         with torch.no_grad():
-            target = self.privileged_target(batch)
+            target = self.privileged_target(batch, size)
             # Rows without their privileged inputs may hold anything (NaN); they are masked
             # out of the loss, and must not carry a NaN into it.
             out["recon_target"] = target if mask is None else torch.where(mask[:, None], target, 0)

@@ -164,6 +164,21 @@ def test_imputation_deploys_on_the_reconstruction_and_never_reads_real_privilege
     assert _grad_owners(model, out["imputed"].sum()) == {"G"}
 
 
+def test_dense_recon_decodes_depth_from_the_hallucination_feature_map():
+    cfg = ModelConfig(width=4, depth=3, feature_dim=8)  # 12x12 -> a 3x3 last-stage map
+    model = make_model("osmd", cfg)
+    assert model.recon_dense and isinstance(model.D_h, torch.nn.Conv2d)
+    batch = make_batch([RGB, DEPTH])
+    out = model(batch)
+    depth = model.E_p.encoders["depth"].normalize(batch["depth"])
+    want = depth.reshape(4, 1, 3, 4, 3, 4).mean(dim=(3, 5)).flatten(1)
+    torch.testing.assert_close(out["recon_target"], want)
+    assert out["recon"].shape == (4, 9)
+    assert _grad_owners(model, out["recon"].sum()) == {"E_h", "D_h"}
+    pooled = make_model("osmd", ModelConfig(width=4, depth=3, feature_dim=8, recon_mode="pooled"))
+    assert not pooled.recon_dense and pooled(batch)["recon"].shape == (4, 36)
+
+
 def test_separate_fusion_and_head_when_share_fusion_is_off():
     cfg = ModelConfig(width=4, depth=2, feature_dim=8, share_fusion=False)
     model = make_model("osmd", cfg)
