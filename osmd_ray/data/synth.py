@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SYNTH_DEFAULTS: dict = dict(n_train=2000, n_val=1000, n_test=2000, size=24, seed=0)
+SYNTH_DEFAULTS: dict = dict(n_train=1000, n_val=1000, n_test=2000, size=24, seed=0)
 """Defaults of the main job (train/val/test sizes, image side in pixels, seed)."""
 
 CLASS_NAMES = ["near", "mid_near", "mid_far", "far"]
