@@ -1,4 +1,4 @@
-"""The ``osmd`` command line: data, train, predict and the main job.
+"""The ``osmd`` command line: data, train, predict, the main job and compare.
 
 Every command takes ``key.sub=value`` overrides where it takes a config; errors in the
 input (config, data, run folder) end with a one-line message and exit code 2, never a
@@ -106,6 +106,50 @@ def _cmd_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="a grid of methods/ablations x seeds: results.csv, summary.md, summary.png",
+        description=(
+            "Train every (dataset, variant, seed) of a compare spec as a normal run under "
+            "OUT/runs/<dataset>/<variant>/seed<k>, then write OUT/results.csv (one row per run: "
+            "deployment accuracy, teacher accuracy, train time, deployment parameters and CPU "
+            "latency), OUT/summary.md (per variant mean ± std over seeds, gap closure, and "
+            "which differences from the target are within seed noise) and OUT/summary.png. "
+            "The spec and every run's config are checked before the first run starts. "
+            "Rerunning the same command skips finished runs and completes the rest; a failed "
+            "run is reported, the others go on, and the exit code is 1."
+        ),
+        epilog="example: osmd compare --config configs/compare_synth.yaml --out runs/compare "
+        "--seeds 3 train.epochs=5   (spec format: osmd_ray/compare.py, configs/compare_synth.yaml)",
+    )
+    p.add_argument(
+        "--config", required=True, help="compare spec YAML (e.g. configs/compare_synth.yaml)"
+    )
+    p.add_argument("--out", help="output folder (default: runs/<spec name>); reused to resume")
+    p.add_argument(
+        "--seeds", type=int, metavar="N", help="run seeds 0..N-1 instead of the spec's seeds"
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs trained at once (default 1: one run already uses two CPU workers; raise it "
+        "only on a cluster with room for N runs' workers)",
+    )
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides for every run")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from osmd_ray.compare import compare
+
+    out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    result = compare(args.config, out, args.overrides, args.seeds, args.max_concurrent)
+    return EXIT_FAILED if result.failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from osmd_ray.data.cli import add_data_commands
 
@@ -122,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_predict(subparsers)
     _add_main(subparsers)
+    _add_compare(subparsers)
     return parser
 
 

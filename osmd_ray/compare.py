@@ -1,0 +1,948 @@
+"""``osmd compare``: a grid of variants x seeds (x datasets), each a normal training run.
+
+A compare spec (YAML) names a base training config, overrides for every run, the variants
+(a name and overrides each, e.g. ``method=logit_kd`` or ``loss.w_jan=0``), the seeds, optionally
+several dataset roots, the two reference variants of gap closure (DESIGN §3) and the target
+variant the others are compared against::
+
+    base: osmd_synth.yaml                  # relative to this file's folder, else the cwd
+    overrides: [train.epochs=10]
+    variants:
+      - {name: ordinary_only, overrides: [method=ordinary_only]}
+      - {name: full_multimodal, overrides: [method=full_multimodal]}
+      - {name: osmd, overrides: [method=osmd]}
+    seeds: 3                               # 0, 1, 2 (or a list: [0, 4, 7])
+    datasets: [{name: synth, root: data/synth_cls}]   # optional; default the base's data.root
+    reference: {lower: ordinary_only, upper: full_multimodal}
+    target: osmd
+
+Every (dataset, variant, seed) trains into ``DIR/runs/<dataset>/<variant>/seed<k>``; a run
+whose folder already holds metrics.json, deploy/ and the same config.yaml is not trained
+again, so rerunning the command completes an interrupted compare. Then ``DIR/results.csv``
+(one row per run), ``DIR/summary.md`` and ``DIR/summary.png`` are written.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import json
+import math
+import os
+import re
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from osmd_ray.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    apply_overrides,
+    dump_yaml,
+    load_config,
+)
+from osmd_ray.main_job import gap_closure
+
+SPEC_KEYS = ("base", "overrides", "variants", "seeds", "datasets", "reference", "target")
+VARIANT_KEYS = ("name", "overrides")
+DATASET_KEYS = ("name", "root")
+REFERENCE_KEYS = ("lower", "upper")
+# Keys the grid itself sets: an override of them would silently collapse the grid.
+GRID_KEYS = {"seed": "seeds: in the spec or --seeds"}
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+CSV_COLUMNS = (
+    "dataset",
+    "variant",
+    "method",
+    "seed",
+    "test_deploy_accuracy",
+    "test_teacher_accuracy",
+    "train_time_s",
+    "wall_time_s",
+    "deploy_params",
+    "latency_ms_b1",
+    "latency_ms_b64",
+    "run_dir",
+)
+NOISE_RULE = (
+    "a difference from the target is *within seed noise* when |mean(variant) - mean(target)| "
+    "<= the larger of the two sample standard deviations over seeds (a rule of thumb with a "
+    "few seeds, not a significance test; with fewer than 2 seeds on either side it is not judged)"
+)
+
+TrainFn = Callable[[Config, str], Mapping[str, Any]]
+MeasureFn = Callable[[str], "DeployStats"]
+
+
+class SpecError(ConfigError):
+    """A compare spec problem; ``key`` is the spec key at fault (e.g. ``variants[2].name``)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    root: str | None
+    """None: the base config's data.root (after the overrides)."""
+
+
+@dataclass(frozen=True)
+class CompareSpec:
+    path: str
+    base: str
+    """The base training config, resolved to an existing file."""
+    overrides: tuple[str, ...]
+    variants: tuple[Variant, ...]
+    seeds: tuple[int, ...]
+    datasets: tuple[DatasetEntry, ...]
+    lower: str | None
+    upper: str | None
+    target: str | None
+
+    @property
+    def stem(self) -> str:
+        return Path(self.path).stem
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    dataset: str
+    variant: str
+    seed: int
+    cfg: Config
+    run_dir: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}/{self.variant}/seed{self.seed}"
+
+
+def load_spec(path: str | os.PathLike[str], seeds: int | None = None) -> CompareSpec:
+    """Read and check a compare spec; ``seeds`` (``--seeds N``) replaces its seeds by 0..N-1."""
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(
+            f"compare spec '{path}' does not exist; pass a YAML file such as "
+            "configs/compare_synth.yaml",
+            "",
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"compare spec '{path}' cannot be read: {e}", "") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"compare spec '{path}' is not valid YAML: {e}", "") from None
+    return parse_spec(data, path, seeds)
+
+
+def parse_spec(data: Any, path: str, seeds: int | None = None) -> CompareSpec:
+    """Check the structure of a loaded spec (its training configs are checked by plan_runs)."""
+
+    def fail(key: str, problem: str) -> SpecError:
+        return SpecError(f"compare spec '{path}': key {key!r} {problem}", key)
+
+    if not isinstance(data, Mapping):
+        raise SpecError(
+            f"compare spec '{path}' must be a mapping with keys {', '.join(SPEC_KEYS)}; "
+            f"got {type(data).__name__}",
+            "",
+        )
+    _reject_unknown(data, SPEC_KEYS, "", fail)
+    if "base" not in data:
+        raise fail("base", "is missing; name the training config, e.g. base: osmd_synth.yaml")
+    base = _resolve_base(data["base"], path, fail)
+    overrides = _overrides(data.get("overrides"), "overrides", fail)
+
+    raw_variants = data.get("variants")
+    if not isinstance(raw_variants, list) or not raw_variants:
+        raise fail(
+            "variants",
+            "must be a non-empty list of {name, overrides}, e.g. "
+            "[{name: osmd, overrides: [method=osmd]}]",
+        )
+    variants = []
+    for i, item in enumerate(raw_variants):
+        key = f"variants[{i}]"
+        if not isinstance(item, Mapping):
+            raise fail(key, f"must be a mapping with name and overrides; got {item!r}")
+        _reject_unknown(item, VARIANT_KEYS, key, fail)
+        name = _name(item.get("name"), f"{key}.name", fail)
+        if name in (v.name for v in variants):
+            raise fail(f"{key}.name", f"repeats the variant name {name!r}; names must be unique")
+        variants.append(Variant(name, _overrides(item.get("overrides"), f"{key}.overrides", fail)))
+    names = [v.name for v in variants]
+
+    if seeds is not None:
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise SpecError(f"--seeds must be a positive integer; got {seeds!r}", "seeds")
+        seed_list: tuple[int, ...] = tuple(range(seeds))
+    else:
+        seed_list = _seeds(data.get("seeds", 1), fail)
+
+    datasets = _datasets(data.get("datasets"), fail)
+
+    reference = data.get("reference")
+    lower = upper = None
+    if reference is not None:
+        if not isinstance(reference, Mapping):
+            raise fail("reference", "must be a mapping {lower: VARIANT, upper: VARIANT}")
+        _reject_unknown(reference, REFERENCE_KEYS, "reference", fail)
+        for part in REFERENCE_KEYS:
+            if part not in reference:
+                raise fail(f"reference.{part}", "is missing; name one of the variants")
+        lower = _variant_ref(reference["lower"], "reference.lower", names, fail)
+        upper = _variant_ref(reference["upper"], "reference.upper", names, fail)
+        if lower == upper:
+            raise fail("reference.upper", f"names the same variant as reference.lower ({lower!r})")
+    target = data.get("target")
+    if target is not None:
+        target = _variant_ref(target, "target", names, fail)
+    return CompareSpec(
+        path=path,
+        base=base,
+        overrides=overrides,
+        variants=tuple(variants),
+        seeds=seed_list,
+        datasets=datasets,
+        lower=lower,
+        upper=upper,
+        target=target,
+    )
+
+
+def _reject_unknown(
+    mapping: Mapping[Any, Any], allowed: Sequence[str], prefix: str, fail: Callable
+) -> None:
+    for key in mapping:
+        if key not in allowed:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise fail(where, f"is not a compare spec key{hint}; valid: {', '.join(allowed)}")
+
+
+def _resolve_base(value: Any, spec_path: str, fail: Callable) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise fail("base", f"must be the path of a training config; got {value!r}")
+    candidates = [Path(spec_path).parent / value, Path(value)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    tried = " or ".join(f"'{c}'" for c in candidates)
+    raise fail("base", f"names {value!r}, which is not a file (looked for {tried})")
+
+
+def _overrides(value: Any, key: str, fail: Callable) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise fail(key, f"must be a list of key=value strings, e.g. [loss.w_jan=0]; got {value!r}")
+    for text in value:
+        name = text.split("=", 1)[0].strip()
+        if name in GRID_KEYS:
+            raise fail(key, f"sets {name!r}, which the grid sets per run ({GRID_KEYS[name]})")
+    return tuple(value)
+
+
+def _name(value: Any, key: str, fail: Callable) -> str:
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+        raise fail(
+            key,
+            f"must be a name made of letters, digits, '_', '.' and '-' (it becomes a folder "
+            f"name); got {value!r}",
+        )
+    return value
+
+
+def _seeds(value: Any, fail: Callable) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise fail(
+                "seeds", f"must be a positive number of seeds or a list of seeds; got {value}"
+            )
+        return tuple(range(value))
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)
+    ):
+        raise fail("seeds", f"must be N (seeds 0..N-1) or a list of seeds >= 0; got {value!r}")
+    if len(set(value)) != len(value):
+        raise fail("seeds", f"lists a seed more than once: {value}")
+    return tuple(value)
+
+
+def _datasets(value: Any, fail: Callable) -> tuple[DatasetEntry, ...]:
+    if value is None:
+        return (DatasetEntry(name="", root=None),)  # named after the base's root in plan_runs
+    if not isinstance(value, list) or not value:
+        raise fail("datasets", "must be a non-empty list of {name, root}")
+    entries: list[DatasetEntry] = []
+    for i, item in enumerate(value):
+        key = f"datasets[{i}]"
+        if not isinstance(item, Mapping):
+            raise fail(key, f"must be a mapping {{name, root}}; got {item!r}")
+        _reject_unknown(item, DATASET_KEYS, key, fail)
+        root = item.get("root")
+        if not isinstance(root, str) or not root.strip():
+            raise fail(f"{key}.root", f"must be a dataset folder; got {root!r}")
+        name = _name(item.get("name", _dataset_name(root)), f"{key}.name", fail)
+        if name in (e.name for e in entries):
+            raise fail(f"{key}.name", f"repeats the dataset name {name!r}; names must be unique")
+        entries.append(DatasetEntry(name=name, root=root))
+    return tuple(entries)
+
+
+def _dataset_name(root: str) -> str:
+    name = os.path.basename(root.rstrip("/")) or "data"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip("._-") or "data"
+
+
+def _variant_ref(value: Any, key: str, names: Sequence[str], fail: Callable) -> str:
+    if value not in names:
+        raise fail(key, f"names {value!r}, which is not a variant; variants: {', '.join(names)}")
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid of runs
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_runs(spec: CompareSpec, out: str, overrides: Sequence[str] = ()) -> list[PlannedRun]:
+    """Every run's validated config and folder, seeds outermost (a finished seed is useful).
+
+    Overrides apply in this order, later wins: the spec's, the dataset's root, the variant's,
+    the command line's, then the seed. A config that does not validate raises ConfigError
+    prefixed by the variant, before anything runs.
+    """
+    for text in overrides:
+        name = text.split("=", 1)[0].strip()
+        if name in GRID_KEYS:
+            raise ConfigError(
+                f"override {text!r}: {name!r} is set per run by the grid ({GRID_KEYS[name]})",
+                name,
+            )
+        if name == "method":
+            raise ConfigError(
+                f"override {text!r}: the method is set per variant; change the spec's variants",
+                name,
+            )
+    try:
+        base = load_config(spec.base, spec.overrides)
+    except ConfigError as e:
+        raise ConfigError(f"compare spec '{spec.path}', base and overrides: {e}", e.key) from None
+    runs = []
+    for dataset in spec.datasets:
+        root_override = [f"data.root={dataset.root}"] if dataset.root is not None else []
+        for seed in spec.seeds:
+            for variant in spec.variants:
+                try:
+                    cfg = apply_overrides(
+                        base, [*root_override, *variant.overrides, *overrides, f"seed={seed}"]
+                    )
+                except ConfigError as e:
+                    raise ConfigError(f"variant {variant.name!r}: {e}", e.key) from None
+                if not cfg.tracking.group:  # wandb shows a compare's runs together
+                    cfg = apply_overrides(cfg, [f"tracking.group={spec.stem}"])
+                name = dataset.name or _dataset_name(cfg.data.root)
+                run_dir = os.path.join(out, "runs", name, variant.name, f"seed{seed}")
+                runs.append(PlannedRun(name, variant.name, seed, cfg, run_dir))
+    return runs
+
+
+def check_datasets(runs: Sequence[PlannedRun]) -> None:
+    """Each dataset exists and has every configured modality (DataError/ConfigError if not).
+
+    The default synthetic set is generated when it is missing, as ``osmd main`` does.
+    """
+    from osmd_ray.config import check_against_manifest
+    from osmd_ray.data.contract import verify_dataset
+    from osmd_ray.main_job import ensure_synthetic_data
+
+    manifests: dict[str, Any] = {}
+    for run in runs:
+        root = run.cfg.data.root
+        if root not in manifests:
+            if os.path.normpath(root) == os.path.normpath(DataConfig().root):
+                ensure_synthetic_data(root)
+            manifests[root] = verify_dataset(root, deep=False)
+        try:
+            check_against_manifest(run.cfg, manifests[root])
+        except ConfigError as e:
+            raise ConfigError(f"variant {run.variant!r}: {e}", e.key) from None
+
+
+def run_state(run: PlannedRun) -> str:
+    """'new', 'finished', 'partial' (same config, not finished: train resumes it) or
+    'conflict' (the folder holds a run with another configuration)."""
+    config_path = os.path.join(run.run_dir, "config.yaml")
+    if not os.path.exists(config_path):
+        return "new"
+    with open(config_path, encoding="utf-8") as f:
+        if f.read() != dump_yaml(run.cfg):
+            return "conflict"
+    finished = os.path.exists(os.path.join(run.run_dir, "metrics.json")) and os.path.exists(
+        os.path.join(run.run_dir, "deploy", "meta.json")
+    )
+    return "finished" if finished else "partial"
+
+
+def config_differences(run: PlannedRun) -> list[str]:
+    """``key: old -> new`` for each key where the folder's config.yaml differs from the run's."""
+    with open(os.path.join(run.run_dir, "config.yaml"), encoding="utf-8") as f:
+        old = _flatten(yaml.safe_load(f) or {})
+    new = _flatten(yaml.safe_load(dump_yaml(run.cfg)))
+    return [
+        f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the grid
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompareResult:
+    rows: list[dict[str, Any]]
+    failures: dict[str, str] = field(default_factory=dict)
+    """Run name -> error, for runs that failed in this invocation."""
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def run_compare(
+    spec: CompareSpec,
+    out: str,
+    overrides: Sequence[str] = (),
+    max_concurrent: int = 1,
+    train_fn: TrainFn | None = None,
+    measure_fn: MeasureFn | None = None,
+) -> CompareResult:
+    """Train what is not finished, then write results.csv, summary.md and summary.png.
+
+    Every input problem (spec, configs, datasets, a run folder holding another config) is
+    raised before the first run starts. A run that fails is recorded and the others go on.
+    """
+    if max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1; got {max_concurrent}", "max_concurrent")
+    runs = plan_runs(spec, out, overrides)
+    check_datasets(runs)
+    conflicts = [r for r in runs if run_state(r) == "conflict"]
+    if conflicts:
+        details = "; ".join(
+            f"{r.run_dir} ({', '.join(config_differences(r)[:3]) or 'formatting'})"
+            for r in conflicts[:3]
+        )
+        raise ConfigError(
+            f"{len(conflicts)} run folder(s) under {out} hold runs with another configuration: "
+            f"{details}. Rerun with the spec and overrides that made them, delete those "
+            "folders, or choose another --out",
+            "",
+        )
+    result = CompareResult(rows=[])
+    todo = []
+    for r in runs:
+        if run_state(r) == "finished":
+            result.skipped.append(r.name)
+        else:
+            todo.append(r)
+    print(
+        f"[compare] {len(runs)} runs: {len(result.skipped)} finished earlier, {len(todo)} to train",
+        flush=True,
+    )
+    if train_fn is None:
+        from osmd_ray.train.runner import train as train_fn
+
+        if todo:
+            _start_ray(todo[0].cfg, min(max_concurrent, len(todo)))
+    _train_all(todo, train_fn, max_concurrent, result)
+    result.rows = collect_rows(runs, out, measure_fn or measure_deploy)
+    write_outputs(spec, out, overrides, result)
+    return result
+
+
+def _start_ray(cfg: Config, concurrent: int) -> None:
+    """Ray sized for ``concurrent`` runs at once: each run's workers and their data tasks.
+
+    ensure_ray sizes a local instance for one run's workers (plus room for Ray Data); asking
+    it for ``concurrent`` times the workers gives every run that room.
+    """
+    from osmd_ray.train.runner import ensure_ray
+
+    workers = cfg.scaling.num_workers * concurrent
+    ensure_ray(apply_overrides(cfg, [f"scaling.num_workers={workers}"]))
+
+
+def _train_all(
+    todo: Sequence[PlannedRun], train_fn: TrainFn, max_concurrent: int, result: CompareResult
+) -> None:
+    """Train ``todo`` with up to ``max_concurrent`` runs at once, each in its own thread.
+
+    Even one run at a time trains in a thread: Ray Train registers a SIGINT handler when fit()
+    runs in the main thread, and Ctrl-C would then abort only the current run and let the
+    grid go on. Here Ctrl-C reaches the main thread, which stops Ray (the runs in flight
+    resume from their last checkpoint next time) and raises KeyboardInterrupt.
+    """
+    pending = list(enumerate(todo))
+    lock = threading.Lock()
+    interrupted = threading.Event()
+
+    def one(index: int, run: PlannedRun) -> None:
+        print(f"[compare {index + 1}/{len(todo)}] {run.name}: training", flush=True)
+        started = time.perf_counter()
+        try:
+            train_fn(run.cfg, run.run_dir)
+        except Exception as error:  # recorded; the other runs go on
+            if interrupted.is_set():
+                return
+            message = _describe(error)
+            result.failures[run.name] = message
+            print(f"[compare] {run.name}: FAILED: {message}", flush=True)
+            return
+        result.trained.append(run.name)
+        print(f"[compare] {run.name}: done in {time.perf_counter() - started:.0f} s", flush=True)
+
+    def worker() -> None:
+        while not interrupted.is_set():
+            with lock:
+                if not pending:
+                    return
+                index, run = pending.pop(0)
+            one(index, run)
+
+    # Daemon threads: an interrupted compare must not wait for them at exit.
+    threads = [
+        threading.Thread(target=worker, name=f"compare-{i}", daemon=True)
+        for i in range(min(max_concurrent, len(todo)))
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        while any(thread.is_alive() for thread in threads):
+            for thread in threads:
+                thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        interrupted.set()
+        print("[compare] interrupted: stopping the runs in flight", flush=True)
+        _stop_ray()
+        raise
+
+
+def _stop_ray() -> None:
+    import sys
+
+    ray = sys.modules.get("ray")  # only if a run started it
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def _describe(error: BaseException) -> str:
+    from osmd_ray.cli import _root_cause
+
+    cause = _root_cause(error)
+    text = " ".join(str(cause).split())
+    return f"{type(cause).__name__}: {text}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployment size and latency
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeployStats:
+    params: int
+    latency_ms_b1: float
+    latency_ms_b64: float
+
+
+def measure_deploy(run_dir: str, repeats: int = 7) -> DeployStats:
+    """Parameters of RUN/deploy and its CPU latency (median ms) at batch 1 and 64.
+
+    Inputs are random, shaped and typed like the model's inputs (the ordinary modalities; for
+    full_multimodal the privileged ones too); one untimed call warms up each batch size. Torch
+    runs on one thread: the figures compare models, and one thread is what a loaded machine
+    (or Ray's other processes) reliably leaves free.
+    """
+    import numpy as np
+    import torch
+
+    from osmd_ray.deploy import load_deploy
+
+    model = load_deploy(os.path.join(run_dir, "deploy"))
+    params = sum(p.numel() for p in model.net.parameters())
+    rng = np.random.default_rng(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        latencies = [_median_latency(model, rows, rng, repeats) for rows in (1, 64)]
+    finally:
+        torch.set_num_threads(threads)
+    return DeployStats(int(params), latencies[0], latencies[1])
+
+
+def _median_latency(model: Any, rows: int, rng: Any, repeats: int) -> float:
+    """Median ms of ``model.predict`` on one random batch of ``rows`` rows, after a warm-up."""
+    import numpy as np
+
+    batch = {}
+    for spec in model.input_modalities:
+        shape = (rows, *spec.shape)
+        if np.dtype(spec.dtype).kind in "iu":
+            batch[spec.name] = rng.integers(0, 256, size=shape).astype(spec.dtype)
+        else:
+            batch[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    model.predict(batch, batch_size=rows)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model.predict(batch, batch_size=rows)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows, statistics and the three output files
+# ---------------------------------------------------------------------------------------------
+
+
+def collect_rows(
+    runs: Sequence[PlannedRun], out: str, measure_fn: MeasureFn
+) -> list[dict[str, Any]]:
+    """One row per finished run (failed or missing runs have none)."""
+    rows = []
+    for run in runs:
+        if run_state(run) != "finished":
+            continue
+        with open(os.path.join(run.run_dir, "metrics.json"), encoding="utf-8") as f:
+            metrics = json.load(f)
+        test = metrics.get("test", {})
+        row: dict[str, Any] = {
+            "dataset": run.dataset,
+            "variant": run.variant,
+            "method": metrics.get("method", run.cfg.method),
+            "seed": run.seed,
+            "test_deploy_accuracy": test["deploy"]["accuracy"],
+            "test_teacher_accuracy": test.get("teacher", {}).get("accuracy"),
+            "train_time_s": metrics.get("train_time_s"),
+            "wall_time_s": metrics.get("wall_time_s"),
+            "deploy_params": None,
+            "latency_ms_b1": None,
+            "latency_ms_b64": None,
+            "run_dir": os.path.relpath(run.run_dir, out),
+        }
+        try:
+            stats = measure_fn(run.run_dir)
+            row.update(
+                deploy_params=stats.params,
+                latency_ms_b1=stats.latency_ms_b1,
+                latency_ms_b64=stats.latency_ms_b64,
+            )
+        except Exception as error:  # the accuracy stands without the latency
+            print(f"[compare] {run.name}: cannot measure deploy/: {_describe(error)}", flush=True)
+        rows.append(row)
+    return rows
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float
+    """Sample standard deviation; nan with fewer than 2 values."""
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Stat:
+        vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+        if not vals:
+            return cls(math.nan, math.nan, 0)
+        std = statistics.stdev(vals) if len(vals) > 1 else math.nan
+        return cls(statistics.fmean(vals), std, len(vals))
+
+    def fmt(self, digits: int = 4) -> str:
+        if self.n == 0:
+            return "n/a"
+        if self.n == 1:
+            return f"{self.mean:.{digits}f} (1 seed)"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+def gap_closures(
+    rows: Sequence[Mapping[str, Any]], dataset: str, variant: str, lower: str, upper: str
+) -> list[float]:
+    """Gap closure of ``variant`` per seed: seed k against seed k of lower and upper.
+
+    Seeds missing from any of the three are left out, as are seeds where upper == lower.
+    """
+    acc = {
+        (r["variant"], r["seed"]): float(r["test_deploy_accuracy"])
+        for r in rows
+        if r["dataset"] == dataset
+    }
+    values = []
+    for (name, seed), value in sorted(acc.items(), key=lambda kv: kv[0][1]):
+        if name != variant or (lower, seed) not in acc or (upper, seed) not in acc:
+            continue
+        closure = gap_closure(value, acc[(lower, seed)], acc[(upper, seed)])
+        if not math.isnan(closure):
+            values.append(closure)
+    return values
+
+
+def within_noise(variant: Stat, target: Stat) -> bool | None:
+    """The rule in NOISE_RULE; None when either side has fewer than 2 seeds."""
+    if variant.n < 2 or target.n < 2:
+        return None
+    return abs(variant.mean - target.mean) <= max(variant.std, target.std)
+
+
+def summarize(
+    spec: CompareSpec, rows: Sequence[Mapping[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Per dataset, one entry per variant (spec order) with its statistics."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    for dataset in datasets:
+        mine = [r for r in rows if r["dataset"] == dataset]
+        accuracy = {
+            v.name: Stat.of(r["test_deploy_accuracy"] for r in mine if r["variant"] == v.name)
+            for v in spec.variants
+        }
+        entries = []
+        for v in spec.variants:
+            runs = [r for r in mine if r["variant"] == v.name]
+            entry: dict[str, Any] = {
+                "variant": v.name,
+                "method": runs[0]["method"] if runs else "",
+                "accuracy": accuracy[v.name],
+                "gap_closure": None,
+                "vs_target": None,
+                "deploy_params": _first(r["deploy_params"] for r in runs),
+                "latency_ms_b1": Stat.of(r["latency_ms_b1"] for r in runs),
+                "latency_ms_b64": Stat.of(r["latency_ms_b64"] for r in runs),
+                "train_time_s": Stat.of(r["train_time_s"] for r in runs),
+            }
+            if spec.lower and spec.upper:
+                entry["gap_closure"] = Stat.of(
+                    gap_closures(mine, dataset, v.name, spec.lower, spec.upper)
+                )
+            if spec.target and v.name != spec.target and runs:
+                target = accuracy[spec.target]
+                entry["vs_target"] = {
+                    "diff": accuracy[v.name].mean - target.mean,
+                    "within_noise": within_noise(accuracy[v.name], target),
+                }
+            entries.append(entry)
+        out[dataset] = entries
+    return out
+
+
+def _first(values: Iterable[Any]) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def format_summary(
+    spec: CompareSpec,
+    overrides: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    failures: Mapping[str, str],
+) -> str:
+    lines = [
+        f"# Compare: {spec.path}",
+        "",
+        f"Base config `{spec.base}`; spec overrides: {_code(spec.overrides)}; command-line "
+        f"overrides: {_code(overrides)}; seeds: {', '.join(map(str, spec.seeds))}.",
+        "",
+        "Deployment metric: test accuracy of the deployment path (ordinary modalities only; "
+        "`full_multimodal` also reads the privileged ones at test). Mean ± sample standard "
+        "deviation over seeds; n = number of finished seeds. Latency: median of 7 calls of "
+        "the deployed model (RUN/deploy) on a random batch of 1 or 64, one CPU thread.",
+    ]
+    if spec.lower and spec.upper:
+        lines += [
+            "",
+            f"Gap closure = (variant - {spec.lower}) / ({spec.upper} - {spec.lower}), computed "
+            f"per seed (seed k against seed k of {spec.lower} and {spec.upper}), then mean ± "
+            "std over those seeds.",
+        ]
+    if spec.target:
+        lines += ["", f"Versus `{spec.target}`: {NOISE_RULE}."]
+    for dataset, entries in summarize(spec, rows).items():
+        lines += ["", f"## {dataset}", ""]
+        header = ["variant", "method", "n", "test accuracy (deploy)"]
+        if spec.lower and spec.upper:
+            header.append("gap closure")
+        if spec.target:
+            header.append(f"vs {spec.target}")
+        header += ["deploy params", "latency b1 / b64 (ms)", "train time (s)"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + " --- |" * len(header))
+        for e in entries:
+            cells = [e["variant"], e["method"] or "-", str(e["accuracy"].n), e["accuracy"].fmt()]
+            if spec.lower and spec.upper:
+                cells.append(e["gap_closure"].fmt(2))
+            if spec.target:
+                cells.append(_vs_target(e, spec.target))
+            params = e["deploy_params"]
+            cells += [
+                f"{params:,}" if params is not None else "n/a",
+                f"{_num(e['latency_ms_b1'].mean, 2)} / {_num(e['latency_ms_b64'].mean, 2)}",
+                _num(e["train_time_s"].mean, 0),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        lines += ["", "No run has finished yet."]
+    if failures:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- `{name}`: {error}" for name, error in failures.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _vs_target(entry: Mapping[str, Any], target: str) -> str:
+    if entry["variant"] == target:
+        return "(target)"
+    vs = entry["vs_target"]
+    if vs is None or math.isnan(vs["diff"]):
+        return "n/a"
+    verdict = {None: "too few seeds", True: "within noise"}.get(
+        vs["within_noise"], "higher" if vs["diff"] > 0 else "lower"
+    )
+    return f"{vs['diff']:+.4f} ({verdict})"
+
+
+def _num(value: float, digits: int) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _code(items: Sequence[str]) -> str:
+    return " ".join(f"`{item}`" for item in items) if items else "none"
+
+
+def format_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
+    return buffer.getvalue()
+
+
+def plot_summary(spec: CompareSpec, rows: Sequence[Mapping[str, Any]], path: str) -> None:
+    """Per dataset: deployment accuracy (and gap closure) per variant, error bars = std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(spec, rows)
+    panels = 2 if spec.lower and spec.upper else 1
+    columns = max(1, len(summary))
+    width = max(5.0, 0.7 * len(spec.variants) + 2)
+    fig, axes = plt.subplots(
+        panels, columns, figsize=(width * columns, 3.6 * panels), squeeze=False
+    )
+    for col, (dataset, entries) in enumerate(summary.items() or [("no runs", [])]):
+        names = [e["variant"] for e in entries]
+        xs = range(len(names))
+        plots = [("accuracy", "test accuracy (deploy)")]
+        if panels == 2:
+            plots.append(("gap_closure", "gap closure"))
+        for row, (key, label) in enumerate(plots):
+            ax = axes[row][col]
+            means = [e[key].mean for e in entries]
+            errs = [0.0 if math.isnan(e[key].std) else e[key].std for e in entries]
+            colors = ["tab:red" if n == spec.target else "tab:blue" for n in names]
+            ax.bar(xs, means, yerr=errs, capsize=4, color=colors)
+            ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+            ax.set_ylabel(label)
+            if key == "gap_closure":
+                ax.axhline(0, color="grey", lw=0.8)
+                ax.axhline(1, color="grey", lw=0.8, ls="--")
+            if row == 0:
+                ax.set_title(f"{dataset} (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def write_outputs(
+    spec: CompareSpec, out: str, overrides: Sequence[str], result: CompareResult
+) -> None:
+    os.makedirs(out, exist_ok=True)
+    csv_text = format_csv(result.rows)
+    md_text = format_summary(spec, overrides, result.rows, result.failures)
+    _atomic_write(os.path.join(out, "results.csv"), lambda tmp: Path(tmp).write_text(csv_text))
+    _atomic_write(os.path.join(out, "summary.md"), lambda tmp: Path(tmp).write_text(md_text))
+    plot_summary(spec, result.rows, os.path.join(out, "summary.png"))
+
+
+def _atomic_write(path: str, write: Callable[[str], Any]) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then move it into place."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".part")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def compare(
+    spec_path: str,
+    out: str,
+    overrides: Sequence[str] = (),
+    seeds: int | None = None,
+    max_concurrent: int = 1,
+) -> CompareResult:
+    """What ``osmd compare`` runs: load the spec, run the grid, write and print the summary."""
+    spec = load_spec(spec_path, seeds)
+    result = run_compare(spec, out, overrides, max_concurrent)
+    print()
+    print(Path(out, "summary.md").read_text())
+    print(f"results.csv, summary.md, summary.png and runs/ in {os.path.abspath(out)}")
+    if result.failures:
+        print(f"[compare] {len(result.failures)} run(s) failed:")
+        for name, error in result.failures.items():
+            print(f"  {name}: {error}")
+    return result

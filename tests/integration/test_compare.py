@@ -1,0 +1,94 @@
+"""`osmd compare` for real: 2 variants x 2 seeds on a local Ray, then resuming it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from osmd_ray.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+def test_tiny_compare_writes_checked_files_and_resumes(
+    ray_local, tiny_synth, tmp_path, configs_dir, fast
+):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(configs_dir / "osmd_synth.yaml"),
+                # One worker: what is tested is the grid around train(), and a run's start-up
+                # (controller, workers, DeepSpeed) costs far more with two on 2 cores.
+                "overrides": ["train.epochs=1", "scaling.num_workers=1"],
+                "variants": [
+                    {"name": "ordinary_only", "overrides": ["method=ordinary_only"]},
+                    {"name": "osmd", "overrides": ["method=osmd"]},
+                ],
+                "seeds": 2,
+                "target": "osmd",
+            }
+        )
+    )
+    out = tmp_path / "cmp"
+    argv = ["compare", "--config", str(spec), "--out", str(out), *fast, f"data.root={tiny_synth}"]
+
+    assert main(argv) == 0
+
+    runs = out / "runs" / "tiny_synth"
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["variant"], r["seed"]) for r in rows) == [
+        ("ordinary_only", "0"),
+        ("ordinary_only", "1"),
+        ("osmd", "0"),
+        ("osmd", "1"),
+    ]
+    for row in rows:
+        metrics = json.loads(
+            (runs / row["variant"] / f"seed{row['seed']}" / "metrics.json").read_text()
+        )
+        accuracy = float(row["test_deploy_accuracy"])
+        assert 0.0 <= accuracy <= 1.0
+        assert accuracy == pytest.approx(metrics["test"]["deploy"]["accuracy"], abs=1e-12)
+        assert row["method"] == metrics["method"] == row["variant"]
+        assert int(row["seed"]) == metrics["seed"]
+        assert float(row["train_time_s"]) == pytest.approx(metrics["train_time_s"])
+        assert int(row["deploy_params"]) > 0
+        assert 0 < float(row["latency_ms_b1"]) and 0 < float(row["latency_ms_b64"])
+        if row["variant"] == "osmd":  # osmd has a teacher path; ordinary_only has none
+            assert float(row["test_teacher_accuracy"]) == pytest.approx(
+                metrics["test"]["teacher"]["accuracy"], abs=1e-12
+            )
+        else:
+            assert row["test_teacher_accuracy"] == ""
+    summary = (out / "summary.md").read_text()
+    assert "| ordinary_only | ordinary_only | 2 |" in summary
+    assert "| osmd | osmd | 2 |" in summary
+    assert "(target)" in summary
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The same command again trains nothing; a deleted run is trained again.
+    finished = {p: p.stat().st_mtime_ns for p in runs.glob("*/seed*/metrics.json")}
+    assert len(finished) == 4
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+
+    shutil.rmtree(runs / "osmd" / "seed1")
+    assert main(argv) == 0
+    for path, mtime in finished.items():
+        if "osmd/seed1" in str(path):
+            assert path.exists()
+        else:
+            assert path.stat().st_mtime_ns == mtime, f"{path} was retrained"
+    with open(out / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    checkpoints = [d for d in os.listdir(runs / "osmd" / "seed1") if d.startswith("checkpoint_")]
+    assert checkpoints, "the redone run left no checkpoint"
+    assert Path(runs / "osmd" / "seed1" / "deploy" / "meta.json").exists()

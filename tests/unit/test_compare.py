@@ -1,0 +1,522 @@
+"""`osmd compare` without Ray: the spec, the grid, statistics, output files and resuming.
+
+Training is replaced by a fake that writes what a finished run folder holds (config.yaml,
+metrics.json, deploy/meta.json); the deployment measurement by a fake as well, except in the
+one test that measures a real export.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from osmd_ray import compare as compare_mod
+from osmd_ray.cli import main
+from osmd_ray.compare import (
+    DeployStats,
+    SpecError,
+    Stat,
+    gap_closures,
+    load_spec,
+    plan_runs,
+    run_compare,
+    within_noise,
+)
+from osmd_ray.config import ConfigError, dump_yaml, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = str(REPO / "configs" / "osmd_synth.yaml")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def spec_dict(**changes) -> dict:
+    spec = {
+        "base": BASE,
+        "variants": [
+            {"name": "ordinary_only", "overrides": ["method=ordinary_only"]},
+            {"name": "full_multimodal", "overrides": ["method=full_multimodal"]},
+            {"name": "osmd", "overrides": ["method=osmd"]},
+        ],
+        "seeds": 2,
+        "reference": {"lower": "ordinary_only", "upper": "full_multimodal"},
+        "target": "osmd",
+    }
+    spec.update(changes)
+    return spec
+
+
+def write_spec(tmp_path: Path, **changes) -> str:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_dict(**changes)))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "words"),
+    [
+        ({"variantz": []}, "variantz", ["did you mean 'variants'"]),
+        ({"variants": []}, "variants", ["non-empty list"]),
+        (
+            {"reference": {"lower": "ordinary_only", "upper": "multimodal"}},
+            "reference.upper",
+            ["'multimodal'", "full_multimodal"],
+        ),
+        ({"reference": {"lower": "ordinary_only"}}, "reference.upper", ["missing"]),
+        ({"target": "osmdd"}, "target", ["not a variant"]),
+        ({"seeds": 0}, "seeds", ["positive"]),
+        ({"seeds": [0, 1, 1]}, "seeds", ["more than once"]),
+        ({"seeds": ["a"]}, "seeds", ["list of seeds"]),
+        ({"overrides": ["seed=3"]}, "overrides", ["'seed'", "seeds"]),
+        ({"base": "no_such.yaml"}, "base", ["no_such.yaml", "not a file"]),
+        (
+            {"datasets": [{"name": "a", "root": "x"}, {"name": "a", "root": "y"}]},
+            "datasets[1].name",
+            ["repeats"],
+        ),
+        ({"datasets": [{"name": "a", "rot": "x"}]}, "datasets[0].rot", ["did you mean 'root'"]),
+    ],
+)
+def test_spec_errors_name_the_key(tmp_path, changes, key, words):
+    with pytest.raises(SpecError) as info:
+        load_spec(write_spec(tmp_path, **changes))
+    assert info.value.key == key
+    message = str(info.value)
+    assert repr(key) in message
+    for word in words:
+        assert word in message
+
+
+def test_duplicate_and_badly_named_variants_are_refused(tmp_path):
+    twice = [{"name": "osmd", "overrides": []}, {"name": "osmd", "overrides": ["loss.w_jan=0"]}]
+    with pytest.raises(SpecError, match="repeats the variant name 'osmd'") as info:
+        load_spec(write_spec(tmp_path, variants=twice, reference=None, target=None))
+    assert info.value.key == "variants[1].name"
+    with pytest.raises(SpecError, match="folder") as info:
+        load_spec(write_spec(tmp_path, variants=[{"name": "a/b"}], reference=None, target=None))
+    assert info.value.key == "variants[0].name"
+
+
+def test_base_is_found_beside_the_spec_and_seeds_take_both_forms(tmp_path):
+    (tmp_path / "train.yaml").write_text(Path(BASE).read_text())
+    spec = load_spec(write_spec(tmp_path, base="train.yaml", seeds=[3, 7]))
+    assert Path(spec.base) == tmp_path / "train.yaml"
+    assert spec.seeds == (3, 7)
+    assert load_spec(write_spec(tmp_path, seeds=3)).seeds == (0, 1, 2)
+    assert load_spec(write_spec(tmp_path, seeds=3), seeds=2).seeds == (0, 1)  # --seeds wins
+    with pytest.raises(SpecError, match="--seeds"):
+        load_spec(write_spec(tmp_path), seeds=0)
+
+
+def test_a_variant_whose_config_fails_is_named_before_anything_runs(tmp_path):
+    variants = spec_dict()["variants"] + [
+        {"name": "broken", "overrides": ["method=osmd", "loss.w_jann=0"]}
+    ]
+    spec = load_spec(write_spec(tmp_path, variants=variants))
+    with pytest.raises(ConfigError) as info:
+        plan_runs(spec, str(tmp_path / "out"))
+    assert str(info.value).startswith("variant 'broken': ")
+    assert "loss.w_jann" in str(info.value) and "loss.w_jan" in str(info.value)
+    assert info.value.key == "loss.w_jann"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_grid_applies_overrides_in_order(tmp_path):
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            overrides=["train.epochs=3", "loss.w_jan=0.5"],
+            variants=[
+                {"name": "osmd", "overrides": ["method=osmd"]},
+                {"name": "no_jmmd", "overrides": ["method=osmd", "loss.w_jan=0"]},
+            ],
+            reference=None,
+            datasets=[{"name": "a", "root": "data/a"}, {"root": "other/b-set"}],
+        )
+    )
+    runs = plan_runs(spec, "OUT", ["train.epochs=1"])
+    assert [r.name for r in runs[:4]] == [
+        "a/osmd/seed0",
+        "a/no_jmmd/seed0",
+        "a/osmd/seed1",
+        "a/no_jmmd/seed1",
+    ]
+    assert len(runs) == 8 and runs[-1].name == "b-set/no_jmmd/seed1"
+    by_name = {r.name: r for r in runs}
+    assert by_name["a/osmd/seed1"].run_dir == os.path.join("OUT", "runs", "a", "osmd", "seed1")
+    assert by_name["a/osmd/seed1"].cfg.seed == 1
+    assert by_name["a/osmd/seed0"].cfg.loss.w_jan == 0.5  # the spec's overrides
+    assert by_name["a/no_jmmd/seed0"].cfg.loss.w_jan == 0.0  # the variant's win over them
+    assert all(r.cfg.train.epochs == 1 for r in runs)  # the command line's win over both
+    assert by_name["b-set/osmd/seed0"].cfg.data.root == "other/b-set"
+    assert all(r.cfg.tracking.group == "spec" for r in runs)
+
+
+def test_command_line_may_not_set_what_the_grid_sets(tmp_path):
+    spec = load_spec(write_spec(tmp_path))
+    with pytest.raises(ConfigError, match="seeds"):
+        plan_runs(spec, "OUT", ["seed=4"])
+    with pytest.raises(ConfigError, match="variant"):
+        plan_runs(spec, "OUT", ["method=osmd"])
+
+
+@pytest.mark.parametrize("name", ["compare_synth.yaml", "ablate_synth.yaml"])
+def test_shipped_compare_specs_validate(name):
+    spec = load_spec(REPO / "configs" / name)
+    runs = plan_runs(spec, "OUT")  # every variant's overrides through load_config
+    assert len(runs) == len(spec.variants) * len(spec.seeds) * len(spec.datasets)
+    assert spec.lower == "ordinary_only" and spec.upper == "full_multimodal"
+    assert spec.target == "osmd"
+    methods = {r.variant: r.cfg.method for r in runs}
+    assert methods["osmd"] == "osmd" and methods["ordinary_only"] == "ordinary_only"
+
+
+def test_ablations_change_exactly_their_piece():
+    runs = {r.variant: r.cfg for r in plan_runs(load_spec(REPO / "configs/ablate_synth.yaml"), "O")}
+    osmd = runs["osmd"]
+    assert runs["no_jmmd"].loss.w_jan == 0 and osmd.loss.w_jan > 0
+    assert runs["mmd"].loss.alignment == "mmd"
+    assert runs["mimic_instead"].loss.w_mimic == 1 and runs["mimic_instead"].loss.w_jan == 0
+    assert runs["concat_fusion"].model.fusion == "concat"
+    assert runs["sum_fusion"].model.fusion == "sum"
+    assert runs["unshared_translator"].model.shared_translator is False
+    assert runs["unshared_fusion"].model.share_fusion is False
+    assert all(
+        cfg.method == "osmd"
+        for name, cfg in runs.items()
+        if name not in ("ordinary_only", "full_multimodal")
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stat_is_mean_and_sample_std():
+    stat = Stat.of([0.6, 0.7, 0.8])
+    assert stat.mean == pytest.approx(0.7)
+    assert stat.std == pytest.approx(0.1)  # sample std (n - 1)
+    assert stat.n == 3
+    assert stat.fmt() == "0.7000 ± 0.1000"
+    one = Stat.of([0.5])
+    assert one.n == 1 and math.isnan(one.std) and one.fmt() == "0.5000 (1 seed)"
+    assert Stat.of([]).fmt() == "n/a"
+
+
+def _row(variant: str, seed: int, acc: float, dataset: str = "d") -> dict:
+    return {"dataset": dataset, "variant": variant, "seed": seed, "test_deploy_accuracy": acc}
+
+
+def test_gap_closure_pairs_seeds():
+    rows = [
+        _row("lo", 0, 0.5),
+        _row("hi", 0, 0.9),
+        _row("m", 0, 0.7),  # seed 0: 0.5
+        _row("lo", 1, 0.6),
+        _row("hi", 1, 0.8),
+        _row("m", 1, 0.8),  # seed 1: 1.0
+        _row("m", 2, 0.9),  # seed 2 has no references: left out
+        _row("m", 0, 0.1, dataset="other"),  # another dataset: not mixed in
+    ]
+    assert gap_closures(rows, "d", "m", "lo", "hi") == pytest.approx([0.5, 1.0])
+    # Pairing matters: the closure of the means would be (0.75-0.55)/(0.85-0.55) = 0.667.
+    assert gap_closures(rows, "d", "lo", "lo", "hi") == pytest.approx([0.0, 0.0])
+
+
+def test_within_noise_rule():
+    target = Stat.of([0.70, 0.72, 0.74])  # std 0.02
+    assert within_noise(Stat.of([0.69, 0.71, 0.73]), target) is True  # diff 0.01 <= 0.02
+    assert within_noise(Stat.of([0.68, 0.69, 0.70]), target) is False  # diff 0.03 > 0.02
+    assert within_noise(Stat.of([0.60, 0.61, 0.62]), target) is False
+    assert within_noise(Stat.of([0.60]), target) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the grid with a fake trainer
+# ---------------------------------------------------------------------------------------------
+
+ACCURACY = {"ordinary_only": 0.60, "full_multimodal": 0.90, "osmd": 0.75}
+
+
+class FakeTrain:
+    """Writes a finished run folder; osmd's accuracy moves with the seed, others do not."""
+
+    def __init__(self, fail: set[str] = frozenset()):
+        self.calls: list[str] = []
+        self.fail = fail
+
+    def __call__(self, cfg, out):
+        name = f"{cfg.method}/{cfg.seed}"
+        self.calls.append(out)
+        os.makedirs(out, exist_ok=True)
+        Path(out, "config.yaml").write_text(dump_yaml(cfg))
+        if name in self.fail:
+            raise RuntimeError(f"workers died in {name}")
+        acc = ACCURACY[cfg.method] + (0.05 * cfg.seed if cfg.method == "osmd" else 0.0)
+        test = {"deploy": {"accuracy": acc}}
+        if cfg.method == "osmd":
+            test["teacher"] = {"accuracy": 0.88}
+        metrics = {
+            "method": cfg.method,
+            "seed": cfg.seed,
+            "test": test,
+            "val": test,
+            "train_time_s": 10.0 + cfg.seed,
+            "wall_time_s": 20.0,
+            "privileged_at_test": False,
+        }
+        Path(out, "metrics.json").write_text(json.dumps(metrics))
+        os.makedirs(os.path.join(out, "deploy"), exist_ok=True)
+        Path(out, "deploy", "meta.json").write_text("{}")
+        return metrics
+
+
+def fake_measure(run_dir: str) -> DeployStats:
+    return DeployStats(params=1234, latency_ms_b1=1.5, latency_ms_b64=9.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> str:
+    from osmd_ray.data.cli import write_synth_dataset
+
+    root = str(tmp_path_factory.mktemp("data") / "tiny")
+    write_synth_dataset(root, n_train=32, n_val=16, n_test=16, size=8, seed=0, progress=False)
+    return root
+
+
+def read_csv(path) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(Path(path).read_text())))
+
+
+def test_compare_writes_rows_summary_and_chart(tmp_path, tiny_data):
+    spec = load_spec(write_spec(tmp_path))
+    out = str(tmp_path / "out")
+    fake = FakeTrain()
+    result = run_compare(
+        spec, out, [f"data.root={tiny_data}"], train_fn=fake, measure_fn=fake_measure
+    )
+    assert len(fake.calls) == 6 and not result.failures
+
+    rows = read_csv(os.path.join(out, "results.csv"))
+    assert list(rows[0]) == list(compare_mod.CSV_COLUMNS)
+    assert len(rows) == 6
+    by = {(r["variant"], r["seed"]): r for r in rows}
+    assert float(by[("osmd", "1")]["test_deploy_accuracy"]) == pytest.approx(0.80)
+    assert by[("osmd", "1")]["test_teacher_accuracy"] == "0.88"
+    assert by[("ordinary_only", "0")]["test_teacher_accuracy"] == ""  # no teacher: empty
+    assert by[("osmd", "0")]["dataset"] == "tiny" and by[("osmd", "0")]["method"] == "osmd"
+    assert by[("osmd", "0")]["deploy_params"] == "1234"
+    assert by[("osmd", "0")]["latency_ms_b64"] == "9.0"
+    assert by[("osmd", "0")]["train_time_s"] == "10.0"
+    assert by[("osmd", "0")]["run_dir"] == os.path.join("runs", "tiny", "osmd", "seed0")
+
+    md = Path(out, "summary.md").read_text()
+    assert "## tiny" in md
+    # osmd: accuracies 0.75, 0.80; gap closures 0.5 and 0.6667 -> 0.58 ± 0.12.
+    assert "| osmd | osmd | 2 | 0.7750 ± 0.0354 | 0.58 ± 0.12 | (target) | 1,234 |" in md
+    # ordinary_only is 0.175 below osmd, beyond the larger std (0.0354): not noise.
+    assert (
+        "| ordinary_only | ordinary_only | 2 | 0.6000 ± 0.0000 | 0.00 ± 0.00 | "
+        "-0.1750 (lower) |" in md
+    )
+    assert "+0.1250 (higher)" in md
+    assert "larger of the two sample standard deviations" in md  # the rule is stated
+    assert Path(out, "summary.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_rerun_skips_finished_runs_and_redoes_deleted_ones(tmp_path, tiny_data):
+    import shutil
+
+    spec = load_spec(write_spec(tmp_path))
+    out = str(tmp_path / "out")
+    overrides = [f"data.root={tiny_data}"]
+    run_compare(spec, out, overrides, train_fn=FakeTrain(), measure_fn=fake_measure)
+
+    again = FakeTrain()
+    result = run_compare(spec, out, overrides, train_fn=again, measure_fn=fake_measure)
+    assert again.calls == [] and len(result.skipped) == 6
+    assert len(read_csv(os.path.join(out, "results.csv"))) == 6
+
+    shutil.rmtree(os.path.join(out, "runs", "tiny", "osmd", "seed1"))
+    os.remove(os.path.join(out, "runs", "tiny", "full_multimodal", "seed0", "metrics.json"))
+    third = FakeTrain()
+    result = run_compare(spec, out, overrides, train_fn=third, measure_fn=fake_measure)
+    assert sorted(third.calls) == sorted(
+        os.path.join(out, "runs", "tiny", v, s)
+        for v, s in [("osmd", "seed1"), ("full_multimodal", "seed0")]
+    )
+    assert len(result.skipped) == 4
+
+
+def test_a_failed_run_is_reported_and_the_others_finish(tmp_path, tiny_data):
+    spec = load_spec(write_spec(tmp_path))
+    out = str(tmp_path / "out")
+    fake = FakeTrain(fail={"osmd/0"})
+    result = run_compare(
+        spec, out, [f"data.root={tiny_data}"], train_fn=fake, measure_fn=fake_measure
+    )
+    assert len(fake.calls) == 6  # the failure did not stop the grid
+    assert list(result.failures) == ["tiny/osmd/seed0"]
+    assert "RuntimeError: workers died in osmd/0" in result.failures["tiny/osmd/seed0"]
+    rows = read_csv(os.path.join(out, "results.csv"))
+    assert len(rows) == 5
+    md = Path(out, "summary.md").read_text()
+    assert "## Failed runs" in md and "tiny/osmd/seed0" in md
+    assert "| osmd | osmd | 1 | 0.8000 (1 seed) |" in md
+    assert "too few seeds" in md  # one osmd seed: no noise verdict
+
+
+def test_when_every_run_fails_the_files_say_so(tmp_path, tiny_data):
+    spec = load_spec(write_spec(tmp_path, seeds=1))
+    out = tmp_path / "out"
+    fail = {"ordinary_only/0", "full_multimodal/0", "osmd/0"}
+    result = run_compare(
+        spec, str(out), [f"data.root={tiny_data}"], train_fn=FakeTrain(fail), measure_fn=None
+    )
+    assert len(result.failures) == 3 and result.rows == []
+    assert read_csv(out / "results.csv") == []
+    assert (out / "results.csv").read_text().startswith("dataset,variant,method,seed,")
+    md = (out / "summary.md").read_text()
+    assert "No run has finished yet." in md and md.count("RuntimeError") == 3
+    assert (out / "summary.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_a_run_folder_with_another_config_stops_before_training(tmp_path, tiny_data):
+    spec = load_spec(write_spec(tmp_path))
+    out = str(tmp_path / "out")
+    run_compare(
+        spec, out, [f"data.root={tiny_data}"], train_fn=FakeTrain(), measure_fn=fake_measure
+    )
+    fake = FakeTrain()
+    with pytest.raises(ConfigError, match=r"another configuration.*train\.lr"):
+        run_compare(
+            spec,
+            out,
+            [f"data.root={tiny_data}", "train.lr=0.5"],
+            train_fn=fake,
+            measure_fn=fake_measure,
+        )
+    assert fake.calls == []
+
+
+def test_a_missing_dataset_stops_before_training(tmp_path):
+    from osmd_ray.data.contract import DataError
+
+    fake = FakeTrain()
+    with pytest.raises(DataError, match="nowhere"):
+        run_compare(
+            load_spec(write_spec(tmp_path)),
+            str(tmp_path / "out"),
+            [f"data.root={tmp_path / 'nowhere'}"],
+            train_fn=fake,
+        )
+    assert fake.calls == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line and a real deployment measurement
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_help_and_bad_input(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["compare", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--max-concurrent" in text and "results.csv" in text and "--seeds" in text
+
+    bad = write_spec(tmp_path, variants=[])
+    assert main(["compare", "--config", bad, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "osmd compare: error:" in err and "'variants'" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_exits_1_when_a_run_fails_after_writing_the_files(
+    tmp_path, tiny_data, monkeypatch, capsys
+):
+    import osmd_ray.train.runner as runner
+
+    monkeypatch.setattr(runner, "train", FakeTrain(fail={"ordinary_only/1"}))
+    monkeypatch.setattr(compare_mod, "_start_ray", lambda cfg, n: None)
+    monkeypatch.setattr(compare_mod, "measure_deploy", fake_measure)
+    out = tmp_path / "o"
+    code = main(
+        [
+            "compare",
+            "--config",
+            write_spec(tmp_path),
+            "--out",
+            str(out),
+            "--seeds",
+            "2",
+            f"data.root={tiny_data}",
+        ]
+    )
+    assert code == 1
+    assert len(read_csv(out / "results.csv")) == 5
+    assert "ordinary_only/seed1: RuntimeError" in capsys.readouterr().out
+
+
+def test_measure_deploy_counts_parameters_and_times_both_batch_sizes(tmp_path):
+    import torch
+
+    from osmd_ray.config import ModelConfig
+    from osmd_ray.data.contract import ModalitySpec
+    from osmd_ray.deploy import export_deploy
+    from osmd_ray.method.model import OSMDModel
+
+    rgb = ModalitySpec("rgb", "image", (3, 8, 8), "uint8")
+    depth = ModalitySpec("depth", "image", (1, 8, 8), "float32")
+    stats = {
+        "rgb": {"mean": [100.0] * 3, "std": [50.0] * 3},
+        "depth": {"mean": [3.0], "std": [1.0]},
+    }
+    cfg = ModelConfig(width=4, depth=2, feature_dim=8)
+    torch.manual_seed(0)
+    model = OSMDModel("osmd", [rgb], [depth], 3, cfg, stats).eval()
+    export_deploy(
+        model,
+        str(tmp_path / "deploy"),
+        method="osmd",
+        ordinary=[rgb],
+        privileged=[depth],
+        num_classes=3,
+        model_cfg=cfg,
+        normalization=stats,
+    )
+    stats_out = compare_mod.measure_deploy(str(tmp_path), repeats=2)
+    expected = sum(p.numel() for p in model.deploy_module().parameters())
+    assert stats_out.params == expected > 0
+    assert 0 < stats_out.latency_ms_b1 and 0 < stats_out.latency_ms_b64
+
+
+def test_config_key_of_load_config_is_unchanged_by_the_prefix(tmp_path):
+    """The prefixed error keeps ConfigError's key (the CLI and tests rely on it)."""
+    with pytest.raises(ConfigError) as direct:
+        load_config(BASE, ["model.fusion=nope"])
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            variants=[{"name": "v", "overrides": ["model.fusion=nope"]}],
+            reference=None,
+            target=None,
+        )
+    )
+    with pytest.raises(ConfigError) as prefixed:
+        plan_runs(spec, "OUT")
+    assert prefixed.value.key == direct.value.key == "model.fusion"
+    assert str(prefixed.value) == f"variant 'v': {direct.value}"
