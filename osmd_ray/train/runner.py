@@ -18,6 +18,7 @@ import math
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from osmd_ray.config import (
@@ -125,7 +126,8 @@ def build_trainer(
     loop_config = {
         "cfg": config_to_dict(cfg),
         "manifest_json": manifest.to_json(),
-        "wandb": wandb_settings(cfg, run_dir, os.path.basename(run_dir)),
+        # A compare run's folder is .../<dataset>/<variant>/seed<k>: name it by all three.
+        "wandb": wandb_settings(cfg, run_dir, "/".join(Path(run_dir).parts[-3:])),
         "stop_after_epoch": stop_after_epoch,
         "progress": progress,
     }
