@@ -68,8 +68,8 @@ def method_stages(cfg: Config) -> list[Stage]:
     if cfg.method in ("ordinary_only", "full_multimodal"):
         return [Stage("joint", epochs, None, {"deploy": 1.0})]
     if cfg.method == "two_stage_hallucination":
-        teacher, hallucination = base.two_stage_teacher, base.two_stage_hallucination
-        e = split_epochs(epochs, [teacher, hallucination, 1 - teacher - hallucination])
+        shares = [base.two_stage_teacher, base.two_stage_hallucination, base.two_stage_fusion]
+        e = split_epochs(epochs, shares)
         return [
             Stage("teacher", e[0], ("E_o", "E_p", "F", "H", "H_p"), {"teacher": 1.0, "priv": 1.0}),
             Stage("hallucination", e[1], ("E_h",), {"mimic": 1.0}),

@@ -185,9 +185,13 @@ def test_shipped_compare_specs_validate(name):
 def test_ablations_change_exactly_their_piece():
     runs = {r.variant: r.cfg for r in plan_runs(load_spec(REPO / "configs/ablate_synth.yaml"), "O")}
     osmd = runs["osmd"]
-    assert runs["no_jmmd"].loss.w_jan == 0 and osmd.loss.w_jan > 0
-    assert runs["mmd"].loss.alignment == "mmd"
-    assert runs["mimic_instead"].loss.w_mimic == 1 and runs["mimic_instead"].loss.w_jan == 0
+    assert osmd.loss.w_jan == 0 and osmd.loss.w_recon > 0  # the project's defaults
+    assert runs["design_s2"].loss.w_jan == 1 and runs["design_s2"].loss.w_recon == 0
+    assert runs["with_jmmd"].loss.w_jan == 1 and runs["with_jmmd"].loss.alignment == "jmmd"
+    assert runs["with_mmd"].loss.w_jan == 1 and runs["with_mmd"].loss.alignment == "mmd"
+    assert runs["mimic_instead"].loss.w_mimic == 1 and runs["mimic_instead"].loss.w_recon == 0
+    assert runs["no_recon"].loss.w_recon == 0
+    assert runs["pooled_recon"].model.recon_mode == "pooled"
     assert runs["concat_fusion"].model.fusion == "concat"
     assert runs["sum_fusion"].model.fusion == "sum"
     assert runs["unshared_translator"].model.shared_translator is False

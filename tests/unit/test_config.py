@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from osmd_ray.config import (
+    LOSS_WEIGHTS,
     Config,
     ConfigError,
     DataConfig,
@@ -290,7 +291,7 @@ def test_validate_checks_types_of_hand_built_configs():
         (["model.dropout=1"], "model.dropout", "[0, 1)"),
         (["model.dropout=-0.1"], "model.dropout", "[0, 1)"),
         (
-            [f"loss.{w}=0" for w in ("w_deploy", "w_teacher", "w_priv", "w_jan", "w_mimic")],
+            [f"loss.{w}=0" for w in LOSS_WEIGHTS],
             "loss",
             "every weight",
         ),
