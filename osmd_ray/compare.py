@@ -48,7 +48,10 @@ from osmd_ray.config import (
     DataConfig,
     apply_overrides,
     dump_yaml,
+    flatten_keys,
     load_config,
+    read_text_file,
+    saved_config_matches,
 )
 from osmd_ray.main_job import gap_closure
 
@@ -140,16 +143,7 @@ class PlannedRun:
 def load_spec(path: str | os.PathLike[str], seeds: int | None = None) -> CompareSpec:
     """Read and check a compare spec; ``seeds`` (``--seeds N``) replaces its seeds by 0..N-1."""
     path = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(
-            f"compare spec '{path}' does not exist; pass a YAML file such as "
-            "configs/compare_synth.yaml",
-            "",
-        ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"compare spec '{path}' cannot be read: {e}", "") from None
+    text = read_text_file(path, "compare spec", "configs/compare_synth.yaml", SpecError)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -400,12 +394,11 @@ def check_datasets(runs: Sequence[PlannedRun]) -> None:
 def run_state(run: PlannedRun) -> str:
     """'new', 'finished', 'partial' (same config, not finished: train resumes it) or
     'conflict' (the folder holds a run with another configuration)."""
-    config_path = os.path.join(run.run_dir, "config.yaml")
-    if not os.path.exists(config_path):
+    same = saved_config_matches(os.path.join(run.run_dir, "config.yaml"), run.cfg)
+    if same is None:
         return "new"
-    with open(config_path, encoding="utf-8") as f:
-        if f.read() != dump_yaml(run.cfg):
-            return "conflict"
+    if not same:
+        return "conflict"
     finished = os.path.exists(os.path.join(run.run_dir, "metrics.json")) and os.path.exists(
         os.path.join(run.run_dir, "deploy", "meta.json")
     )
@@ -415,23 +408,14 @@ def run_state(run: PlannedRun) -> str:
 def config_differences(run: PlannedRun) -> list[str]:
     """``key: old -> new`` for each key where the folder's config.yaml differs from the run's."""
     with open(os.path.join(run.run_dir, "config.yaml"), encoding="utf-8") as f:
-        old = _flatten(yaml.safe_load(f) or {})
-    new = _flatten(yaml.safe_load(dump_yaml(run.cfg)))
+        old = flatten_keys(yaml.safe_load(f) or {})
+    # Parsed the same way as the saved file, so YAML's reading of numbers cannot differ.
+    new = flatten_keys(yaml.safe_load(dump_yaml(run.cfg)))
     return [
         f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
         for key in sorted(set(old) | set(new))
         if old.get(key) != new.get(key)
     ]
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 # ---------------------------------------------------------------------------------------------

@@ -261,6 +261,27 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flatten_keys(tree: Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (or "a/b" with ``sep="/"``, as metrics are named)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}{sep}{k}": v for k, v in flatten_keys(value, sep).items()})
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def saved_config_matches(path: str | os.PathLike[str], cfg: Config) -> bool | None:
+    """Whether the config saved at ``path`` (by :func:`save_config`) is exactly ``cfg``;
+    None when there is no file. This is how a run folder is recognised as the same run."""
+    try:
+        saved = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    return saved == dump_yaml(cfg)
+
+
 def config_from_dict(d: Mapping[str, Any]) -> Config:
     """A validated Config from a (possibly partial) nested dict; missing keys keep defaults."""
     cfg = _merge(Config(), d, "")
@@ -681,17 +702,26 @@ def _did_you_mean(word: str, choices: Sequence[Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _merge_file(cfg: Config, path: Path) -> Config:
+def read_text_file(
+    path: str | os.PathLike[str],
+    what: str,
+    example: str,
+    error: type[ConfigError] = ConfigError,
+) -> str:
+    """The UTF-8 text of ``path``; a missing or unreadable file is an ``error`` naming it as
+    ``what`` (e.g. "config file") with ``example`` as a file to pass instead."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(
-            f"config file '{path}' does not exist; pass a YAML file such as "
-            "configs/osmd_synth.yaml",
-            "",
+        raise error(
+            f"{what} '{path}' does not exist; pass a YAML file such as {example}", ""
         ) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file '{path}' cannot be read: {e}", "") from None
+        raise error(f"{what} '{path}' cannot be read: {e}", "") from None
+
+
+def _merge_file(cfg: Config, path: Path) -> Config:
+    text = read_text_file(path, "config file", "configs/osmd_synth.yaml")
     try:
         duplicate = _find_duplicate_key(yaml.compose(text, Loader=_SafeLoader), "")
         data = yaml.load(text, Loader=_SafeLoader)

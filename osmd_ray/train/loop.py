@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from osmd_ray.config import Config, config_from_dict
+from osmd_ray.config import Config, config_from_dict, flatten_keys
 from osmd_ray.data.contract import Manifest
 from osmd_ray.method.stages import (
     method_stages,
@@ -352,9 +352,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 f"({epoch_time:.1f}s)"
             )
             if tracker is not None:
-                tracker.log(_flatten({"train": record["train"], "val": val}), step=epoch + 1)
+                tracker.log(
+                    flatten_keys({"train": record["train"], "val": val}, "/"), step=epoch + 1
+                )
                 if test is not None:
-                    tracker.summary.update(_flatten({"test": test, "val": val}))
+                    tracker.summary.update(flatten_keys({"test": test, "val": val}, "/"))
 
         weights = _full_state_dict(engine, cfg.train.zero_stage)
         with tempfile.TemporaryDirectory(prefix="osmd-ckpt-") as checkpoint_dir:
@@ -374,7 +376,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 save_file(weights, os.path.join(checkpoint_dir, WEIGHTS_FILE))
             # A barrier: every rank reports, equally often, never under a rank-0 guard.
             ray.train.report(
-                {"epoch": epoch + 1, **_flatten({"val": val, "test": test or {}})},
+                {"epoch": epoch + 1, **flatten_keys({"val": val, "test": test or {}}, "/")},
                 checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
             )
         if loop_config.get("stop_after_epoch") == epoch + 1:
@@ -395,15 +397,3 @@ def _progress_reporter(queue: Any) -> Any:
             print(f"[osmd] {line}", flush=True)
 
     return say
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"val": {"deploy": {"accuracy": 1}}} -> {"val/deploy/accuracy": 1}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{name}/"))
-        else:
-            flat[name] = value
-    return flat

@@ -26,8 +26,8 @@ from osmd_ray.config import (
     ConfigError,
     check_against_manifest,
     config_to_dict,
-    dump_yaml,
     save_config,
+    saved_config_matches,
 )
 from osmd_ray.data.contract import Manifest, verify_dataset
 from osmd_ray.tracking import wandb_settings
@@ -82,15 +82,13 @@ def prepare_run_dir(cfg: Config, out: str) -> str:
     run_dir = os.path.abspath(out)
     os.makedirs(run_dir, exist_ok=True)
     config_path = os.path.join(run_dir, CONFIG_FILE)
-    if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            previous = f.read()
-        if previous != dump_yaml(cfg):
-            raise RunError(
-                f"{run_dir} already holds a run with another configuration ({config_path}). "
-                "Rerun with the same config and overrides to resume it, or choose another --out."
-            )
-    else:
+    same = saved_config_matches(config_path, cfg)
+    if same is False:
+        raise RunError(
+            f"{run_dir} already holds a run with another configuration ({config_path}). "
+            "Rerun with the same config and overrides to resume it, or choose another --out."
+        )
+    if same is None:
         save_config(cfg, config_path)
     return run_dir
 
