@@ -34,9 +34,8 @@ from osmd_ray.method.stages import (
     part_parameter_groups,
     set_stage_modes,
     stage_at_epoch,
-    stage_lr_factor,
 )
-from osmd_ray.train.loop import EVAL_PATHS
+from osmd_ray.train.loop import EVAL_PATHS, lr_schedule
 
 
 def _tensors(split: dict[str, np.ndarray], names: list[str]) -> dict[str, torch.Tensor]:
@@ -70,9 +69,8 @@ def run(config: str, overrides: list[str]) -> dict:
     n = splits["train"]["label"].shape[0]
     steps_per_epoch = n // batch
     stages = method_stages(cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, [stage_lr_factor(stages, p, steps_per_epoch, cfg.train.schedule) for p in parts]
-    )
+    # The workers' own schedule: n // workers rows per worker gives the same steps per epoch.
+    sched = lr_schedule(opt, cfg, n // cfg.scaling.num_workers, parts)
     gen = torch.Generator().manual_seed(cfg.seed)
     started = time.perf_counter()
     for epoch in range(cfg.train.epochs):
