@@ -12,17 +12,7 @@ process, and osmd_ray connects to that cluster instead of starting a private ins
 ``python jobs/predict.py --help`` lists the flags.
 """
 
-import os
-import sys
-
-# `ray job submit --working-dir .` unpacks the repository as the job's working directory but
-# puts only jobs/ on sys.path; fall back to the repository root when the package is not installed.
-try:
-    import osmd_ray  # noqa: F401
-except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from osmd_ray.cli import main  # noqa: E402
+from _entry import run  # jobs/_entry.py, beside this script
 
 if __name__ == "__main__":
-    sys.exit(main(["predict", *sys.argv[1:]]))
+    run("predict")

@@ -14,7 +14,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
-JOBS = sorted((REPO / "jobs").glob("*.py"))
+JOBS = sorted(p for p in (REPO / "jobs").glob("*.py") if not p.name.startswith("_"))
 
 
 def _ray_version() -> str:
