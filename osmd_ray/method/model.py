@@ -84,6 +84,14 @@ def _deploy_part_names(method: str) -> tuple[str, ...]:
     }[method]
 
 
+def _deploy_inputs(
+    method: str, ordinary: Sequence[ModalitySpec], privileged: Sequence[ModalitySpec]
+) -> list[ModalitySpec]:
+    """What the deployment network reads: the ordinary modalities, plus the privileged ones
+    for full_multimodal only (imputation reconstructs them)."""
+    return list(ordinary) + (list(privileged) if method == "full_multimodal" else [])
+
+
 def _deploy_parts(
     method: str,
     ordinary: Sequence[ModalitySpec],
@@ -163,7 +171,7 @@ def build_deploy_net(
     """A freshly initialised :class:`DeployNet`; only full_multimodal and imputation build
     E_p (for the other methods ``privileged`` may be empty)."""
     _check_roles(method, ordinary, privileged)
-    inputs = list(ordinary) + (list(privileged) if method == "full_multimodal" else [])
+    inputs = _deploy_inputs(method, ordinary, privileged)
     parts = _deploy_parts(method, ordinary, privileged, num_classes, cfg, normalization)
     return DeployNet(method, parts, inputs, cfg.dropout)
 
@@ -346,7 +354,7 @@ class OSMDModel(nn.Module):
         """The deployment network around this model's own modules (no copies, no E_p for
         osmd): training it trains the model, and its state dict is what gets exported."""
         parts = {name: getattr(self, name) for name in _deploy_part_names(self.method)}
-        inputs = self.ordinary + (self.privileged if self.method == "full_multimodal" else ())
+        inputs = _deploy_inputs(self.method, self.ordinary, self.privileged)
         return DeployNet(self.method, parts, inputs, self.cfg.dropout)
 
 
