@@ -330,7 +330,10 @@ def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
 
 
 def check_against_manifest(cfg: Config, manifest: Any) -> None:
-    """Every configured modality must exist in ``manifest.modalities`` (name -> ModalitySpec)."""
+    """Every configured modality must exist in ``manifest.modalities`` (name -> ModalitySpec),
+    and the splits in ``manifest.splits`` (when given) must feed every worker: at least one
+    training batch each, and at least one row of val and of test each."""
+    _check_rows(cfg, getattr(manifest, "splits", None) or {})
     available = sorted(manifest.modalities)
     for key, names in (
         ("data.ordinary", cfg.data.ordinary),
@@ -344,6 +347,26 @@ def check_against_manifest(cfg: Config, manifest: Any) -> None:
                     f"available modalities: {', '.join(available) or '(none)'}",
                     key,
                 )
+
+
+def _check_rows(cfg: Config, splits: Mapping[str, Any]) -> None:
+    workers, root = cfg.scaling.num_workers, cfg.data.root
+    rows = {split: sum(shard.rows for shard in shards) for split, shards in splits.items()}
+    if "train" in rows and rows["train"] // workers < cfg.data.batch_size:
+        # Workers drop the last partial batch (equal step counts), so no step would run.
+        raise ConfigError(
+            f"config key 'data.batch_size' is {cfg.data.batch_size}, but each of the {workers} "
+            f"worker(s) gets {rows['train'] // workers} training rows of {root!r}, so no "
+            "training step would run; lower data.batch_size or scaling.num_workers",
+            "data.batch_size",
+        )
+    for split in ("val", "test"):
+        if split in rows and rows[split] < workers:
+            raise ConfigError(
+                f"config key 'scaling.num_workers' is {workers}, but split {split!r} of "
+                f"{root!r} has {rows[split]} row(s); every worker needs at least one",
+                "scaling.num_workers",
+            )
 
 
 # ---------------------------------------------------------------------------------------------

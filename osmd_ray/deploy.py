@@ -8,11 +8,17 @@ An export is a folder with two files:
 - ``meta.json``: format version, package version, method, task, classes, the input modality
   specs (for every method but full_multimodal the ordinary modalities only), the model config, the
   inputs' normalisation statistics, the sha256 of ``model.safetensors`` and free-form
-  ``extra`` metadata.
+  ``extra`` metadata; ``sha256["meta.json"]`` is the digest of meta.json's own content (all
+  of it but that entry), so an edited meta.json is detected too.
 
 :func:`load_deploy` rebuilds the network from ``meta.json`` (without any privileged encoder
 except for full_multimodal and imputation, whose E_p reads real or reconstructed privileged
-inputs), checks the checksum and loads the weights strictly.
+inputs), checks the checksums and loads the weights strictly.
+
+Only finite weights are exported or loaded: a diverged model (NaN or inf in any tensor) is
+refused on both sides. The checksums detect accidental changes and corruption; they are no
+signature: whoever can rewrite both files can make a consistent pair (safetensors still keeps
+such a pair from executing code).
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ from osmd_ray.method.model import (
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
+# How many names of non-finite tensors an error message lists.
+_NAMES_SHOWN = 5
 
 
 class DeployError(Exception):
@@ -69,6 +77,37 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _meta_digest(meta: Mapping[str, Any]) -> str:
+    """sha256 of meta.json's content without its own digest entry, in a canonical JSON form,
+    so re-indenting the file changes nothing but any edited value does."""
+    content = dict(meta)
+    content["sha256"] = {k: v for k, v in dict(meta.get("sha256") or {}).items() if k != META_FILE}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _meta_digest_or_none(meta: Mapping[str, Any]) -> str | None:
+    """The digest, or None for content no export writes (NaN, values JSON cannot hold)."""
+    try:
+        return _meta_digest(meta)
+    except (TypeError, ValueError):
+        return None
+
+
+def nonfinite_tensors(state: Mapping[str, Tensor]) -> list[str]:
+    """Names of the floating tensors of a state dict that hold NaN or inf."""
+    return [
+        name
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def _describe_names(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_NAMES_SHOWN])
+    return shown + (f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else "")
 
 
 def _fsync(path: Path) -> None:
@@ -209,12 +248,23 @@ def export_deploy(
     if out.exists() and not _replaceable(out):
         raise FileExistsError(f"{out} exists and is not a deployment export; not replacing it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    state = _cpu_state(net)
+    bad = nonfinite_tensors(state)
+    if bad:
+        # A diverged model must never replace a good export (DESIGN §5, issue 8).
+        raise ValueError(
+            f"export_deploy: refusing to export non-finite weights: {len(bad)} tensor(s) hold "
+            f"NaN or inf ({_describe_names(bad)}); the training diverged, so resume from an "
+            "earlier checkpoint with a lower train.lr"
+        )
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; an export is meant to be shared
-        save_file(_cpu_state(net), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         _fsync(tmp / WEIGHTS_FILE)
         meta["sha256"][WEIGHTS_FILE] = _sha256(tmp / WEIGHTS_FILE)
+        # The digest is taken of what a reader will parse back, e.g. tuples as lists.
+        meta["sha256"][META_FILE] = _meta_digest(json.loads(json.dumps(meta)))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _fsync(tmp / META_FILE)
         _swap_into_place(tmp, out)
@@ -305,9 +355,11 @@ def _model_config(data: Mapping[str, Any]) -> ModelConfig:
 def load_deploy(path: str) -> DeployedModel:
     """Load an export written by :func:`export_deploy` onto the CPU, in eval mode.
 
-    Raises :class:`DeployError` when meta.json is missing or malformed, when
-    model.safetensors does not match the checksum in meta.json, or when the weights do not fit
-    the network the metadata describes.
+    Raises :class:`DeployError` when meta.json is missing, malformed or edited after the
+    export, when model.safetensors does not match the checksum in meta.json, when the weights
+    do not fit the network the metadata describes or hold NaN or inf. Nothing is built from
+    meta.json before its digest is checked. Exports written before meta.json carried its own
+    digest load without that check.
     """
     root = Path(path)
     meta_path, weights_path = root / META_FILE, root / WEIGHTS_FILE
@@ -319,10 +371,20 @@ def load_deploy(path: str) -> DeployedModel:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as err:
         raise DeployError(f"{meta_path} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise DeployError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise DeployError(
             f"{meta_path}: format_version {meta.get('format_version')!r}, this osmd_ray reads "
             f"{FORMAT_VERSION}"
+        )
+    if not isinstance(meta.get("sha256"), dict):
+        raise DeployError(f"{meta_path} lacks the field 'sha256' (the files' checksums)")
+    recorded = meta["sha256"].get(META_FILE)
+    if recorded is not None and recorded != _meta_digest_or_none(meta):
+        raise DeployError(
+            f"{meta_path} was modified after export: its content no longer matches the digest "
+            "it recorded; export the model again from its run"
         )
     try:
         expected = meta["sha256"][WEIGHTS_FILE]
@@ -343,8 +405,18 @@ def load_deploy(path: str) -> DeployedModel:
     except KeyError as err:
         raise DeployError(f"{meta_path} lacks the field {err}") from err
     try:
-        net.load_state_dict(load_file(str(weights_path), device="cpu"), strict=True)
+        state = load_file(str(weights_path), device="cpu")
+    except Exception as err:  # safetensors raises its own error type for a damaged header
+        raise DeployError(f"{weights_path} is not a readable safetensors file: {err}") from err
+    try:
+        net.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as err:
         raise DeployError(f"{weights_path} does not fit the network in meta.json: {err}") from err
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise DeployError(
+            f"{weights_path} holds NaN or inf in {len(bad)} tensor(s) ({_describe_names(bad)}); "
+            "it cannot predict anything"
+        )
     net.eval()
     return DeployedModel(net, meta)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 
 import numpy as np
 
@@ -15,7 +17,8 @@ def predict_split(
     """Predict every row of ``split`` from the ordinary modalities; returns a one-line summary.
 
     Writes sample_id, prediction, probabilities and (when present) label to ``out`` as
-    Parquet, through a temporary name so a failure never leaves a half-written file.
+    Parquet, through a temporary file beside it, so a failure leaves the previous ``out`` (if
+    any) and no half-written file.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -49,8 +52,17 @@ def predict_split(
         labels = arrays["label"].astype(np.int64)
         columns["label"] = pa.array(labels)
         summary += f"  accuracy={float((prediction == labels).mean()):.4f}"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp"
-    pq.write_table(pa.table(columns), tmp)
-    os.replace(tmp, out)
+    folder, name = os.path.split(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(pa.table(columns), tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; predictions are meant to be read
+        os.replace(tmp, out)
+    except BaseException:
+        # A full disk or a crash leaves the previous file and no half-written temporary.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return summary

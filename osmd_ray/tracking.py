@@ -1,7 +1,9 @@
 """wandb tracking from rank 0 (DESIGN §5, issue 2 item 6).
 
-Online when WANDB_API_KEY is set, otherwise offline into the run folder so nothing leaves the
-machine. The key is read by wandb from the environment and never passed through a config.
+Offline into the run folder by default, so nothing leaves the machine; online when
+WANDB_API_KEY is set; WANDB_MODE (offline, online, disabled), when set, wins over both. The key
+is read by wandb from the environment and never passed through a config, a log or the run
+folder.
 """
 
 from __future__ import annotations
@@ -23,8 +25,21 @@ def wandb_settings(cfg: Config, run_dir: str, run_name: str) -> dict[str, Any] |
         "group": cfg.tracking.group or None,
         "name": run_name,
         "dir": local_dir,
-        "mode": "online" if os.environ.get("WANDB_API_KEY") else "offline",
+        "mode": wandb_mode(),
     }
+
+
+def wandb_mode() -> str:
+    """WANDB_MODE when set, else online with an API key and offline without.
+
+    wandb.init(mode=...) overrides the environment, so the mode handed to it must already
+    honour WANDB_MODE: a key in the environment must not send a run online against an
+    explicit WANDB_MODE=offline (CI, air-gapped clusters, tests).
+    """
+    explicit = os.environ.get("WANDB_MODE", "").strip()
+    if explicit:
+        return explicit
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
 def start_wandb(settings: dict[str, Any], cfg: Config) -> Any:

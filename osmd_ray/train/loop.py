@@ -42,7 +42,8 @@ EVAL_PATHS = {
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf; raised on every rank so none is left waiting."""
+    """A loss term or the weights became NaN or inf; raised on every rank so none is left
+    waiting."""
 
 
 def deepspeed_config(cfg: Config, use_bf16: bool) -> dict[str, Any]:
@@ -193,6 +194,28 @@ def _full_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | 
         return None
     # clone: shared stages appear under two keys, and safetensors refuses shared memory.
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def check_finite_weights(
+    weights: Mapping[str, torch.Tensor] | None, epoch: int, step: int, device: torch.device
+) -> None:
+    """Raise on every rank when rank 0's gathered weights hold NaN or inf (a collective).
+
+    Called before a checkpoint is written, so a diverged model is never reported: a finite
+    loss can still come with non-finite gradients that reach the weights.
+    """
+    from osmd_ray.deploy import nonfinite_tensors
+
+    bad = nonfinite_tensors(weights) if weights is not None else []
+    flag = _all_reduce_max(torch.tensor([1.0 if bad else 0.0], device=device))
+    if float(flag[0]) > 0:
+        where = f": {', '.join(bad[:5])}" if bad else ""
+        kept = f"the last checkpoint holds epoch {epoch}" if epoch else "none was written"
+        raise NonFiniteLossError(
+            f"non-finite weights after epoch {epoch + 1}, step {step}{where}. They were not "
+            f"checkpointed ({kept}). Start a new run folder with a lower train.lr or "
+            "train.grad_clip."
+        )
 
 
 def _load_state(checkpoint_dir: str) -> dict[str, Any]:
@@ -359,6 +382,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     tracker.summary.update(flatten_keys({"test": test, "val": val}, "/"))
 
         weights = _full_state_dict(engine, cfg.train.zero_stage)
+        check_finite_weights(weights, epoch, step, device)
         with tempfile.TemporaryDirectory(prefix="osmd-ckpt-") as checkpoint_dir:
             # Every rank writes its own DeepSpeed shards; Ray merges the folders.
             engine.save_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)

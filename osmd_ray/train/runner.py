@@ -12,10 +12,12 @@ Rerunning with the same ``out`` resumes from the last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ from osmd_ray.config import (
     save_config,
     saved_config_matches,
 )
-from osmd_ray.data.contract import Manifest, verify_dataset
+from osmd_ray.data.contract import SPLITS, DataError, Manifest, verify_dataset
 from osmd_ray.tracking import wandb_settings
 from osmd_ray.train.loop import STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
 
@@ -75,6 +77,28 @@ def ensure_ray(cfg: Config) -> None:
         configure_logging=True,
         logging_level="WARNING",
     )
+
+
+def check_resources(cfg: Config) -> None:
+    """Refuse a GPU run that this machine's own Ray instance can never schedule.
+
+    Ray would wait for the GPUs and end with a worker-group timeout from inside Ray Train; a
+    local instance cannot grow, so say what is wrong at once. A cluster (RAY_ADDRESS) may
+    autoscale, so it is left to Ray.
+    """
+    import ray
+
+    if not cfg.scaling.use_gpu or os.environ.get("RAY_ADDRESS"):
+        return
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus < cfg.scaling.num_workers:
+        raise ConfigError(
+            f"config key 'scaling.use_gpu' is true with scaling.num_workers="
+            f"{cfg.scaling.num_workers}, but this machine's Ray instance has {gpus:g} GPU(s); "
+            "set scaling.use_gpu=false, lower scaling.num_workers, or connect to a cluster "
+            "with RAY_ADDRESS",
+            "scaling.use_gpu",
+        )
 
 
 def prepare_run_dir(cfg: Config, out: str) -> str:
@@ -228,10 +252,20 @@ def train(cfg: Config, out: str, stop_after_epoch: int | None = None) -> dict[st
     ``stop_after_epoch`` makes the workers fail right after that epoch's checkpoint (for
     tests of resuming); rerunning without it continues from there.
     """
-    manifest = verify_dataset(cfg.data.root, deep=False)
+    # The full check (checksums, labels in range, no NaN or inf, no nulls) before anything
+    # starts: bad values would otherwise surface mid-run as a NaN loss, a torch IndexError or
+    # labels silently ignored. It reads every shard once (1.7 s for the 20 MB synthetic set).
+    manifest = verify_dataset(cfg.data.root, deep=True)
+    missing = [split for split in SPLITS if split not in manifest.splits]
+    if missing:
+        raise DataError(
+            f"dataset {cfg.data.root}: training needs the splits {', '.join(SPLITS)}; "
+            f"manifest.json has no {', '.join(missing)}"
+        )
     check_against_manifest(cfg, manifest)
-    run_dir = prepare_run_dir(cfg, out)
     ensure_ray(cfg)
+    check_resources(cfg)
+    run_dir = prepare_run_dir(cfg, out)
     started = time.perf_counter()
     with ProgressPrinter(prefix=f"[osmd {cfg.method}] ") as progress:
         trainer = build_trainer(cfg, manifest, run_dir, stop_after_epoch, progress.queue)
@@ -320,11 +354,23 @@ def plot_history(history: list[dict[str, Any]], path: str) -> None:
 
 
 def _write_json(path: str, payload: Any) -> None:
-    """Write JSON to a temporary name and move it into place (never half-written)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    """Write JSON to a temporary file beside ``path``, flushed to disk, and move it into place:
+    an exception or a full disk leaves the previous file, never half of one, and no temporary
+    file behind."""
+    fd, tmp = tempfile.mkstemp(
+        dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; run files are meant to be read
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 __all__ = ["ConfigError", "RunError", "ensure_ray", "train", "prepare_run_dir"]

@@ -296,7 +296,8 @@ def tiny_data(tmp_path_factory) -> str:
     from osmd_ray.data.cli import write_synth_dataset
 
     root = str(tmp_path_factory.mktemp("data") / "tiny")
-    write_synth_dataset(root, n_train=32, n_val=16, n_test=16, size=8, seed=0, progress=False)
+    # 64 training rows per worker: one batch of the default size each (config check).
+    write_synth_dataset(root, n_train=128, n_val=16, n_test=16, size=8, seed=0, progress=False)
     return root
 
 
