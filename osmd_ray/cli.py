@@ -1,4 +1,4 @@
-"""The ``osmd`` command line: data, train, predict, the main job and compare.
+"""The ``osmd`` command line: data, train, predict, the main job, compare and sweep.
 
 Every command takes ``key.sub=value`` overrides where it takes a config; errors in the
 input (config, data, run folder) end with a one-line message and exit code 2, never a
@@ -150,6 +150,47 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_FAILED if result.failures else 0
 
 
+def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sweep",
+        help="a Ray Tune search over config fields (ASHA + Optuna): trials.csv, best.yaml",
+        description=(
+            "Run a Ray Tune search over any training-config fields (loss weights, learning "
+            "rate, architecture, ZeRO stage, ...). Each trial is a full distributed training "
+            "run in OUT/trials/<trial id> whose per-epoch validation metrics reach Tune, so "
+            "ASHA stops poor trials early. Writes OUT/trials.csv (one row per trial: parameters, "
+            "final and best metric, epochs run, status), OUT/best.yaml (a complete training "
+            "config: osmd train --config OUT/best.yaml --out RUN) and OUT/summary.png. The spec "
+            "and the search space are checked before any trial starts. Rerunning the same "
+            "command (or --resume) continues an interrupted sweep: finished trials are kept, "
+            "unfinished and errored ones run again from their last checkpoint. Exit code 1 when "
+            "a trial failed."
+        ),
+        epilog="example: osmd sweep --config configs/sweep_synth.yaml --out runs/sweep "
+        "train.epochs=4   (spec format: osmd_ray/sweep.py, configs/sweep_synth.yaml)",
+    )
+    p.add_argument(
+        "--config", required=True, help="sweep spec YAML (e.g. configs/sweep_synth.yaml)"
+    )
+    p.add_argument("--out", help="output folder (default: runs/<spec name>); reused to resume")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the sweep in --out, and fail if there is none (rerunning without "
+        "--resume continues it too, or starts one)",
+    )
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides for every trial")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from osmd_ray.sweep import sweep
+
+    out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    result = sweep(args.config, out, args.overrides, resume=args.resume)
+    return EXIT_FAILED if any(row["status"] == "ERROR" for row in result.rows) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from osmd_ray.data.cli import add_data_commands
 
@@ -167,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(subparsers)
     _add_main(subparsers)
     _add_compare(subparsers)
+    _add_sweep(subparsers)
     return parser
 
 

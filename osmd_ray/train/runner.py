@@ -20,6 +20,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +66,44 @@ def ensure_ray(cfg: Config) -> None:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
         return
     needed = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 2
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, needed),
-        include_dashboard=False,
-        # A local instance talks over loopback only.
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": env_vars},
-        # Workers' logs stay in /tmp/ray/session_latest/logs; progress comes through a queue
-        # and failures through the exception fit() raises. OSMD_VERBOSE=1 streams them all.
-        log_to_driver=bool(os.environ.get("OSMD_VERBOSE")),
-        configure_logging=True,
-        logging_level="WARNING",
-    )
+    with _loopback_only():
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, needed),
+            include_dashboard=False,
+            # A local instance talks over loopback only.
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": env_vars},
+            # Workers' logs stay in /tmp/ray/session_latest/logs; progress comes through a
+            # queue and failures through the exception fit() raises. OSMD_VERBOSE=1 streams
+            # them all.
+            log_to_driver=bool(os.environ.get("OSMD_VERBOSE")),
+            configure_logging=True,
+            logging_level="WARNING",
+        )
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Any:
+    """Keep a local Ray instance on 127.0.0.1.
+
+    Ray replaces 127.0.0.1 by the machine's outward address (so that other nodes could join)
+    unless it believes clusters are off, which it decides once, at import, from
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER; its GCS and raylet then listen on that address. Turn
+    the flag off in this process while the instance starts (its processes take the address
+    from their arguments), and back on afterwards: `ray start` in a child process must still
+    be able to add nodes.
+    """
+    from ray._private import ray_constants
+
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if saved is None:  # another Ray version: nothing to adjust
+        yield
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def check_resources(cfg: Config) -> None:
@@ -123,8 +150,12 @@ def build_trainer(
     run_dir: str,
     stop_after_epoch: int | None = None,
     progress: Any = None,
+    callbacks: Sequence[Any] = (),
 ) -> Any:
-    """The Ray Train V2 TorchTrainer of a run (rerunning with the same folder resumes)."""
+    """The Ray Train V2 TorchTrainer of a run (rerunning with the same folder resumes).
+
+    ``callbacks`` are Ray Train callbacks, e.g. Tune's TuneReportCallback in a sweep trial.
+    """
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -166,6 +197,7 @@ def build_trainer(
             storage_path=os.path.dirname(run_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks),
         ),
         # Every split is divided evenly across workers (equal row counts, so equal step
         # counts); val/test metrics are summed across ranks.
@@ -246,11 +278,17 @@ def in_memory_dataset(cfg: Config, manifest: Manifest, split: str, columns: list
     return ray.data.from_arrow(blocks)
 
 
-def train(cfg: Config, out: str, stop_after_epoch: int | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    out: str,
+    stop_after_epoch: int | None = None,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
     """Train (or resume) one run into ``out`` and write its artifacts; returns metrics.json.
 
     ``stop_after_epoch`` makes the workers fail right after that epoch's checkpoint (for
-    tests of resuming); rerunning without it continues from there.
+    tests of resuming); rerunning without it continues from there. ``callbacks`` go to Ray
+    Train (see build_trainer).
     """
     # The full check (checksums, labels in range, no NaN or inf, no nulls) before anything
     # starts: bad values would otherwise surface mid-run as a NaN loss, a torch IndexError or
@@ -268,7 +306,9 @@ def train(cfg: Config, out: str, stop_after_epoch: int | None = None) -> dict[st
     run_dir = prepare_run_dir(cfg, out)
     started = time.perf_counter()
     with ProgressPrinter(prefix=f"[osmd {cfg.method}] ") as progress:
-        trainer = build_trainer(cfg, manifest, run_dir, stop_after_epoch, progress.queue)
+        trainer = build_trainer(
+            cfg, manifest, run_dir, stop_after_epoch, progress.queue, callbacks=callbacks
+        )
         result = trainer.fit()
     wall = time.perf_counter() - started
     if result.checkpoint is None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import ray.cloudpickle
+from osmd_processes import end_session, ray_did_not_start, run_to_end, start_osmd
 
 from osmd_ray.config import ConfigError, apply_overrides, load_config
 from osmd_ray.train import runner
@@ -299,65 +300,13 @@ def test_nan_steps_are_skipped_and_non_finite_weights_never_checkpointed(
 SECRET_VARS = ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
-def _start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as sink:
-        # Its own session: every process it starts (Ray's) can be found and cleaned up.
-        return subprocess.Popen(
-            [sys.executable, "-m", "osmd_ray.cli", *argv],
-            cwd=REPO,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def _session_processes(sid: int) -> list[int]:
-    import psutil
-
-    found = []
-    for pid in psutil.pids():
-        try:
-            if os.getsid(pid) == sid and pid != os.getpid():
-                found.append(pid)
-        except (ProcessLookupError, PermissionError):
-            continue
-    return found
-
-
-def _end_session(sid: int, grace_s: float) -> list[int]:
-    """Wait up to ``grace_s`` for the processes of a session we started to exit, then SIGKILL
-    what is left (only that session's processes); returns the pids that had to be killed."""
-    deadline = time.monotonic() + grace_s
-    while _session_processes(sid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    left = _session_processes(sid)
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return left
-
-
-# Ray gives a new local node 30 s (hard-coded) to register; on a heavily loaded machine a
-# second instance beside the session's can miss that. Such a start is retried once: it is the
-# machine, not the behaviour under test.
-RAY_START_TIMEOUT = "The current node timed out during startup"
-
-
-def _ray_did_not_start(log: Path) -> bool:
-    return RAY_START_TIMEOUT in log.read_text(errors="replace")
-
-
 def _wait_for_checkpoints(run_dir: Path, count: int, proc: subprocess.Popen, log: Path) -> bool:
     """Until Ray has registered ``count`` checkpoints of the run (its snapshot lists them);
     False when Ray did not start."""
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            if _ray_did_not_start(log):
+            if ray_did_not_start(log):
                 return False
             pytest.fail(f"osmd train ended early ({proc.returncode}):\n{log.read_text()}")
         if _registered(run_dir) >= count:
@@ -369,7 +318,7 @@ def _wait_for_checkpoints(run_dir: Path, count: int, proc: subprocess.Popen, log
 def _start_and_kill_after(argv, env, log: Path, run_dir: Path, count: int) -> None:
     """Start `osmd train`, SIGKILL it once ``count`` checkpoints are registered."""
     for attempt in range(2):
-        proc = _start(argv, env, log)
+        proc = start_osmd(argv, env, log)
         try:
             started = _wait_for_checkpoints(run_dir, count, proc, log)
             if started:
@@ -379,23 +328,10 @@ def _start_and_kill_after(argv, env, log: Path, run_dir: Path, count: int) -> No
             if proc.poll() is None:
                 proc.kill()
             # Ray's dashboard and runtime-env agents outlive a SIGKILLed driver: clean up.
-            _end_session(proc.pid, grace_s=10)
+            end_session(proc.pid, grace_s=10)
         if started:
             return
         assert attempt == 0, log.read_text()
-
-
-def _run_to_end(argv, env, log: Path, timeout_s: float) -> None:
-    """Run an `osmd` command to its end; it must succeed."""
-    for attempt in range(2):
-        proc = _start(argv, env, log)
-        try:
-            code = proc.wait(timeout=timeout_s)
-        finally:
-            _end_session(proc.pid, grace_s=10)
-        if code == 0:
-            return
-        assert attempt == 0 and _ray_did_not_start(log), log.read_text()
 
 
 def _files(root: Path) -> list[Path]:
@@ -453,7 +389,7 @@ def _kill_rerun_predict_and_search(tiny_synth, tmp_path, fast, secrets, env, ray
     at_kill = {p.name: _tree(p) for p in checkpoints(run_dir)}
     assert not (run_dir / "metrics.json").exists()
 
-    _run_to_end(argv, env, logs / "train-rerun.log", timeout_s=900)
+    run_to_end(argv, env, logs / "train-rerun.log", timeout_s=900)
     rerun = (logs / "train-rerun.log").read_text()
     assert f"resumed from the checkpoint of epoch {done}" in rerun, rerun
     history = read_json(run_dir / "history.json")
@@ -476,7 +412,7 @@ def _kill_rerun_predict_and_search(tiny_synth, tmp_path, fast, secrets, env, ray
         "--out",
         str(preds),
     ]
-    _run_to_end(predict, env, logs / "predict.log", timeout_s=300)
+    run_to_end(predict, env, logs / "predict.log", timeout_s=300)
 
     wandb_files = [p for p in _files(run_dir / "wandb") if "offline-run" in str(p)]
     assert wandb_files, "wandb wrote no offline run into the run folder"

@@ -121,3 +121,27 @@ def test_rerun_with_another_config_is_refused(ray_local, tiny_synth, tmp_path, c
     )
     with pytest.raises(RunError, match="another configuration"):
         prepare_run_dir(other, str(tmp_path / "run"))
+
+
+def test_the_local_ray_instance_listens_on_loopback_only(ray_local):
+    """Ray would use the machine's outward address for a local instance; nothing of ours may
+    listen on (or talk to) anything but 127.0.0.1."""
+    import psutil
+
+    node = ray_local._private.worker.global_worker.node
+    assert node.node_ip_address == "127.0.0.1"
+    assert node.gcs_address.startswith("127.0.0.1:")
+    servers = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.name() in ("gcs_server", "raylet")
+    ]
+    assert {p.name() for p in servers} == {"gcs_server", "raylet"}
+    listening = [
+        c.laddr.ip
+        for p in servers
+        for c in p.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    ]
+    assert listening, "found no listening socket of the GCS or the raylet"
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip in listening), listening

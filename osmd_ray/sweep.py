@@ -1,0 +1,762 @@
+"""``osmd sweep``: a Ray Tune search over training-config fields, each trial a full run.
+
+A sweep spec (YAML) names a base training config, overrides for every trial, the search
+space (any config key), the metric, the scheduler, the search algorithm and each trial's
+resources::
+
+    base: osmd_synth.yaml              # relative to this file's folder, else the cwd
+    overrides: [train.epochs=6]
+    space:
+      loss.w_recon: {loguniform: [1, 30]}      # log scale: both bounds > 0
+      train.lr: {uniform: [3.0e-4, 3.0e-3]}
+      model.depth: {int: [2, 4]}                # integers, both bounds included
+      model.fusion: {choice: [ctn, concat, sum]}
+    metric: val.deploy.accuracy        # any key of the per-epoch report (val.<path>.<metric>)
+    mode: max
+    num_samples: 8
+    max_concurrent_trials: 2
+    scheduler: {type: asha, grace_period: 1, reduction_factor: 3}   # or: none
+    search: {algorithm: optuna, seed: 0}                           # or: random
+    resources: {num_workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}
+
+Every trial is an ordinary training run (Ray Train workers under DeepSpeed, DESIGN §6) in
+``DIR/trials/<trial id>``, with a Tune trial as its driver; the workers' per-epoch reports
+reach Tune through ``TuneReportCallback``, so ASHA can stop a trial after any epoch. Tune's
+own state lives in ``DIR/tune``: rerunning the same command (or ``--resume``) continues an
+interrupted sweep: finished trials are kept, unfinished and errored ones run again and resume
+from their last checkpoint. Then ``DIR/trials.csv``, ``DIR/best.yaml`` and ``DIR/summary.png``
+are written.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from osmd_ray.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    dump_yaml,
+    flatten_keys,
+    load_config,
+    read_text_file,
+    save_config,
+    saved_config_matches,
+)
+
+SPEC_KEYS = (
+    "base",
+    "overrides",
+    "space",
+    "metric",
+    "mode",
+    "num_samples",
+    "max_concurrent_trials",
+    "scheduler",
+    "search",
+    "resources",
+)
+DOMAINS = ("loguniform", "uniform", "int", "choice")
+SCHEDULERS = ("asha", "none")
+SEARCHERS = ("optuna", "random")
+SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor")
+SEARCH_KEYS = ("algorithm", "seed")
+RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
+# Keys the sweep sets on every trial itself.
+RESERVED_KEYS = {
+    "tracking.group": "the sweep names the wandb group after its output folder",
+    "scaling.num_workers": "set resources.num_workers instead",
+    "scaling.cpus_per_worker": "set resources.cpus_per_worker instead",
+    "scaling.use_gpu": "set resources.gpus_per_worker instead",
+}
+DEFAULT_METRIC = "val.deploy.accuracy"
+METRIC_PATTERN = re.compile(r"val\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+")
+TUNE_DIR = "tune"
+SPEC_COPY = "sweep.yaml"
+CSV_FILE = "trials.csv"
+BEST_FILE = "best.yaml"
+PLOT_FILE = "summary.png"
+
+
+class SweepSpecError(ConfigError):
+    """A sweep spec problem; ``key`` is the spec key at fault (e.g. ``space.train.lr``)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched config key and its domain."""
+
+    key: str
+    domain: str
+    low: float | int | None = None
+    high: float | int | None = None
+    values: tuple[Any, ...] = ()
+
+    def tune_domain(self) -> Any:
+        from ray import tune
+
+        if self.domain == "loguniform":
+            return tune.loguniform(self.low, self.high)
+        if self.domain == "uniform":
+            return tune.uniform(self.low, self.high)
+        if self.domain == "int":
+            return tune.randint(self.low, self.high + 1)  # Tune's upper bound is exclusive
+        return tune.choice(list(self.values))
+
+    def extremes(self) -> list[Any]:
+        """The values that bound what a trial can get: each must make a valid config."""
+        return list(self.values) if self.domain == "choice" else [self.low, self.high]
+
+    @property
+    def log_scale(self) -> bool:
+        return self.domain == "loguniform"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    path: str
+    base: str
+    overrides: tuple[str, ...]
+    space: tuple[Param, ...]
+    metric: str
+    """Dotted, as in the spec (val.deploy.accuracy); Tune sees it with '/' (val/deploy/...)."""
+    mode: str
+    num_samples: int
+    max_concurrent_trials: int
+    scheduler: str
+    grace_period: int
+    reduction_factor: float
+    search: str
+    search_seed: int
+    num_workers: int
+    cpus_per_worker: float
+    gpus_per_worker: int
+
+    @property
+    def tune_metric(self) -> str:
+        return self.metric.replace(".", "/")
+
+    def resource_overrides(self) -> list[str]:
+        return [
+            f"scaling.num_workers={self.num_workers}",
+            f"scaling.cpus_per_worker={self.cpus_per_worker}",
+            f"scaling.use_gpu={'true' if self.gpus_per_worker else 'false'}",
+        ]
+
+
+def load_sweep_spec(path: str | os.PathLike[str]) -> SweepSpec:
+    """Read and check a sweep spec (the space against the base config too)."""
+    path = str(path)
+    text = read_text_file(path, "sweep spec", "configs/sweep_synth.yaml", SweepSpecError)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SweepSpecError(f"sweep spec '{path}' is not valid YAML: {e}", "") from None
+    return parse_sweep_spec(data, path)
+
+
+def parse_sweep_spec(data: Any, path: str) -> SweepSpec:
+    """Check a loaded spec's structure; every problem is a SweepSpecError naming the key."""
+    from osmd_ray.compare import _resolve_base
+
+    def fail(key: str, problem: str) -> SweepSpecError:
+        return SweepSpecError(f"sweep spec '{path}': key {key!r} {problem}", key)
+
+    if not isinstance(data, Mapping):
+        raise SweepSpecError(
+            f"sweep spec '{path}' must be a mapping with keys {', '.join(SPEC_KEYS)}; "
+            f"got {type(data).__name__}",
+            "",
+        )
+    _reject_unknown(data, SPEC_KEYS, "", fail)
+    if "base" not in data:
+        raise fail("base", "is missing; name the training config, e.g. base: osmd_synth.yaml")
+    base = _resolve_base(data["base"], path, fail)
+    overrides = _override_list(data.get("overrides"), fail)
+
+    raw_space = data.get("space")
+    if not isinstance(raw_space, Mapping) or not raw_space:
+        raise fail(
+            "space",
+            "must be a non-empty mapping of config keys to domains, e.g. "
+            "{loss.w_jan: {loguniform: [0.01, 1]}}",
+        )
+    space = tuple(_param(str(key), value, fail) for key, value in raw_space.items())
+
+    metric = data.get("metric", DEFAULT_METRIC)
+    if not isinstance(metric, str) or not METRIC_PATTERN.fullmatch(metric):
+        raise fail(
+            "metric",
+            f"must be a validation metric val.<path>.<metric>, e.g. {DEFAULT_METRIC}; got "
+            f"{metric!r} (test metrics are reported once, after the last epoch, so a sweep "
+            "cannot select on them)",
+        )
+    mode = data.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise fail("mode", f"must be max or min; got {mode!r}")
+    num_samples = _positive_int(data.get("num_samples", 8), "num_samples", fail)
+    concurrent = _positive_int(data.get("max_concurrent_trials", 1), "max_concurrent_trials", fail)
+
+    scheduler, grace, factor = _scheduler(data.get("scheduler", "asha"), fail)
+    search, search_seed = _search(data.get("search", "optuna"), fail)
+    workers, cpus, gpus = _resources(data.get("resources", {}), fail)
+    return SweepSpec(
+        path=path,
+        base=base,
+        overrides=overrides,
+        space=space,
+        metric=metric,
+        mode=mode,
+        num_samples=num_samples,
+        max_concurrent_trials=concurrent,
+        scheduler=scheduler,
+        grace_period=grace,
+        reduction_factor=factor,
+        search=search,
+        search_seed=search_seed,
+        num_workers=workers,
+        cpus_per_worker=cpus,
+        gpus_per_worker=gpus,
+    )
+
+
+def _reject_unknown(mapping: Mapping[Any, Any], allowed: Sequence[str], prefix: str, fail) -> None:
+    for key in mapping:
+        if key not in allowed:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise fail(where, f"is not a sweep spec key{hint}; valid: {', '.join(allowed)}")
+
+
+def _override_list(value: Any, fail) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise fail("overrides", f"must be a list of key=value strings; got {value!r}")
+    return tuple(value)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _param(key: str, value: Any, fail) -> Param:
+    where = f"space.{key}"
+    if key in RESERVED_KEYS:
+        raise fail(where, f"cannot be searched: {RESERVED_KEYS[key]}")
+    if not isinstance(value, Mapping) or len(value) != 1:
+        raise fail(
+            where,
+            "must be one domain, e.g. {loguniform: [1.0e-4, 1.0e-2]}, {uniform: [0, 1]}, "
+            f"{{int: [2, 4]}} or {{choice: [a, b]}}; got {value!r}",
+        )
+    ((domain, args),) = value.items()
+    if domain not in DOMAINS:
+        close = difflib.get_close_matches(str(domain), DOMAINS, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise fail(where, f"has domain {domain!r}{hint}; valid: {', '.join(DOMAINS)}")
+    if domain == "choice":
+        if not isinstance(args, list) or not args:
+            raise fail(where, f"choice must be a non-empty list of values; got {args!r}")
+        if len({repr(v) for v in args}) != len(args):
+            raise fail(where, f"choice lists a value more than once: {args!r}")
+        return Param(key, domain, values=tuple(args))
+    if not isinstance(args, list) or len(args) != 2 or not all(_number(a) for a in args):
+        raise fail(where, f"{domain} must be [low, high], two finite numbers; got {args!r}")
+    low, high = args
+    if domain == "int":
+        if not all(isinstance(a, int) for a in args):
+            raise fail(where, f"int bounds must be integers; got {args!r}")
+        if low > high:
+            raise fail(where, f"int bounds must satisfy low <= high; got {args!r}")
+    elif low >= high:
+        raise fail(where, f"{domain} bounds must satisfy low < high; got {args!r}")
+    if domain == "loguniform" and low <= 0:
+        raise fail(where, f"loguniform bounds must be > 0 (a log scale); got {args!r}")
+    return Param(key, domain, low=low, high=high)
+
+
+def _positive_int(value: Any, key: str, fail) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise fail(key, f"must be a positive integer; got {value!r}")
+    return value
+
+
+def _scheduler(value: Any, fail) -> tuple[str, int, float]:
+    if isinstance(value, str) or value is None:
+        value = {"type": value or "none"}
+    if not isinstance(value, Mapping):
+        raise fail("scheduler", f"must be asha, none or {{type: asha, ...}}; got {value!r}")
+    _reject_unknown(value, SCHEDULER_KEYS, "scheduler", fail)
+    kind = value.get("type", "asha")
+    if kind not in SCHEDULERS:
+        raise fail("scheduler.type", f"must be one of {', '.join(SCHEDULERS)}; got {kind!r}")
+    grace = _positive_int(value.get("grace_period", 1), "scheduler.grace_period", fail)
+    factor = value.get("reduction_factor", 3)
+    if not _number(factor) or factor <= 1:
+        raise fail("scheduler.reduction_factor", f"must be a number > 1; got {factor!r}")
+    return kind, grace, float(factor)
+
+
+def _search(value: Any, fail) -> tuple[str, int]:
+    if isinstance(value, str):
+        value = {"algorithm": value}
+    if not isinstance(value, Mapping):
+        raise fail("search", f"must be optuna, random or {{algorithm, seed}}; got {value!r}")
+    _reject_unknown(value, SEARCH_KEYS, "search", fail)
+    algorithm = value.get("algorithm", "optuna")
+    if algorithm not in SEARCHERS:
+        raise fail("search.algorithm", f"must be one of {', '.join(SEARCHERS)}; got {algorithm!r}")
+    seed = value.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise fail("search.seed", f"must be an integer >= 0; got {seed!r}")
+    return algorithm, seed
+
+
+def _resources(value: Any, fail) -> tuple[int, float, int]:
+    if not isinstance(value, Mapping):
+        raise fail("resources", f"must be a mapping {{{', '.join(RESOURCE_KEYS)}}}; got {value!r}")
+    _reject_unknown(value, RESOURCE_KEYS, "resources", fail)
+    workers = _positive_int(value.get("num_workers", 2), "resources.num_workers", fail)
+    cpus = value.get("cpus_per_worker", 1)
+    if not _number(cpus) or cpus <= 0:
+        raise fail("resources.cpus_per_worker", f"must be a number > 0; got {cpus!r}")
+    gpus = value.get("gpus_per_worker", 0)
+    if gpus not in (0, 1) or isinstance(gpus, bool):
+        # The runner gives each worker a whole GPU (scaling.use_gpu); pack several small
+        # trials on one GPU node by running more of them concurrently instead.
+        raise fail("resources.gpus_per_worker", f"must be 0 or 1; got {gpus!r}")
+    return workers, float(cpus), int(gpus)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trials
+# ---------------------------------------------------------------------------------------------
+
+
+def format_value(value: Any) -> str:
+    """A sampled value as an override (YAML) text: floats keep full precision."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def param_overrides(params: Mapping[str, Any]) -> list[str]:
+    return [f"{key}={format_value(_plain(value))}" for key, value in params.items()]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (Tune's samplers return them) as Python numbers."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) and not isinstance(value, (list, tuple, str)) else value
+
+
+def base_config(spec: SweepSpec, out: str, overrides: Sequence[str] = ()) -> Config:
+    """The config every trial starts from: base file, spec overrides, resources, the command
+    line's overrides and the wandb group; then every domain's bounds are checked against it."""
+    for text in overrides:
+        name = text.split("=", 1)[0].strip()
+        if name in RESERVED_KEYS:
+            raise ConfigError(f"override {text!r}: {RESERVED_KEYS[name]}", name)
+        if name in {p.key for p in spec.space}:
+            raise ConfigError(
+                f"override {text!r}: {name!r} is searched (space.{name}); remove it from the "
+                "space or from the command line",
+                name,
+            )
+    group = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.abspath(out)))
+    try:
+        cfg = load_config(
+            spec.base,
+            [*spec.overrides, *spec.resource_overrides(), *overrides, f"tracking.group={group}"],
+        )
+    except ConfigError as e:
+        raise ConfigError(f"sweep spec '{spec.path}', base and overrides: {e}", e.key) from None
+    check_space(spec, cfg)
+    return cfg
+
+
+def check_space(spec: SweepSpec, cfg: Config) -> None:
+    """Every searched key exists and each domain's bounds (or choices) make a valid config.
+
+    A combination of in-range values can still contradict another key; such a trial ends
+    with a ConfigError naming it, in trials.csv.
+    """
+    for param in spec.space:
+        for value in param.extremes():
+            try:
+                apply_overrides(cfg, [f"{param.key}={format_value(value)}"])
+            except ConfigError as e:
+                raise SweepSpecError(
+                    f"sweep spec '{spec.path}': key 'space.{param.key}': value {value!r} "
+                    f"is not valid: {e}",
+                    f"space.{param.key}",
+                ) from None
+
+
+def trial_driver(params: dict[str, Any], base: dict[str, Any], out: str) -> None:
+    """One Tune trial: a full training run into ``out/trials/<trial id>``.
+
+    Runs in a Tune trial actor; the Train controller and workers it starts share its fate, so
+    ASHA stopping the trial stops its workers too. A trial that Tune runs again after an
+    interruption resumes its run folder from the last checkpoint; one whose run had already
+    finished (the driver was killed before Tune saved that) reports its epochs from
+    history.json instead of training again.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from osmd_ray.train.runner import train
+
+    cfg = apply_overrides(config_from_dict(base), param_overrides(params))
+    run_dir = os.path.join(out, "trials", ray.tune.get_context().get_trial_id())
+    if _finished_run(run_dir, cfg):
+        for record in json.loads(Path(run_dir, "history.json").read_text(encoding="utf-8")):
+            ray.tune.report({"epoch": record["epoch"], **epoch_metrics(record["val"])})
+        return
+    train(cfg, run_dir, callbacks=[TuneReportCallback()])
+
+
+def epoch_metrics(val: Mapping[str, Any]) -> dict[str, Any]:
+    """The validation part of the workers' per-epoch report, keyed as they key it."""
+    return flatten_keys({"val": val}, "/")
+
+
+def _finished_run(run_dir: str, cfg: Config) -> bool:
+    return bool(
+        os.path.exists(os.path.join(run_dir, "metrics.json"))
+        and os.path.exists(os.path.join(run_dir, "history.json"))
+        and saved_config_matches(os.path.join(run_dir, "config.yaml"), cfg)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the sweep
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    resumed: bool
+
+
+def run_sweep(
+    spec: SweepSpec, out: str, overrides: Sequence[str] = (), resume: bool = False
+) -> SweepResult:
+    """Run (or continue) the sweep and write trials.csv, best.yaml and summary.png."""
+    out = os.path.abspath(out)
+    cfg = base_config(spec, out, overrides)
+    state = os.path.join(out, TUNE_DIR)
+    existing = os.path.isdir(state)
+    if resume and not existing:
+        raise ConfigError(f"--resume: {out} holds no sweep to continue (no {TUNE_DIR}/)", "")
+    _check_data(cfg)
+    spec_text = _spec_record(spec, cfg)
+    _check_same_sweep(out, spec_text)
+    os.makedirs(out, exist_ok=True)
+    Path(out, SPEC_COPY).write_text(spec_text, encoding="utf-8")
+
+    _start_ray(spec, cfg)
+    import ray.tune
+
+    trainable = ray.tune.with_parameters(trial_driver, base=config_to_dict(cfg), out=out)
+    restored = existing and ray.tune.Tuner.can_restore(state)
+    started = time.perf_counter()
+    if restored:
+        print(f"[sweep] continuing the sweep in {out}", flush=True)
+        tuner = ray.tune.Tuner.restore(
+            state, trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space={p.key: p.tune_domain() for p in spec.space},
+            tune_config=ray.tune.TuneConfig(
+                metric=spec.tune_metric,
+                mode=spec.mode,
+                num_samples=spec.num_samples,
+                max_concurrent_trials=spec.max_concurrent_trials,
+                scheduler=_build_scheduler(spec, cfg),
+                search_alg=_build_searcher(spec),
+                trial_dirname_creator=lambda trial: trial.trial_id,
+            ),
+            run_config=ray.tune.RunConfig(
+                name=TUNE_DIR,
+                storage_path=out,
+                # Trials keep going when one fails; errored ones are retried on resume.
+                failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    wall = time.perf_counter() - started
+    rows = trial_rows(grid, spec, cfg, out)
+    best = pick_best(rows, spec, cfg)
+    write_outputs(rows, best, spec, cfg, out)
+    print(f"[sweep] {len(rows)} trials in {wall:.0f} s ({_status_counts(rows)})", flush=True)
+    return SweepResult(rows=rows, best=best, resumed=bool(restored))
+
+
+def _check_data(cfg: Config) -> None:
+    from osmd_ray.config import DataConfig, check_against_manifest
+    from osmd_ray.data.contract import verify_dataset
+    from osmd_ray.main_job import ensure_synthetic_data
+
+    if os.path.normpath(cfg.data.root) == os.path.normpath(DataConfig().root):
+        ensure_synthetic_data(cfg.data.root)
+    check_against_manifest(cfg, verify_dataset(cfg.data.root, deep=False))
+
+
+def _spec_record(spec: SweepSpec, cfg: Config) -> str:
+    """What identifies a sweep: its base config and search settings. A rerun into the same
+    folder must match it, or Tune would continue one search with another's settings."""
+    record = {
+        "space": {
+            p.key: {p.domain: list(p.values) if p.domain == "choice" else [p.low, p.high]}
+            for p in spec.space
+        },
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "num_samples": spec.num_samples,
+        "scheduler": {
+            "type": spec.scheduler,
+            "grace_period": spec.grace_period,
+            "reduction_factor": spec.reduction_factor,
+        },
+        "search": {"algorithm": spec.search, "seed": spec.search_seed},
+        "base_config": yaml.safe_load(dump_yaml(cfg)),
+    }
+    return (
+        "# The sweep this folder holds (written by osmd sweep; rerunning it continues it).\n"
+        + yaml.safe_dump(record, sort_keys=False)
+    )
+
+
+def _check_same_sweep(out: str, spec_text: str) -> None:
+    path = Path(out, SPEC_COPY)
+    if not path.exists():
+        return
+    old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    new = yaml.safe_load(spec_text)
+    if old != new:
+        a, b = flatten_keys(old), flatten_keys(new)
+        diffs = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        raise ConfigError(
+            f"{out} holds another sweep (differs in {', '.join(diffs[:4])}); rerun with the "
+            "spec and overrides that made it, or choose another --out",
+            "",
+        )
+
+
+def _start_ray(spec: SweepSpec, cfg: Config) -> None:
+    """A local instance with room for the concurrent trials: each trial's driver (1 CPU), its
+    workers and their data tasks; or the cluster in RAY_ADDRESS."""
+    from osmd_ray.train.runner import ensure_ray
+
+    per_trial = spec.num_workers * spec.cpus_per_worker + 1
+    workers = math.ceil(per_trial * spec.max_concurrent_trials / spec.cpus_per_worker)
+    ensure_ray(apply_overrides(cfg, [f"scaling.num_workers={workers}", "scaling.use_gpu=false"]))
+
+
+def _build_scheduler(spec: SweepSpec, cfg: Config) -> Any:
+    if spec.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # Time is the epoch the workers report (not Tune's iteration count), so a trial resumed
+    # from its checkpoint is judged at the right epoch.
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=cfg.train.epochs,
+        grace_period=min(spec.grace_period, cfg.train.epochs),
+        reduction_factor=spec.reduction_factor,
+    )
+
+
+def _build_searcher(spec: SweepSpec) -> Any:
+    if spec.search == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=spec.search_seed)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.search_seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+
+def trial_rows(grid: Any, spec: SweepSpec, cfg: Config, out: str) -> list[dict[str, Any]]:
+    """One row per trial: parameters, final and best metric, epochs run, status."""
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or os.path.basename(result.path)
+        frame = result.metrics_dataframe
+        values = (
+            [float(v) for v in frame[spec.tune_metric].dropna()]
+            if frame is not None and spec.tune_metric in frame
+            else []
+        )
+        epochs = int(metrics.get("epoch", 0) or 0)
+        if result.error is not None:
+            status = "ERROR"
+        elif epochs >= cfg.train.epochs:
+            status = "COMPLETED"
+        else:
+            status = "STOPPED_EARLY"
+        best = (max if spec.mode == "max" else min)(values) if values else math.nan
+        row: dict[str, Any] = {"trial_id": trial_id}
+        row.update({f"param.{p.key}": _plain(result.config.get(p.key)) for p in spec.space})
+        row.update(
+            {
+                "final_metric": values[-1] if values else math.nan,
+                "best_metric": best,
+                "epochs": epochs,
+                "status": status,
+                "error": _first_line(result.error) if result.error is not None else "",
+                "run_dir": os.path.relpath(os.path.join(out, "trials", trial_id), out),
+            }
+        )
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1][:300] if text else type(error).__name__
+
+
+def pick_best(rows: Sequence[dict[str, Any]], spec: SweepSpec, cfg: Config) -> dict | None:
+    """The best trial among those that trained every epoch (by their final metric), so that
+    best.yaml, trained as is, reproduces the figure; an early-stopped trial's figure is from
+    fewer epochs. Falls back to every trial when none completed."""
+    pool = [r for r in rows if r["status"] == "COMPLETED" and not math.isnan(r["final_metric"])]
+    if not pool:
+        pool = [r for r in rows if not math.isnan(r["final_metric"])]
+    if not pool:
+        return None
+    choose = max if spec.mode == "max" else min
+    return choose(pool, key=lambda r: r["final_metric"])
+
+
+def write_outputs(
+    rows: Sequence[dict[str, Any]], best: dict | None, spec: SweepSpec, cfg: Config, out: str
+) -> None:
+    columns = list(rows[0]) if rows else ["trial_id"]
+    tmp = Path(out, f".{CSV_FILE}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, Path(out, CSV_FILE))
+    if best is not None:
+        params = {p.key: best[f"param.{p.key}"] for p in spec.space}
+        best_cfg = apply_overrides(cfg, param_overrides(params))
+        tmp_yaml = Path(out, f".{BEST_FILE}.tmp")
+        save_config(best_cfg, tmp_yaml)
+        header = (
+            f"# Best trial of the sweep in {out}: {best['trial_id']}, {spec.metric}="
+            f"{best['final_metric']:.4f} after {best['epochs']} epochs ({best['status']}).\n"
+            f"# Train it as is: osmd train --config {Path(out, BEST_FILE)} --out RUN\n"
+        )
+        tmp_yaml.write_text(header + tmp_yaml.read_text(encoding="utf-8"), encoding="utf-8")
+        os.replace(tmp_yaml, Path(out, BEST_FILE))
+    plot_summary(rows, spec, os.path.join(out, PLOT_FILE))
+
+
+def plot_summary(rows: Sequence[dict[str, Any]], spec: SweepSpec, path: str) -> None:
+    """The metric (best over each trial's epochs) against each searched parameter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(spec.space)
+    cols = min(n, 3)
+    fig, axes = plt.subplots(
+        math.ceil(n / cols), cols, figsize=(4.2 * cols, 3.4 * math.ceil(n / cols)), squeeze=False
+    )
+    colors = {"COMPLETED": "tab:blue", "STOPPED_EARLY": "tab:orange", "ERROR": "tab:red"}
+    for ax, param in zip(axes.flat, spec.space, strict=False):
+        for status, color in colors.items():
+            points = [
+                (r[f"param.{param.key}"], r["best_metric"])
+                for r in rows
+                if r["status"] == status and not math.isnan(r["best_metric"])
+            ]
+            if not points:
+                continue
+            xs = [str(x) for x, _ in points] if param.domain == "choice" else [x for x, _ in points]
+            ax.scatter(xs, [y for _, y in points], color=color, label=status.lower(), alpha=0.8)
+        if param.log_scale:
+            ax.set_xscale("log")
+        ax.set_xlabel(param.key)
+        ax.set_ylabel(spec.metric)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper right", fontsize=8)
+    fig.suptitle(f"{Path(spec.path).stem}: {len(rows)} trials")
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _status_counts(rows: Sequence[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+
+
+def sweep(
+    spec_path: str, out: str, overrides: Sequence[str] = (), resume: bool = False
+) -> SweepResult:
+    """What ``osmd sweep`` runs: load the spec, run the sweep, print the outcome."""
+    spec = load_sweep_spec(spec_path)
+    result = run_sweep(spec, out, overrides, resume)
+    print(f"trials.csv, best.yaml and summary.png in {os.path.abspath(out)}")
+    if result.best is not None:
+        print(
+            f"best: {result.best['trial_id']} {spec.metric}={result.best['final_metric']:.4f} "
+            f"({result.best['status'].lower()}); train it with "
+            f"osmd train --config {os.path.join(os.path.abspath(out), BEST_FILE)} --out RUN"
+        )
+    return result

@@ -1,0 +1,135 @@
+"""`osmd sweep` end to end on a local Ray instance: trials that are real Ray Train runs, their
+epochs reported to Tune, best.yaml reproducing its trial, and a killed sweep resumed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from osmd_processes import REPO, end_session, ray_did_not_start, run_to_end, start_osmd
+
+from osmd_ray.config import load_config
+from osmd_ray.sweep import load_sweep_spec, run_sweep
+from osmd_ray.train.runner import train
+
+pytestmark = pytest.mark.integration
+
+
+def write_spec(path: Path, data_root: str, fast: list[str], **changes) -> Path:
+    spec = {
+        "base": str(REPO / "configs" / "osmd_synth.yaml"),
+        "overrides": [*fast, f"data.root={data_root}", "train.epochs=2"],
+        "space": {
+            "train.lr": {"loguniform": [3.0e-4, 3.0e-3]},
+            "loss.w_recon": {"loguniform": [0.3, 30]},
+        },
+        "num_samples": 3,
+        "max_concurrent_trials": 1,
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "search": {"algorithm": "optuna", "seed": 0},
+        "resources": {"num_workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0},
+    }
+    spec.update(changes)
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def read_trials(out: Path) -> list[dict[str, str]]:
+    with open(out / "trials.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_asha_sweep_reports_every_epoch_and_best_yaml_reproduces_its_trial(
+    ray_local, tiny_synth, tmp_path, fast
+):
+    spec = load_sweep_spec(write_spec(tmp_path / "sweep.yaml", tiny_synth, fast))
+    out = tmp_path / "sweep"
+    result = run_sweep(spec, str(out))
+
+    rows = read_trials(out)
+    assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3
+    for row in rows:
+        # Each trial is a real run in its own folder, its epochs reported to Tune as they end.
+        assert row["status"] in ("COMPLETED", "STOPPED_EARLY"), row
+        epochs = int(row["epochs"])
+        assert epochs == (2 if row["status"] == "COMPLETED" else 1), row
+        assert 0.0 <= float(row["final_metric"]) <= 1.0
+        assert (out / row["run_dir"] / "config.yaml").exists()
+        if row["status"] == "COMPLETED":
+            history = json.loads((out / row["run_dir"] / "history.json").read_text())
+            assert float(row["final_metric"]) == pytest.approx(
+                history[-1]["val"]["deploy"]["accuracy"], abs=1e-9
+            )
+    assert (out / "summary.png").stat().st_size > 1000
+    assert result.best is not None and result.best["status"] == "COMPLETED"
+
+    # best.yaml trains as is, to the validation figure the sweep reported for its trial.
+    best_cfg = load_config(out / "best.yaml")
+    trial_cfg = load_config(out / result.best["run_dir"] / "config.yaml")
+    assert best_cfg == trial_cfg
+    metrics = train(best_cfg, str(tmp_path / "best_run"))
+    assert metrics["val"]["deploy"]["accuracy"] == pytest.approx(
+        result.best["final_metric"], abs=1e-6
+    )
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tiny_synth, tmp_path, fast):
+    """`osmd sweep` (its own local Ray) is SIGKILLed once a trial has finished; the same
+    command again completes the sweep: the finished trial is not trained again and
+    trials.csv lists every trial exactly once."""
+    spec = write_spec(tmp_path / "sweep.yaml", tiny_synth, fast, scheduler="none", num_samples=2)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", str(spec), "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "logs" / "killed.log"
+
+    for attempt in range(2):  # a Ray start timing out on a loaded machine is retried once
+        proc = start_osmd(argv, env, log)
+        try:
+            finished = _wait_for_finished_trial(out, proc, log)
+            if finished is not None:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        finally:
+            end_session(proc.pid, grace_s=10)
+        if finished is not None:
+            break
+        assert attempt == 0, log.read_text()
+    stamp = finished.stat().st_mtime_ns
+    assert not (out / "trials.csv").exists()
+
+    run_to_end(argv, env, tmp_path / "logs" / "resumed.log", timeout_s=900)
+    resumed = (tmp_path / "logs" / "resumed.log").read_text()
+    assert "continuing the sweep" in resumed, resumed
+    assert finished.stat().st_mtime_ns == stamp, "a finished trial was trained again"
+    rows = read_trials(out)
+    assert sorted(r["trial_id"] for r in rows) == sorted(p.name for p in (out / "trials").iterdir())
+    assert len(rows) == 2 and len({r["trial_id"] for r in rows}) == 2
+    assert all(r["status"] == "COMPLETED" and r["epochs"] == "2" for r in rows), rows
+    finished_row = next(r for r in rows if r["trial_id"] == finished.parent.name)
+    history = json.loads((finished.parent / "history.json").read_text())
+    assert float(finished_row["final_metric"]) == pytest.approx(
+        history[-1]["val"]["deploy"]["accuracy"], abs=1e-9
+    )
+
+
+def _wait_for_finished_trial(out: Path, proc, log: Path) -> Path | None:
+    """metrics.json of the first trial that finished, or None when Ray did not start."""
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        found = sorted((out / "trials").glob("*/metrics.json"))
+        if found:
+            return found[0]
+        if proc.poll() is not None:
+            if ray_did_not_start(log):
+                return None
+            pytest.fail(f"osmd sweep ended early ({proc.returncode}):\n{log.read_text()}")
+        time.sleep(0.2)
+    pytest.fail(f"no trial finished after 900 s:\n{log.read_text()}")
