@@ -592,10 +592,12 @@ def _build_scheduler(spec: SweepSpec, cfg: Config) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     # Time is the epoch the workers report (not Tune's iteration count), so a trial resumed
-    # from its checkpoint is judged at the right epoch.
+    # from its checkpoint is judged at the right epoch. ASHA stops every trial that reaches
+    # max_t at once, before its run could export the deployment model and write metrics.json;
+    # one epoch more than any trial trains lets a trial that survived every rung finish.
     return ASHAScheduler(
         time_attr="epoch",
-        max_t=cfg.train.epochs,
+        max_t=cfg.train.epochs + 1,
         grace_period=min(spec.grace_period, cfg.train.epochs),
         reduction_factor=spec.reduction_factor,
     )
@@ -703,6 +705,7 @@ def plot_summary(rows: Sequence[dict[str, Any]], spec: SweepSpec, path: str) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     n = len(spec.space)
     cols = min(n, 3)
@@ -723,6 +726,8 @@ def plot_summary(rows: Sequence[dict[str, Any]], spec: SweepSpec, path: str) -> 
             ax.scatter(xs, [y for _, y in points], color=color, label=status.lower(), alpha=0.8)
         if param.log_scale:
             ax.set_xscale("log")
+            # Minor-tick labels of a short log range overlap; the major ones suffice.
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(param.key)
         ax.set_ylabel(spec.metric)
         ax.grid(alpha=0.3)
