@@ -398,6 +398,10 @@ def base_config(spec: SweepSpec, out: str, overrides: Sequence[str] = ()) -> Con
         )
     except ConfigError as e:
         raise ConfigError(f"sweep spec '{spec.path}', base and overrides: {e}", e.key) from None
+    if "://" not in cfg.data.root:
+        # Tune runs each trial in a working directory of its own: a relative root would
+        # point nowhere there.
+        cfg = apply_overrides(cfg, [f"data.root={os.path.abspath(cfg.data.root)}"])
     check_space(spec, cfg)
     return cfg
 

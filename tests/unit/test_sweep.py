@@ -48,6 +48,9 @@ def test_the_shipped_spec_loads_and_its_space_fits_the_base_config(tmp_path):
     assert cfg.train.epochs == 4
     assert cfg.scaling.num_workers == 2 and cfg.scaling.use_gpu is False
     assert cfg.tracking.group == "sweep"
+    # Tune runs trials in their own working directories: the default relative root is made
+    # absolute, or every trial would miss the dataset.
+    assert cfg.data.root == str(Path("data/synth_cls").resolve())
 
 
 def test_defaults_of_an_omitted_section():
