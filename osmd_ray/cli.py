@@ -38,13 +38,14 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from osmd_ray import storage
     from osmd_ray.config import load_config
     from osmd_ray.train.runner import train
 
     cfg = load_config(args.config, args.overrides)
     metrics = train(cfg, args.out)
     print(_metrics_line(metrics))
-    print(f"run folder: {os.path.abspath(args.out)}")
+    print(f"run folder: {storage.normalize(args.out)}")
     return 0
 
 
@@ -216,12 +217,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from osmd_ray.config import ConfigError
     from osmd_ray.data.contract import DataError
     from osmd_ray.deploy import DeployError
+    from osmd_ray.storage import StorageError
     from osmd_ray.train.runner import RunError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, DeployError, RunError) as error:
+    except (ConfigError, DataError, DeployError, RunError, StorageError) as error:
         print(f"osmd {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -42,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from osmd_ray import storage
 from osmd_ray.config import (
     Config,
     ConfigError,
@@ -364,7 +365,7 @@ def plan_runs(spec: CompareSpec, out: str, overrides: Sequence[str] = ()) -> lis
                 if not cfg.tracking.group:  # wandb shows a compare's runs together
                     cfg = apply_overrides(cfg, [f"tracking.group={spec.stem}"])
                 name = dataset.name or _dataset_name(cfg.data.root)
-                run_dir = os.path.join(out, "runs", name, variant.name, f"seed{seed}")
+                run_dir = storage.join(out, "runs", name, variant.name, f"seed{seed}")
                 runs.append(PlannedRun(name, variant.name, seed, cfg, run_dir))
     return runs
 
@@ -394,21 +395,26 @@ def check_datasets(runs: Sequence[PlannedRun]) -> None:
 def run_state(run: PlannedRun) -> str:
     """'new', 'finished', 'partial' (same config, not finished: train resumes it) or
     'conflict' (the folder holds a run with another configuration)."""
-    same = saved_config_matches(os.path.join(run.run_dir, "config.yaml"), run.cfg)
+    if storage.is_remote(run.run_dir):
+        saved = storage.read_text(storage.join(run.run_dir, "config.yaml"))
+        same = None if saved is None else saved == dump_yaml(run.cfg)
+    else:
+        same = saved_config_matches(os.path.join(run.run_dir, "config.yaml"), run.cfg)
     if same is None:
         return "new"
     if not same:
         return "conflict"
-    finished = os.path.exists(os.path.join(run.run_dir, "metrics.json")) and os.path.exists(
-        os.path.join(run.run_dir, "deploy", "meta.json")
+    finished = storage.exists(storage.join(run.run_dir, "metrics.json")) and storage.exists(
+        storage.join(run.run_dir, "deploy", "meta.json")
     )
     return "finished" if finished else "partial"
 
 
 def config_differences(run: PlannedRun) -> list[str]:
     """``key: old -> new`` for each key where the folder's config.yaml differs from the run's."""
-    with open(os.path.join(run.run_dir, "config.yaml"), encoding="utf-8") as f:
-        old = flatten_keys(yaml.safe_load(f) or {})
+    old = flatten_keys(
+        yaml.safe_load(storage.read_text(storage.join(run.run_dir, "config.yaml")) or "") or {}
+    )
     # Parsed the same way as the saved file, so YAML's reading of numbers cannot differ.
     new = flatten_keys(yaml.safe_load(dump_yaml(run.cfg)))
     return [
@@ -448,6 +454,9 @@ def run_compare(
     if max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1; got {max_concurrent}", "max_concurrent")
     runs = plan_runs(spec, out, overrides)
+    if runs:
+        storage.set_endpoint(runs[0].cfg.storage.endpoint_url)
+    storage.check_bucket(out, "--out")  # in seconds, naming the bucket, before any run
     check_datasets(runs)
     conflicts = [r for r in runs if run_state(r) == "conflict"]
     if conflicts:
@@ -636,8 +645,7 @@ def collect_rows(
     for run in runs:
         if run_state(run) != "finished":
             continue
-        with open(os.path.join(run.run_dir, "metrics.json"), encoding="utf-8") as f:
-            metrics = json.load(f)
+        metrics = json.loads(storage.read_text(storage.join(run.run_dir, "metrics.json")) or "{}")
         test = metrics.get("test", {})
         row: dict[str, Any] = {
             "dataset": run.dataset,
@@ -651,7 +659,7 @@ def collect_rows(
             "deploy_params": None,
             "latency_ms_b1": None,
             "latency_ms_b64": None,
-            "run_dir": os.path.relpath(run.run_dir, out),
+            "run_dir": _relative(run.run_dir, out),
         }
         try:
             stats = measure_fn(run.run_dir)
@@ -887,9 +895,25 @@ def plot_summary(spec: CompareSpec, rows: Sequence[Mapping[str, Any]], path: str
     plt.close(fig)
 
 
+def _relative(run_dir: str, out: str) -> str:
+    if storage.is_remote(out):
+        return run_dir[len(out.rstrip("/")) + 1 :]
+    return os.path.relpath(run_dir, out)
+
+
 def write_outputs(
     spec: CompareSpec, out: str, overrides: Sequence[str], result: CompareResult
 ) -> None:
+    """results.csv, summary.md and summary.png in ``out``. For an object store they are
+    made in a local temporary folder and uploaded one PUT each (atomic per object)."""
+    if storage.is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="osmd-compare-") as tmp:
+            write_outputs(spec, tmp, overrides, result)
+            for name in ("results.csv", "summary.md", "summary.png"):
+                local = os.path.join(tmp, name)
+                if os.path.exists(local):
+                    storage.write_bytes(storage.join(out, name), Path(local).read_bytes())
+        return
     os.makedirs(out, exist_ok=True)
     csv_text = format_csv(result.rows)
     md_text = format_summary(spec, overrides, result.rows, result.failures)
@@ -923,8 +947,8 @@ def compare(
     spec = load_spec(spec_path, seeds)
     result = run_compare(spec, out, overrides, max_concurrent)
     print()
-    print(Path(out, "summary.md").read_text())
-    print(f"results.csv, summary.md, summary.png and runs/ in {os.path.abspath(out)}")
+    print(storage.read_text(storage.join(out, "summary.md")))
+    print(f"results.csv, summary.md, summary.png and runs/ in {storage.normalize(out)}")
     if result.failures:
         print(f"[compare] {len(result.failures)} run(s) failed:")
         for name, error in result.failures.items():

@@ -19,6 +19,7 @@ import functools
 import math
 import numbers
 import os
+import re
 import tempfile
 import typing
 from collections.abc import Mapping, Sequence
@@ -171,6 +172,14 @@ class TrackingConfig:
 
 
 @dataclass
+class StorageConfig:
+    endpoint_url: str = ""
+    """Endpoint of an S3-compatible store for s3:// paths (e.g. http://127.0.0.1:5000);
+    empty: AWS_ENDPOINT_URL, else AWS. Credentials never go here: they come from the
+    environment or the instance profile."""
+
+
+@dataclass
 class Config:
     method: str = "osmd"
     """osmd, ordinary_only, full_multimodal, two_stage_hallucination, logit_kd or imputation."""
@@ -183,6 +192,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 METHODS = (
@@ -383,6 +393,7 @@ def validate(cfg: Config) -> None:
     _check_train(cfg)
     _check_baselines(cfg)
     _check_scaling(cfg.scaling)
+    _check_storage(cfg.storage)
     if cfg.tracking.wandb and not cfg.tracking.project.strip():
         raise ConfigError(
             "config key 'tracking.project' is empty while tracking.wandb is true; "
@@ -553,6 +564,27 @@ def _check_scaling(scaling: ScalingConfig) -> None:
             f"config key 'scaling.cpus_per_worker' must be > 0 (fractions are allowed); "
             f"got {scaling.cpus_per_worker}",
             "scaling.cpus_per_worker",
+        )
+
+
+def _check_storage(storage: StorageConfig) -> None:
+    url = storage.endpoint_url
+    if not url:
+        return
+    # user:password@ in the URL would put a credential into config.yaml and wandb; the
+    # message must not echo it either.
+    if "@" in url:
+        raise ConfigError(
+            "config key 'storage.endpoint_url' holds credentials (user:password@host); give "
+            "only the endpoint and put credentials in AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY or an instance profile",
+            "storage.endpoint_url",
+        )
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+        raise ConfigError(
+            f"config key 'storage.endpoint_url' must be empty or an http(s) URL, e.g. "
+            f" http://127.0.0.1:5000; got {_show(url)}",
+            "storage.endpoint_url",
         )
 
 

@@ -360,7 +360,21 @@ def load_deploy(path: str) -> DeployedModel:
     do not fit the network the metadata describes or hold NaN or inf. Nothing is built from
     meta.json before its digest is checked. Exports written before meta.json carried its own
     digest load without that check.
+
+    ``path`` may be an ``s3://`` URI: the export is downloaded to a temporary folder first.
     """
+    from osmd_ray import storage
+
+    if storage.is_remote(path):
+        try:
+            with storage.local_copy(path, prefix="osmd-deploy-") as local:
+                return _load_local(local)
+        except FileNotFoundError as err:
+            raise DeployError(f"{path}: no deployment export there ({err})") from err
+    return _load_local(path)
+
+
+def _load_local(path: str) -> DeployedModel:
     root = Path(path)
     meta_path, weights_path = root / META_FILE, root / WEIGHTS_FILE
     if not meta_path.is_file():

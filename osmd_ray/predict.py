@@ -8,6 +8,7 @@ import tempfile
 
 import numpy as np
 
+from osmd_ray import storage
 from osmd_ray.data.contract import DataError, read_manifest
 
 
@@ -18,7 +19,8 @@ def predict_split(
 
     Writes sample_id, prediction, probabilities and (when present) label to ``out`` as
     Parquet, through a temporary file beside it, so a failure leaves the previous ``out`` (if
-    any) and no half-written file.
+    any) and no half-written file. ``model_dir``, ``data_root`` and ``out`` may be ``s3://``
+    URIs.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -52,6 +54,12 @@ def predict_split(
         labels = arrays["label"].astype(np.int64)
         columns["label"] = pa.array(labels)
         summary += f"  accuracy={float((prediction == labels).mean()):.4f}"
+    if storage.is_remote(out):
+        # One PUT: the object appears whole or not at all.
+        buffer = pa.BufferOutputStream()
+        pq.write_table(pa.table(columns), buffer)
+        storage.write_bytes(out, buffer.getvalue().to_pybytes())
+        return summary
     folder, name = os.path.split(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")

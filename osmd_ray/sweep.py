@@ -439,12 +439,73 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], out: str) -> None
     from osmd_ray.train.runner import train
 
     cfg = apply_overrides(config_from_dict(base), param_overrides(params))
-    run_dir = os.path.join(out, "trials", ray.tune.get_context().get_trial_id())
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_dir = os.path.join(out, "trials", trial_id)
     if _finished_run(run_dir, cfg):
         for record in json.loads(Path(run_dir, "history.json").read_text(encoding="utf-8")):
             ray.tune.report({"epoch": record["epoch"], **epoch_metrics(record["val"])})
         return
-    train(cfg, run_dir, callbacks=[TuneReportCallback()])
+    train(
+        cfg,
+        run_dir,
+        callbacks=[TuneReportCallback(), placement_group_recorder(_pg_record(out, trial_id))],
+    )
+
+
+# When ASHA stops a trial, Tune kills its driver actor and, with it, the Ray Train controller
+# that the driver owns. The controller's placement group (the workers' CPUs and GPUs) outlives
+# it: Ray removes a placement group with its creator only when the creator's job ends too (the
+# sweep's), and Ray Train's own cleaner needs Ray's state API (the dashboard, ray[default]). A
+# few stopped trials would hold every CPU and the next trial would wait forever. So each trial
+# records its workers' placement group, and the sweep removes it once the trial has ended.
+
+
+def _pg_record(out: str, trial_id: str) -> str:
+    return os.path.join(out, ".placement_groups", trial_id)
+
+
+def placement_group_recorder(path: str) -> Any:
+    """A Ray Train callback that writes the hex id of the worker group's placement group."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class RecordPlacementGroup(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group: Any) -> None:
+            state = worker_group.get_worker_group_state()
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(state.placement_group_handle.placement_group.id.hex() + "\n")
+
+    return RecordPlacementGroup()
+
+
+def placement_group_cleaner(out: str) -> Any:
+    """A Tune callback that removes the placement groups an ended trial left behind."""
+    from ray.tune import Callback
+
+    class RemoveTrialPlacementGroups(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            remove_recorded_placement_groups(_pg_record(out, trial.trial_id))
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            remove_recorded_placement_groups(_pg_record(out, trial.trial_id))
+
+    return RemoveTrialPlacementGroups()
+
+
+def remove_recorded_placement_groups(path: str) -> int:
+    """Remove the placement groups listed in ``path`` that still exist; returns how many."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    if not os.path.exists(path):
+        return 0
+    removed = 0
+    for line in Path(path).read_text(encoding="utf-8").split():
+        group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(line)))
+        if placement_group_table(group).get("state") not in (None, "REMOVED"):
+            ray.util.remove_placement_group(group)
+            removed += 1
+    return removed
 
 
 def epoch_metrics(val: Mapping[str, Any]) -> dict[str, Any]:
@@ -476,6 +537,13 @@ def run_sweep(
     spec: SweepSpec, out: str, overrides: Sequence[str] = (), resume: bool = False
 ) -> SweepResult:
     """Run (or continue) the sweep and write trials.csv, best.yaml and summary.png."""
+    if "://" in out:
+        raise ConfigError(
+            f"--out {out}: a sweep writes Tune's state and its trials to a local or shared "
+            "folder; object storage (s3://) is not supported for sweeps yet (trial runs and "
+            "data.root may still live there through the base config)",
+            "out",
+        )
     out = os.path.abspath(out)
     cfg = base_config(spec, out, overrides)
     state = os.path.join(out, TUNE_DIR)
@@ -517,6 +585,7 @@ def run_sweep(
                 storage_path=out,
                 # Trials keep going when one fails; errored ones are retried on resume.
                 failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
+                callbacks=[placement_group_cleaner(out)],
                 verbose=1,
             ),
         )

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from functools import wraps
 
 from osmd_ray.data.contract import DataError, Manifest, check_dataset, read_manifest
+from osmd_ray.storage import StorageError, check_bucket
 
 # Help texts keep their own line breaks (RawDescriptionHelpFormatter), so they stay narrow.
 _EPILOG_LAYOUT = """\
@@ -64,13 +65,13 @@ def _fraction(text: str) -> float:
 
 
 def _reports_data_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
-    """Turn a DataError into a one-line message on stderr and exit code 2."""
+    """Turn a DataError or StorageError into a one-line message on stderr and exit code 2."""
 
     @wraps(fn)
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except DataError as e:
+        except (DataError, StorageError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
 
@@ -219,6 +220,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         for key in ("n_train", "n_val", "n_test", "size", "seed")
         if getattr(args, key) is not None
     }
+    check_bucket(args.out, "--out")  # fail in seconds, naming the bucket, not mid-write
     manifest = write_synth_dataset(args.out, overwrite=args.overwrite, **params)
     print(f"wrote {args.out}")
     print(summary(manifest))
@@ -230,6 +232,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     """Import NPZ files."""
     from osmd_ray.data.importer import import_npz
 
+    check_bucket(args.out, "--out")
     manifest = import_npz(
         args.out,
         train=args.train,
@@ -248,6 +251,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 @_reports_data_errors
 def cmd_check(args: argparse.Namespace) -> int:
     """Check a dataset; exit 1 when it has problems."""
+    check_bucket(args.root, "the dataset")
     problems = check_dataset(args.root, deep=not args.quick)
     if problems:
         print(f"{len(problems)} problem(s) in {args.root}:")

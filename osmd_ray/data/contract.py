@@ -373,8 +373,11 @@ def _join(root: str, rel: str) -> str:
 
 
 def _url_to_fs(root: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec filesystem and the protocol-less path of ``root``."""
-    fs, path = fsspec.core.url_to_fs(root)
+    """fsspec filesystem and the protocol-less path of ``root`` (s3:// with the endpoint,
+    timeouts and retries of osmd_ray.storage)."""
+    from osmd_ray import storage
+
+    fs, path = storage.url_to_fs(root)
     return fs, path.rstrip("/") or path
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 
+from osmd_ray import storage
 from osmd_ray.data.contract import TASKS, DataError, Manifest, infer_kind, write_dataset
 
 IGNORE_INDEX = -100
@@ -37,7 +37,7 @@ class _NpzSplit:
 
 def _load_npz(path: str, role: str, task: str) -> _NpzSplit:
     """Load and validate one NPZ file; every DataError names the file and the key."""
-    fs, fpath = fsspec.core.url_to_fs(path)
+    fs, fpath = storage.url_to_fs(path)
     if not fs.isfile(fpath):
         raise DataError(f"{path}: file not found")
     arrays: dict[str, np.ndarray] = {}

@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from osmd_ray import storage
 from osmd_ray.data.contract import DataError, Manifest, column_to_numpy, read_manifest
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def read_split(
     shuffle: str | ray.data.FileShuffleConfig | None = None
     if shuffle_files:
         shuffle = "files" if seed is None else ray.data.FileShuffleConfig(seed=seed)
-    fs, _ = fsspec.core.url_to_fs(root)
+    fs, _ = storage.url_to_fs(root)
     kwargs = {}
     if not isinstance(fs, LocalFileSystem):
         # Hand Ray the same fsspec filesystem (same endpoint and credentials from the
@@ -82,7 +82,7 @@ def read_split(
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
         kwargs["filesystem"] = PyFileSystem(FSSpecHandler(fs))
-        files = [fsspec.core.url_to_fs(f)[1] for f in files]
+        files = [storage.url_to_fs(f)[1] for f in files]
     # partitioning=None: a "key=value" folder above the root must not turn into a column.
     ds = ray.data.read_parquet(files, shuffle=shuffle, partitioning=None, **kwargs)
     return ds.select_columns(cols)
@@ -112,10 +112,10 @@ def read_split_table(
     """One split as a single pyarrow Table (tensor columns keep their fixed-shape type)."""
     manifest = manifest or read_manifest(root)
     cols = select_columns(manifest, columns, root)
-    fs, _ = fsspec.core.url_to_fs(root)
+    fs, _ = storage.url_to_fs(root)
     tables = []
     for path in manifest.files(root, split):
-        with fs.open(fsspec.core.url_to_fs(path)[1], "rb") as f:
+        with fs.open(storage.url_to_fs(path)[1], "rb") as f:
             tables.append(pq.read_table(f, columns=cols))
     if not tables:
         raise DataError(f"split {split!r} of {root} has no shards")

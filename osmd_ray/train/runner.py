@@ -7,12 +7,15 @@
     <out>/deploy/          the deployment model (safetensors + meta.json)
     <out>/plots/           training curves
 
-Rerunning with the same ``out`` resumes from the last checkpoint.
+Rerunning with the same ``out`` resumes from the last checkpoint. ``out`` may be an
+``s3://bucket/prefix/run`` URI: the files above go through fsspec and the checkpoints through
+Ray Train's ``storage_filesystem`` to the same store (osmd_ray.storage).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -24,13 +27,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from osmd_ray import storage
 from osmd_ray.config import (
     Config,
     ConfigError,
     check_against_manifest,
     config_to_dict,
+    dump_yaml,
     save_config,
     saved_config_matches,
+    validate,
 )
 from osmd_ray.data.contract import SPLITS, DataError, Manifest, verify_dataset
 from osmd_ray.tracking import wandb_settings
@@ -60,6 +66,9 @@ def ensure_ray(cfg: Config) -> None:
         "DS_ACCELERATOR": "cuda" if cfg.scaling.use_gpu else "cpu",
         # Ray Train V2 routes print() through a logger as well: lines would show twice.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        # The S3 endpoint and region (never credentials: workers take those from their own
+        # environment or instance profile).
+        **storage.worker_env(),
     }
     address = os.environ.get("RAY_ADDRESS")
     if address:
@@ -72,7 +81,10 @@ def ensure_ray(cfg: Config) -> None:
             include_dashboard=False,
             # A local instance talks over loopback only.
             _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": env_vars},
+            runtime_env={
+                "env_vars": env_vars,
+                "worker_process_setup_hook": "osmd_ray.train.runner.pin_ray_address",
+            },
             # Workers' logs stay in /tmp/ray/session_latest/logs; progress comes through a
             # queue and failures through the exception fit() raises. OSMD_VERBOSE=1 streams
             # them all.
@@ -80,6 +92,19 @@ def ensure_ray(cfg: Config) -> None:
             configure_logging=True,
             logging_level="WARNING",
         )
+
+
+def pin_ray_address() -> None:
+    """Worker set-up hook of a local instance: RAY_ADDRESS names this instance.
+
+    Ray Train's placement-group cleaner asks Ray's state API about the controller without an
+    address; with another Ray instance on the same machine (tests, a second sweep) the API
+    finds several and raises, the cleaner thread dies, and the placement groups of trials that
+    ASHA stopped are never removed: the next trial then waits forever for CPUs.
+    """
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 @contextlib.contextmanager
@@ -130,6 +155,8 @@ def check_resources(cfg: Config) -> None:
 
 def prepare_run_dir(cfg: Config, out: str) -> str:
     """Create the run folder, or check that an existing one holds the same run (to resume)."""
+    if storage.is_remote(out):
+        return _prepare_remote_run_dir(cfg, out)
     run_dir = os.path.abspath(out)
     os.makedirs(run_dir, exist_ok=True)
     config_path = os.path.join(run_dir, CONFIG_FILE)
@@ -141,6 +168,23 @@ def prepare_run_dir(cfg: Config, out: str) -> str:
         )
     if same is None:
         save_config(cfg, config_path)
+    return run_dir
+
+
+def _prepare_remote_run_dir(cfg: Config, out: str) -> str:
+    """prepare_run_dir for an object-store URI: an object store has no folders to create."""
+    run_dir = storage.normalize(out)
+    storage.check_bucket(run_dir, "the run folder, --out")
+    config_path = storage.join(run_dir, CONFIG_FILE)
+    saved = storage.read_text(config_path)
+    if saved is not None and saved != dump_yaml(cfg):
+        raise RunError(
+            f"{run_dir} already holds a run with another configuration ({config_path}). "
+            "Rerun with the same config and overrides to resume it, or choose another --out."
+        )
+    if saved is None:
+        validate(cfg)
+        storage.write_bytes(config_path, dump_yaml(cfg).encode("utf-8"))
     return run_dir
 
 
@@ -184,6 +228,7 @@ def build_trainer(
         "stop_after_epoch": stop_after_epoch,
         "progress": progress,
     }
+    storage_fs, storage_path = storage.pyarrow_fs(storage.split(run_dir)[0])
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -193,8 +238,10 @@ def build_trainer(
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=os.path.basename(run_dir),
-            storage_path=os.path.dirname(run_dir),
+            name=storage.split(run_dir)[1],
+            # None and a local folder, or a pyarrow S3 filesystem and bucket/prefix.
+            storage_filesystem=storage_fs,
+            storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=list(callbacks),
@@ -293,6 +340,10 @@ def train(
     # The full check (checksums, labels in range, no NaN or inf, no nulls) before anything
     # starts: bad values would otherwise surface mid-run as a NaN loss, a torch IndexError or
     # labels silently ignored. It reads every shard once (1.7 s for the 20 MB synthetic set).
+    storage.set_endpoint(cfg.storage.endpoint_url)
+    # A missing bucket or refused credentials fail here in seconds, naming the bucket.
+    storage.check_bucket(cfg.data.root, "the dataset, data.root")
+    storage.check_bucket(out, "the run folder, --out")
     manifest = verify_dataset(cfg.data.root, deep=True)
     missing = [split for split in SPLITS if split not in manifest.splits]
     if missing:
@@ -330,9 +381,9 @@ def train(
         "wall_time_s": wall,
         "privileged_at_test": cfg.method == "full_multimodal",
     }
-    _write_json(os.path.join(run_dir, HISTORY_FILE), history)
-    _write_json(os.path.join(run_dir, METRICS_FILE), metrics)
-    plot_history(history, os.path.join(run_dir, "plots", "history.png"))
+    _write_json(storage.join(run_dir, HISTORY_FILE), history)
+    _write_json(storage.join(run_dir, METRICS_FILE), metrics)
+    plot_history(history, storage.join(run_dir, "plots", "history.png"))
     return metrics
 
 
@@ -340,19 +391,36 @@ def export_from_checkpoint(cfg: Config, manifest: Manifest, weights: str, run_di
     """Rebuild the model from a checkpoint's consolidated weights and export deploy/."""
     from safetensors.torch import load_file
 
-    from osmd_ray.deploy import export_deploy
     from osmd_ray.method.model import build_model
 
     model = build_model(cfg, manifest)
     model.load_state_dict(load_file(weights), strict=True)
     model.eval()
+    if storage.is_remote(run_dir):
+        # Export beside a temporary folder, then upload meta.json last: a reader that finds
+        # meta.json finds the weights it describes (load_deploy checks their sha256 anyway).
+        with tempfile.TemporaryDirectory(prefix="osmd-deploy-") as tmp:
+            _export_model(cfg, manifest, model, os.path.join(tmp, "deploy"), run_dir)
+            storage.upload_dir(
+                os.path.join(tmp, "deploy"), storage.join(run_dir, "deploy"), last=("meta.json",)
+            )
+        return
+    _export_model(cfg, manifest, model, os.path.join(run_dir, "deploy"), run_dir)
+
+
+def _export_model(
+    cfg: Config, manifest: Manifest, model: Any, deploy_dir: str, run_dir: str
+) -> None:
+    """Export ``model`` (built by build_model, weights loaded) to the local ``deploy_dir``."""
+    from osmd_ray.deploy import export_deploy
+
     roles = {
         "ordinary": [manifest.modalities[m] for m in cfg.data.ordinary],
         "privileged": [manifest.modalities[m] for m in cfg.data.privileged],
     }
     export_deploy(
         model,
-        os.path.join(run_dir, "deploy"),
+        deploy_dir,
         method=cfg.method,
         ordinary=roles["ordinary"],
         privileged=roles["privileged"],
@@ -361,7 +429,7 @@ def export_from_checkpoint(cfg: Config, manifest: Manifest, weights: str, run_di
         normalization=manifest.normalization,
         task=manifest.task,
         class_names=manifest.class_names,
-        extra_meta={"run": os.path.basename(run_dir), "dataset": manifest.description},
+        extra_meta={"run": storage.split(run_dir)[1], "dataset": manifest.description},
     )
 
 
@@ -374,7 +442,6 @@ def plot_history(history: list[dict[str, Any]], path: str) -> None:
 
     if not history:
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
     for term in history[0]["train"]["loss"]:
@@ -387,16 +454,19 @@ def plot_history(history: list[dict[str, Any]], path: str) -> None:
     ax_acc.set(xlabel="epoch", ylabel="accuracy")
     ax_acc.legend(fontsize=7)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    storage.write_bytes(path, buffer.getvalue())
 
 
 def _write_json(path: str, payload: Any) -> None:
     """Write JSON to a temporary file beside ``path``, flushed to disk, and move it into place:
     an exception or a full disk leaves the previous file, never half of one, and no temporary
-    file behind."""
+    file behind. On an object store, one PUT (atomic there)."""
+    if storage.is_remote(path):
+        storage.write_bytes(path, json.dumps(payload, indent=2).encode("utf-8"))
+        return
     fd, tmp = tempfile.mkstemp(
         dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp"
     )

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 from osmd_processes import REPO, end_session, ray_did_not_start, run_to_end, start_osmd
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
 
 from osmd_ray.config import load_config
-from osmd_ray.sweep import load_sweep_spec, run_sweep
+from osmd_ray.sweep import load_sweep_spec, remove_recorded_placement_groups, run_sweep
 from osmd_ray.train.runner import train
 
 pytestmark = pytest.mark.integration
@@ -74,6 +75,13 @@ def test_asha_sweep_reports_every_epoch_and_best_yaml_reproduces_its_trial(
     assert len({r["final_metric"] for r in rows}) == 3, "every trial reported the same figure"
     assert (out / "summary.png").stat().st_size > 1000
     assert result.best is not None and result.best["status"] == "COMPLETED"
+    # Every trial's worker placement group is gone once the trial ended (stopped ones too).
+    recorded = list((out / ".placement_groups").iterdir())
+    assert len(recorded) == 3
+    for path in recorded:
+        for pg_id in path.read_text().split():
+            group = PlacementGroup(ray_local.PlacementGroupID(bytes.fromhex(pg_id)))
+            assert placement_group_table(group)["state"] == "REMOVED", path.name
 
     # best.yaml trains as is, to the validation figure the sweep reported for its trial.
     best_cfg = load_config(out / "best.yaml")
@@ -125,6 +133,19 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tiny_synth, tm
     assert float(finished_row["final_metric"]) == pytest.approx(
         history[-1]["val"]["deploy"]["accuracy"], abs=1e-9
     )
+
+
+def test_a_left_over_placement_group_is_removed(ray_local, tmp_path):
+    """What the sweep does for a trial that ASHA stopped: its workers' placement group,
+    recorded by the trial, is removed (Ray would keep it, and its CPUs, until the sweep ends)."""
+    group = placement_group([{"CPU": 1}])
+    ray_local.get(group.ready(), timeout=60)
+    record = tmp_path / "trial"
+    record.write_text(group.id.hex() + "\n")
+    assert remove_recorded_placement_groups(str(record)) == 1
+    assert placement_group_table(group)["state"] == "REMOVED"
+    assert remove_recorded_placement_groups(str(record)) == 0  # already gone: nothing to do
+    assert remove_recorded_placement_groups(str(tmp_path / "none")) == 0
 
 
 def _wait_for_finished_trial(out: Path, proc, log: Path) -> Path | None:

@@ -132,9 +132,7 @@ def test_the_local_ray_instance_listens_on_loopback_only(ray_local):
     assert node.node_ip_address == "127.0.0.1"
     assert node.gcs_address.startswith("127.0.0.1:")
     servers = [
-        p
-        for p in psutil.Process().children(recursive=True)
-        if p.name() in ("gcs_server", "raylet")
+        p for p in psutil.Process().children(recursive=True) if p.name() in ("gcs_server", "raylet")
     ]
     assert {p.name() for p in servers} == {"gcs_server", "raylet"}
     listening = [

@@ -201,3 +201,9 @@ def test_resume_without_a_sweep_is_refused(tmp_path, capsys):
     code = main(["sweep", "--config", str(SPEC), "--out", str(tmp_path / "none"), "--resume"])
     assert code == 2
     assert "no sweep to continue" in capsys.readouterr().err
+
+
+def test_an_object_store_output_is_refused_clearly(capsys):
+    code = main(["sweep", "--config", str(SPEC), "--out", "s3://bucket/sweep"])
+    assert code == 2
+    assert "not supported for sweeps" in capsys.readouterr().err

@@ -1,0 +1,279 @@
+"""Datasets, runs, checkpoints and results on S3: a real S3-protocol server on loopback
+(moto in server mode, fixtures in conftest.py), never a mock of the client (issue 6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from osmd_ray.cli import main
+from osmd_ray.config import load_config
+
+pytestmark = pytest.mark.integration
+
+TINY = {"n_train": 256, "n_val": 64, "n_test": 64, "size": 16, "seed": 0, "progress": False}
+
+
+def _fs():
+    from osmd_ray import storage
+
+    return storage.filesystem("s3://any")
+
+
+def _read_json(uri: str):
+    return json.loads(_fs().cat_file(uri))
+
+
+def test_synth_check_train_resume_and_predict_on_s3(
+    s3_bucket, ray_s3, configs_dir, fast, tmp_path, capsys, monkeypatch
+):
+    """The README's path on S3: synth to S3, check, train from S3 with checkpoints on S3,
+    interrupted and resumed from the S3 checkpoint, then predict from the model on S3."""
+    from osmd_ray.data.cli import write_synth_dataset
+    from osmd_ray.train.runner import train
+
+    monkeypatch.chdir(tmp_path)  # any local leftovers would land here, where we look
+    data = f"{s3_bucket}/data/tiny"
+    write_synth_dataset(data, **TINY)
+    assert main(["data", "check", data]) == 0, capsys.readouterr().err
+
+    cfg = load_config(
+        configs_dir / "osmd_synth.yaml",
+        [*fast, f"data.root={data}", "train.epochs=2", "scaling.num_workers=2"],
+    )
+    run = f"{s3_bucket}/runs/a"
+    with pytest.raises(Exception, match="stopped after epoch 1"):
+        train(cfg, run, stop_after_epoch=1)
+    fs = _fs()
+    listed = [os.path.basename(p) for p in fs.ls(run, refresh=True)]
+    assert any(name.startswith("checkpoint_") for name in listed), listed
+    assert "metrics.json" not in listed
+
+    metrics = train(cfg, run)  # the same command again: resumes from the S3 checkpoint
+    assert "resumed from the checkpoint of epoch 1" in capsys.readouterr().out
+
+    history = _read_json(f"{run}/history.json")
+    assert [h["epoch"] for h in history] == [1, 2], "an epoch was skipped or run twice"
+    assert _read_json(f"{run}/metrics.json")["test"] == metrics["test"]
+    for name in ("config.yaml", "plots/history.png", "deploy/meta.json"):
+        assert fs.exists(f"{run}/{name}"), name
+    # Nothing of the run landed in a local folder, and no credential was written anywhere.
+    assert not os.path.exists(tmp_path / "s3:"), os.listdir(tmp_path)
+    for key in fs.find(run):
+        if key.endswith((".yaml", ".json")):
+            assert "testing" not in fs.cat_file(key).decode(), key
+
+    preds = f"{s3_bucket}/preds/test.parquet"
+    code = main(["predict", "--model", f"{run}/deploy", "--data", data, "--out", preds])
+    assert code == 0, capsys.readouterr().err
+    with fs.open(preds, "rb") as f:
+        table = pq.read_table(f)
+    assert table.num_rows == TINY["n_test"]
+    accuracy = (table["prediction"].to_numpy() == table["label"].to_numpy()).mean()
+    assert accuracy == pytest.approx(metrics["test"]["deploy"]["accuracy"], abs=1e-9)
+
+
+def test_missing_bucket_fails_in_seconds_naming_it(s3_server, tmp_path, configs_dir, capsys):
+    started = time.monotonic()
+    code = main(
+        ["train", "--config", str(configs_dir / "osmd_synth.yaml"), "--out", "s3://no-such-bkt/r"]
+        + ["data.root=s3://no-such-bkt/data", "tracking.wandb=false"]
+    )
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "bucket 'no-such-bkt'" in err and "does not exist" in err, err
+    assert time.monotonic() - started < 20
+
+
+def test_refused_credentials_fail_in_seconds_naming_the_bucket(
+    auth_s3_endpoint, s3_server, monkeypatch, capsys
+):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", auth_s3_endpoint)
+    started = time.monotonic()
+    code = main(["data", "check", "s3://osmd-private/data"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "bucket 'osmd-private'" in err and "credentials" in err, err
+    assert time.monotonic() - started < 20
+
+
+def test_truncated_and_foreign_objects_are_named_by_check_and_refused_by_training(
+    s3_bucket, configs_dir, fast, capsys
+):
+    import pyarrow as pa
+
+    from osmd_ray.data.cli import write_synth_dataset
+    from osmd_ray.data.contract import DataError
+    from osmd_ray.train.runner import train
+
+    data = f"{s3_bucket}/data/damaged"
+    write_synth_dataset(data, **TINY)
+    fs = _fs()
+    shard = f"{data}/train/part-00000.parquet"
+    fs.pipe_file(shard, fs.cat_file(shard)[:-100])  # an upload cut short
+    with fs.open(f"{data}/val/part-foreign.parquet", "wb") as f:  # someone else's file
+        pq.write_table(pa.table({"x": [1.0, 2.0]}), f)
+
+    assert main(["data", "check", data]) == 1
+    out = capsys.readouterr().out
+    assert "train/part-00000.parquet" in out and "truncated" in out, out
+    assert "val/part-foreign.parquet: not in manifest" in out, out
+
+    cfg = load_config(configs_dir / "osmd_synth.yaml", [*fast, f"data.root={data}"])
+    with pytest.raises(DataError) as info:
+        train(cfg, f"{s3_bucket}/runs/refused")
+    assert "train/part-00000.parquet" in str(info.value)
+    assert "val/part-foreign.parquet" in str(info.value)
+    assert not fs.exists(f"{s3_bucket}/runs/refused"), "training started on damaged data"
+
+
+def test_compare_writes_runs_and_results_to_s3_and_resumes(
+    s3_bucket, ray_s3, configs_dir, fast, tmp_path, capsys
+):
+    import csv
+    import io
+
+    import yaml
+
+    from osmd_ray.data.cli import write_synth_dataset
+
+    data = f"{s3_bucket}/data/tiny"
+    write_synth_dataset(data, **TINY)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(configs_dir / "osmd_synth.yaml"),
+                "overrides": ["train.epochs=1", "scaling.num_workers=1"],
+                "variants": [
+                    {"name": "ordinary_only", "overrides": ["method=ordinary_only"]},
+                    {"name": "osmd", "overrides": ["method=osmd"]},
+                ],
+                "seeds": 1,
+                "target": "osmd",
+            }
+        )
+    )
+    out = f"{s3_bucket}/compare"
+    argv = ["compare", "--config", str(spec), "--out", out, *fast, f"data.root={data}"]
+    assert main(argv) == 0, capsys.readouterr().err
+
+    fs = _fs()
+    rows = list(csv.DictReader(io.StringIO(fs.cat_file(f"{out}/results.csv").decode())))
+    assert sorted(r["variant"] for r in rows) == ["ordinary_only", "osmd"]
+    for row in rows:
+        assert row["run_dir"] == f"runs/tiny/{row['variant']}/seed0"
+        metrics = _read_json(f"{out}/{row['run_dir']}/metrics.json")
+        assert float(row["test_deploy_accuracy"]) == pytest.approx(
+            metrics["test"]["deploy"]["accuracy"], abs=1e-12
+        )
+        assert int(row["deploy_params"]) > 0  # measured from the model on S3
+    assert "| osmd | osmd | 1 |" in fs.cat_file(f"{out}/summary.md").decode()
+    assert fs.cat_file(f"{out}/summary.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not any(p.name.startswith("s3:") for p in tmp_path.iterdir())
+
+    capsys.readouterr()
+    assert main(argv) == 0  # the same command again: both runs are found finished on S3
+    assert "2 finished earlier, 0 to train" in capsys.readouterr().out
+
+
+def test_an_endpoint_that_does_not_answer_fails_in_seconds(s3_server, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    code = main(["data", "synth", "--out", "s3://osmd-gone/data", "--train", "64"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "bucket 'osmd-gone'" in err and "did not answer" in err, err
+    assert time.monotonic() - started < 20
+
+
+def test_training_survives_the_store_going_away_and_coming_back(
+    ray_s3, configs_dir, fast, monkeypatch
+):
+    """The store stops as the first checkpoint is written and returns 20 s later: the
+    failed report restarts the workers (train.max_failures) and the run finishes."""
+    import socket
+    import threading
+
+    from moto.server import ThreadedMotoServer
+
+    from osmd_ray import storage
+    from osmd_ray.data.cli import write_synth_dataset
+    from osmd_ray.train.runner import train
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)]
+    servers[0].start()
+    # Its own server (same credentials): moto keeps the objects in this process across a
+    # restart on the same port, as a real store keeps them across an outage.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="osmd-outage")
+    data, run = "s3://osmd-outage/data", "s3://osmd-outage/runs/a"
+    write_synth_dataset(data, **TINY)
+    outage: dict[str, float] = {}
+
+    def go_away_and_come_back() -> None:
+        fs = storage.filesystem(run)
+        while not outage:
+            try:
+                if any("checkpoint_" in p for p in fs.ls(run, refresh=True)):
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.2)
+        servers[0].stop()
+        outage["stopped"] = time.monotonic()
+        time.sleep(20)
+        servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+        servers[-1].start()
+        outage["back"] = time.monotonic()
+
+    chaos = threading.Thread(target=go_away_and_come_back, daemon=True)
+    chaos.start()
+    cfg = load_config(
+        configs_dir / "osmd_synth.yaml",
+        [*fast, f"data.root={data}", "train.epochs=3", "train.max_failures=6"],
+    )
+    try:
+        metrics = train(cfg, run)
+        finished = time.monotonic()
+        history = _read_json(f"{run}/history.json")
+    finally:
+        chaos.join(timeout=60)
+        servers[-1].stop()
+    assert "stopped" in outage and outage["back"] < finished, "the store never went away"
+    assert metrics["epochs"] == 3
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_import_npz_from_and_to_s3(s3_bucket, tmp_path, capsys):
+    """NPZ files read from S3 and the imported dataset written to S3, then checked."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    fs = _fs()
+    for split, n in (("train", 80), ("test", 20)):
+        local = tmp_path / f"{split}.npz"
+        np.savez(local, ir=rng.random((n, 1, 8, 8), dtype=np.float32), label=np.arange(n) % 3)
+        fs.put_file(str(local), f"{s3_bucket}/npz/{split}.npz")
+    out = f"{s3_bucket}/data/imported"
+    argv = ["data", "import", "--out", out]
+    argv += ["--train", f"{s3_bucket}/npz/train.npz", "--test", f"{s3_bucket}/npz/test.npz"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert main(["data", "check", out]) == 0, capsys.readouterr().out
+    manifest = _read_json(f"{out}/manifest.json")
+    rows = {split: sum(s["rows"] for s in shards) for split, shards in manifest["splits"].items()}
+    assert rows["train"] + rows["val"] == 80 and rows["test"] == 20, rows
