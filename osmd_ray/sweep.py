@@ -706,11 +706,13 @@ def trial_rows(grid: Any, spec: SweepSpec, cfg: Config, out: str) -> list[dict[s
             else []
         )
         epochs = int(metrics.get("epoch", 0) or 0)
+        run_dir = os.path.join(out, "trials", trial_id)
         if result.error is not None:
             status = "ERROR"
-        elif epochs >= cfg.train.epochs:
-            status = "COMPLETED"
+        elif os.path.exists(os.path.join(run_dir, "metrics.json")):
+            status = "COMPLETED"  # trained every epoch and exported its deployment model
         else:
+            # ASHA stopped it, possibly at a rung on its last epoch, before the export.
             status = "STOPPED_EARLY"
         best = (max if spec.mode == "max" else min)(values) if values else math.nan
         row: dict[str, Any] = {"trial_id": trial_id}
@@ -722,7 +724,7 @@ def trial_rows(grid: Any, spec: SweepSpec, cfg: Config, out: str) -> list[dict[s
                 "epochs": epochs,
                 "status": status,
                 "error": _first_line(result.error) if result.error is not None else "",
-                "run_dir": os.path.relpath(os.path.join(out, "trials", trial_id), out),
+                "run_dir": os.path.relpath(run_dir, out),
             }
         )
         rows.append(row)

@@ -34,7 +34,9 @@ def write_spec(path: Path, data_root: str, fast: list[str], **changes) -> Path:
         "max_concurrent_trials": 1,
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
         "search": {"algorithm": "optuna", "seed": 0},
-        "resources": {"num_workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0},
+        # One worker per trial: what is tested is Tune around Ray Train, and each run's
+        # start-up (controller, workers, DeepSpeed) costs far more with two on 2 cores.
+        "resources": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
     }
     spec.update(changes)
     path.write_text(yaml.safe_dump(spec))
@@ -63,7 +65,10 @@ def test_asha_sweep_reports_every_epoch_and_best_yaml_reproduces_its_trial(
         # Each trial is a real run in its own folder, its epochs reported to Tune as they end.
         assert row["status"] in ("COMPLETED", "STOPPED_EARLY"), row
         epochs = int(row["epochs"])
-        assert epochs == (2 if row["status"] == "COMPLETED" else 1), row
+        # ASHA may stop a trial at a rung on its last epoch too, before it exports.
+        assert epochs == 2 if row["status"] == "COMPLETED" else epochs in (1, 2), row
+        finished = (out / row["run_dir"] / "metrics.json").exists()
+        assert finished == (row["status"] == "COMPLETED"), row
         assert 0.0 < float(row["final_metric"]) < 10.0
         assert (out / row["run_dir"] / "config.yaml").exists()
         if row["status"] == "COMPLETED":
