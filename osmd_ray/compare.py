@@ -25,7 +25,6 @@ again, so rerunning the command completes an interrupted compare. Then ``DIR/res
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import json
 import math
@@ -51,10 +50,10 @@ from osmd_ray.config import (
     dump_yaml,
     flatten_keys,
     load_config,
-    read_text_file,
     saved_config_matches,
 )
 from osmd_ray.main_job import gap_closure
+from osmd_ray.spec_file import read_spec, reject_unknown, spec_base
 
 SPEC_KEYS = ("base", "overrides", "variants", "seeds", "datasets", "reference", "target")
 VARIANT_KEYS = ("name", "overrides")
@@ -144,11 +143,7 @@ class PlannedRun:
 def load_spec(path: str | os.PathLike[str], seeds: int | None = None) -> CompareSpec:
     """Read and check a compare spec; ``seeds`` (``--seeds N``) replaces its seeds by 0..N-1."""
     path = str(path)
-    text = read_text_file(path, "compare spec", "configs/compare_synth.yaml", SpecError)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SpecError(f"compare spec '{path}' is not valid YAML: {e}", "") from None
+    data = read_spec(path, "compare spec", "configs/compare_synth.yaml", SpecError)
     return parse_spec(data, path, seeds)
 
 
@@ -158,16 +153,7 @@ def parse_spec(data: Any, path: str, seeds: int | None = None) -> CompareSpec:
     def fail(key: str, problem: str) -> SpecError:
         return SpecError(f"compare spec '{path}': key {key!r} {problem}", key)
 
-    if not isinstance(data, Mapping):
-        raise SpecError(
-            f"compare spec '{path}' must be a mapping with keys {', '.join(SPEC_KEYS)}; "
-            f"got {type(data).__name__}",
-            "",
-        )
-    _reject_unknown(data, SPEC_KEYS, "", fail)
-    if "base" not in data:
-        raise fail("base", "is missing; name the training config, e.g. base: osmd_synth.yaml")
-    base = _resolve_base(data["base"], path, fail)
+    base = spec_base(data, path, SPEC_KEYS, "compare spec", SpecError, fail)
     overrides = _overrides(data.get("overrides"), "overrides", fail)
 
     raw_variants = data.get("variants")
@@ -182,7 +168,7 @@ def parse_spec(data: Any, path: str, seeds: int | None = None) -> CompareSpec:
         key = f"variants[{i}]"
         if not isinstance(item, Mapping):
             raise fail(key, f"must be a mapping with name and overrides; got {item!r}")
-        _reject_unknown(item, VARIANT_KEYS, key, fail)
+        reject_unknown(item, VARIANT_KEYS, key, fail, "compare spec")
         name = _name(item.get("name"), f"{key}.name", fail)
         if name in (v.name for v in variants):
             raise fail(f"{key}.name", f"repeats the variant name {name!r}; names must be unique")
@@ -203,7 +189,7 @@ def parse_spec(data: Any, path: str, seeds: int | None = None) -> CompareSpec:
     if reference is not None:
         if not isinstance(reference, Mapping):
             raise fail("reference", "must be a mapping {lower: VARIANT, upper: VARIANT}")
-        _reject_unknown(reference, REFERENCE_KEYS, "reference", fail)
+        reject_unknown(reference, REFERENCE_KEYS, "reference", fail, "compare spec")
         for part in REFERENCE_KEYS:
             if part not in reference:
                 raise fail(f"reference.{part}", "is missing; name one of the variants")
@@ -225,28 +211,6 @@ def parse_spec(data: Any, path: str, seeds: int | None = None) -> CompareSpec:
         upper=upper,
         target=target,
     )
-
-
-def _reject_unknown(
-    mapping: Mapping[Any, Any], allowed: Sequence[str], prefix: str, fail: Callable
-) -> None:
-    for key in mapping:
-        if key not in allowed:
-            where = f"{prefix}.{key}" if prefix else str(key)
-            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise fail(where, f"is not a compare spec key{hint}; valid: {', '.join(allowed)}")
-
-
-def _resolve_base(value: Any, spec_path: str, fail: Callable) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise fail("base", f"must be the path of a training config; got {value!r}")
-    candidates = [Path(spec_path).parent / value, Path(value)]
-    for candidate in candidates:
-        if candidate.is_file():
-            return str(candidate)
-    tried = " or ".join(f"'{c}'" for c in candidates)
-    raise fail("base", f"names {value!r}, which is not a file (looked for {tried})")
 
 
 def _overrides(value: Any, key: str, fail: Callable) -> tuple[str, ...]:
@@ -301,7 +265,7 @@ def _datasets(value: Any, fail: Callable) -> tuple[DatasetEntry, ...]:
         key = f"datasets[{i}]"
         if not isinstance(item, Mapping):
             raise fail(key, f"must be a mapping {{name, root}}; got {item!r}")
-        _reject_unknown(item, DATASET_KEYS, key, fail)
+        reject_unknown(item, DATASET_KEYS, key, fail, "compare spec")
         root = item.get("root")
         if not isinstance(root, str) or not root.strip():
             raise fail(f"{key}.root", f"must be a dataset folder; got {root!r}")

@@ -24,7 +24,8 @@ import os
 import posixpath
 import shutil
 import tempfile
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import fsspec
@@ -160,12 +161,19 @@ def write_bytes(path: str, data: bytes) -> None:
         fs, p = url_to_fs(path)
         fs.pipe_file(p, data)
         return
+    write_local_atomic(path, lambda f: f.write(data))
+
+
+def write_local_atomic(path: str, write: Callable[[BinaryIO], Any]) -> None:
+    """Call ``write`` on a temporary file beside the local ``path``, flush it to disk and move
+    it into place; on any exception (a full disk) the previous file stays and the temporary
+    file is removed."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; run files are meant to be read

@@ -53,10 +53,10 @@ from osmd_ray.config import (
     dump_yaml,
     flatten_keys,
     load_config,
-    read_text_file,
     save_config,
     saved_config_matches,
 )
+from osmd_ray.spec_file import read_spec, reject_unknown, spec_base
 
 SPEC_KEYS = (
     "base",
@@ -166,31 +166,17 @@ class SweepSpec:
 def load_sweep_spec(path: str | os.PathLike[str]) -> SweepSpec:
     """Read and check a sweep spec (the space against the base config too)."""
     path = str(path)
-    text = read_text_file(path, "sweep spec", "configs/sweep_synth.yaml", SweepSpecError)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SweepSpecError(f"sweep spec '{path}' is not valid YAML: {e}", "") from None
+    data = read_spec(path, "sweep spec", "configs/sweep_synth.yaml", SweepSpecError)
     return parse_sweep_spec(data, path)
 
 
 def parse_sweep_spec(data: Any, path: str) -> SweepSpec:
     """Check a loaded spec's structure; every problem is a SweepSpecError naming the key."""
-    from osmd_ray.compare import _resolve_base
 
     def fail(key: str, problem: str) -> SweepSpecError:
         return SweepSpecError(f"sweep spec '{path}': key {key!r} {problem}", key)
 
-    if not isinstance(data, Mapping):
-        raise SweepSpecError(
-            f"sweep spec '{path}' must be a mapping with keys {', '.join(SPEC_KEYS)}; "
-            f"got {type(data).__name__}",
-            "",
-        )
-    _reject_unknown(data, SPEC_KEYS, "", fail)
-    if "base" not in data:
-        raise fail("base", "is missing; name the training config, e.g. base: osmd_synth.yaml")
-    base = _resolve_base(data["base"], path, fail)
+    base = spec_base(data, path, SPEC_KEYS, "sweep spec", SweepSpecError, fail)
     overrides = _override_list(data.get("overrides"), fail)
 
     raw_space = data.get("space")
@@ -237,15 +223,6 @@ def parse_sweep_spec(data: Any, path: str) -> SweepSpec:
         cpus_per_worker=cpus,
         gpus_per_worker=gpus,
     )
-
-
-def _reject_unknown(mapping: Mapping[Any, Any], allowed: Sequence[str], prefix: str, fail) -> None:
-    for key in mapping:
-        if key not in allowed:
-            where = f"{prefix}.{key}" if prefix else str(key)
-            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise fail(where, f"is not a sweep spec key{hint}; valid: {', '.join(allowed)}")
 
 
 def _override_list(value: Any, fail) -> tuple[str, ...]:
@@ -309,7 +286,7 @@ def _scheduler(value: Any, fail) -> tuple[str, int, float]:
         value = {"type": value or "none"}
     if not isinstance(value, Mapping):
         raise fail("scheduler", f"must be asha, none or {{type: asha, ...}}; got {value!r}")
-    _reject_unknown(value, SCHEDULER_KEYS, "scheduler", fail)
+    reject_unknown(value, SCHEDULER_KEYS, "scheduler", fail, "sweep spec")
     kind = value.get("type", "asha")
     if kind not in SCHEDULERS:
         raise fail("scheduler.type", f"must be one of {', '.join(SCHEDULERS)}; got {kind!r}")
@@ -325,7 +302,7 @@ def _search(value: Any, fail) -> tuple[str, int]:
         value = {"algorithm": value}
     if not isinstance(value, Mapping):
         raise fail("search", f"must be optuna, random or {{algorithm, seed}}; got {value!r}")
-    _reject_unknown(value, SEARCH_KEYS, "search", fail)
+    reject_unknown(value, SEARCH_KEYS, "search", fail, "sweep spec")
     algorithm = value.get("algorithm", "optuna")
     if algorithm not in SEARCHERS:
         raise fail("search.algorithm", f"must be one of {', '.join(SEARCHERS)}; got {algorithm!r}")
@@ -338,7 +315,7 @@ def _search(value: Any, fail) -> tuple[str, int]:
 def _resources(value: Any, fail) -> tuple[int, float, int]:
     if not isinstance(value, Mapping):
         raise fail("resources", f"must be a mapping {{{', '.join(RESOURCE_KEYS)}}}; got {value!r}")
-    _reject_unknown(value, RESOURCE_KEYS, "resources", fail)
+    reject_unknown(value, RESOURCE_KEYS, "resources", fail, "sweep spec")
     workers = _positive_int(value.get("num_workers", 2), "resources.num_workers", fail)
     cpus = value.get("cpus_per_worker", 1)
     if not _number(cpus) or cpus <= 0:

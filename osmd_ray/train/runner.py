@@ -14,6 +14,7 @@ Ray Train's ``storage_filesystem`` to the same store (osmd_ray.storage).
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import io
 import json
@@ -461,26 +462,14 @@ def plot_history(history: list[dict[str, Any]], path: str) -> None:
 
 
 def _write_json(path: str, payload: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, flushed to disk, and move it into place:
-    an exception or a full disk leaves the previous file, never half of one, and no temporary
-    file behind. On an object store, one PUT (atomic there)."""
+    """Write JSON so that an exception or a full disk leaves the previous file, never half of
+    one, and no temporary file behind (storage.write_bytes: one PUT on an object store)."""
     if storage.is_remote(path):
         storage.write_bytes(path, json.dumps(payload, indent=2).encode("utf-8"))
         return
-    fd, tmp = tempfile.mkstemp(
-        dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+    storage.write_local_atomic(
+        path, lambda f: json.dump(payload, codecs.getwriter("utf-8")(f), indent=2)
     )
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; run files are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 __all__ = ["ConfigError", "RunError", "ensure_ray", "train", "prepare_run_dir"]
