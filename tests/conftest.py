@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,36 @@ def tiny_synth(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("data") / "tiny_synth")
     write_synth_dataset(root, n_train=256, n_val=64, n_test=64, size=16, seed=0, progress=False)
     return root
+
+
+@dataclass(frozen=True)
+class PlainRun:
+    """An uninterrupted training run, shared by the tests that compare against one."""
+
+    cfg: object  # its Config
+    run_dir: str
+    metrics: dict
+    history: list
+
+
+@pytest.fixture(scope="session")
+def plain_run(ray_local, tiny_synth, tmp_path_factory) -> PlainRun:
+    """Two workers, two epochs, ZeRO-2, no interruption: the reference that a resumed run
+    (test_train_end_to_end) and a run whose worker was killed (test_reliability_runs) must
+    equal. Trained once per session, not once per test (a 2-worker run costs a minute on 2
+    cores); each user asserts that its own config is this one."""
+    from osmd_ray.config import load_config
+    from osmd_ray.train.runner import train
+
+    cfg = load_config(
+        CONFIGS / "osmd_synth.yaml",
+        [*FAST, f"data.root={tiny_synth}", "train.epochs=2", "scaling.num_workers=2"],
+    )
+    run_dir = str(tmp_path_factory.mktemp("plain_run") / "run")
+    metrics = train(cfg, run_dir)
+    with open(os.path.join(run_dir, "history.json")) as f:
+        history = json.load(f)
+    return PlainRun(cfg, run_dir, metrics, history)
 
 
 @pytest.fixture

@@ -1,4 +1,8 @@
-"""`osmd compare` for real: 2 variants x 2 seeds on a local Ray, then resuming it."""
+"""`osmd compare` for real: 2 variants x 1 seed on a local Ray, then resuming it.
+
+The grid over several seeds (summary means and deviations, gap closure) is checked in
+tests/unit/test_compare.py with a fake train; here each run is a real one, so one seed (3, not
+the config's 0, so that the seed visibly reaches the run) keeps the test to three trainings."""
 
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ def test_tiny_compare_writes_checked_files_and_resumes(
                     {"name": "ordinary_only", "overrides": ["method=ordinary_only"]},
                     {"name": "osmd", "overrides": ["method=osmd"]},
                 ],
-                "seeds": 2,
+                "seeds": [3],
                 "target": "osmd",
             }
         )
@@ -45,10 +49,8 @@ def test_tiny_compare_writes_checked_files_and_resumes(
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["variant"], r["seed"]) for r in rows) == [
-        ("ordinary_only", "0"),
-        ("ordinary_only", "1"),
-        ("osmd", "0"),
-        ("osmd", "1"),
+        ("ordinary_only", "3"),
+        ("osmd", "3"),
     ]
     for row in rows:
         metrics = json.loads(
@@ -69,26 +71,26 @@ def test_tiny_compare_writes_checked_files_and_resumes(
         else:
             assert row["test_teacher_accuracy"] == ""
     summary = (out / "summary.md").read_text()
-    assert "| ordinary_only | ordinary_only | 2 |" in summary
-    assert "| osmd | osmd | 2 |" in summary
+    assert "| ordinary_only | ordinary_only | 1 |" in summary
+    assert "| osmd | osmd | 1 |" in summary
     assert "(target)" in summary
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The same command again trains nothing; a deleted run is trained again.
     finished = {p: p.stat().st_mtime_ns for p in runs.glob("*/seed*/metrics.json")}
-    assert len(finished) == 4
+    assert len(finished) == 2
     assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
 
-    shutil.rmtree(runs / "osmd" / "seed1")
+    shutil.rmtree(runs / "osmd" / "seed3")
     assert main(argv) == 0
     for path, mtime in finished.items():
-        if "osmd/seed1" in str(path):
+        if "osmd/seed3" in str(path):
             assert path.exists()
         else:
             assert path.stat().st_mtime_ns == mtime, f"{path} was retrained"
     with open(out / "results.csv", newline="") as f:
-        assert len(list(csv.DictReader(f))) == 4
-    checkpoints = [d for d in os.listdir(runs / "osmd" / "seed1") if d.startswith("checkpoint_")]
+        assert len(list(csv.DictReader(f))) == 2
+    checkpoints = [d for d in os.listdir(runs / "osmd" / "seed3") if d.startswith("checkpoint_")]
     assert checkpoints, "the redone run left no checkpoint"
-    assert Path(runs / "osmd" / "seed1" / "deploy" / "meta.json").exists()
+    assert Path(runs / "osmd" / "seed3" / "deploy" / "meta.json").exists()

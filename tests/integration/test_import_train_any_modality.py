@@ -45,7 +45,8 @@ def test_vector_and_sequence_ordinary_with_image_privileged(ray_local, tmp_path,
             "data.ordinary=[imu,tabular]",
             "data.privileged=[ir]",
             "train.epochs=1",
-            "scaling.num_workers=2",
+            # One worker: what is tested is the modalities; two ranks are the end-to-end test's.
+            "scaling.num_workers=1",
         ],
     )
     run_dir = str(tmp_path / "run")

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_stopped_after_first_epoch_resumes_and_deploys(
-    ray_local, tiny_synth, tmp_path, configs_dir, fast
+    ray_local, tiny_synth, tmp_path, configs_dir, fast, plain_run
 ):
     from osmd_ray import load_deploy
     from osmd_ray.data.reading import read_split_numpy
@@ -91,10 +91,10 @@ def test_stopped_after_first_epoch_resumes_and_deploys(
     assert by_id == expected
 
     # The same seed without the interruption gives the same run (repeatable, exact resume).
-    cfg_plain = apply_overrides(cfg, ["tracking.wandb=false"])
-    plain = train(cfg_plain, str(tmp_path / "plain"))
-    with open(tmp_path / "plain" / "history.json") as f:
-        plain_history = json.load(f)
+    # That run is the session's plain_run (trained once, also the reliability tests'
+    # reference): it must be this config without wandb.
+    assert plain_run.cfg == apply_overrides(cfg, ["tracking.wandb=false"])
+    plain, plain_history = plain_run.metrics, plain_run.history
     for resumed, uninterrupted in zip(history, plain_history, strict=True):
         for part in ("train", "val"):
             assert _flat(resumed[part]) == pytest.approx(_flat(uninterrupted[part]), rel=1e-4)
