@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 OUT ?= runs/main
 PYTEST_ARGS ?=
 
-.PHONY: run test unit integration lint clean venv
+.PHONY: run test unit integration lint clean venv bench
 
 venv: $(VENV)/.installed
 
@@ -33,6 +33,14 @@ unit: venv
 
 integration: venv
 	$(PY) -m pytest -q -m integration $(PYTEST_ARGS)
+
+# The CPU benchmarks of issue 9 (tables and JSON under benchmarks/results/, figures in
+# benchmarks/RESULTS.md); `make bench BENCH_ARGS=--quick` is a smoke run of each.
+BENCH_ARGS ?=
+bench: venv
+	$(PY) benchmarks/train_throughput.py $(BENCH_ARGS)
+	$(PY) benchmarks/deploy_latency.py $(BENCH_ARGS)
+	$(PY) benchmarks/jmmd_cost.py $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check osmd_ray tests benchmarks

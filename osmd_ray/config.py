@@ -104,6 +104,10 @@ class LossConfig:
     """Gaussian kernels per layer in (J)MMD."""
     kernel_mul: float = 2.0
     """Ratio between successive kernel bandwidths."""
+    jmmd_estimator: str = "quadratic"
+    """Estimator of the (J)MMD term: quadratic (biased, all pairs of the batch, O(n^2)) or
+    linear (Gretton et al. 2012, consecutive pairs of rows, O(n); unbiased but noisier).
+    Cost against batch size: benchmarks/RESULTS.md."""
     detach_privileged: bool = True
     """Stop gradients from the alignment terms into E_p."""
 
@@ -210,6 +214,7 @@ SCHEDULES = ("cosine", "constant")
 FUSIONS = ("ctn", "concat", "sum")
 RECON_MODES = ("dense", "pooled")
 ALIGNMENTS = ("jmmd", "mmd")
+JMMD_ESTIMATORS = ("quadratic", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
 NONFINITE_POLICIES = ("error", "skip")
 ZERO_STAGES = (0, 1, 2, 3)
@@ -492,6 +497,7 @@ def _check_loss(cfg: Config) -> None:
             "loss",
         )
     _one_of(loss.alignment, ALIGNMENTS, "loss.alignment")
+    _one_of(loss.jmmd_estimator, JMMD_ESTIMATORS, "loss.jmmd_estimator")
     _at_least(loss.num_kernels, 1, "loss.num_kernels")
     if not loss.kernel_mul > 1.0:
         raise ConfigError(

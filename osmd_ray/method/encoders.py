@@ -80,8 +80,10 @@ def resolve_normalization(
 class Normalize(nn.Module):
     """Per-channel standardisation of a raw input (uint8 or float) of one modality kind.
 
-    Computes in fp32, then casts to the dtype of its buffers, which follow the module's dtype:
-    under a bf16 DeepSpeed engine the encoder then receives bf16 as its weights expect.
+    Computes and returns fp32. The consumer casts the result to its own weights' dtype
+    (:func:`parameter_dtype`): DeepSpeed's bf16 engine casts parameters only and keeps
+    buffers such as these statistics in fp32, so the buffers' dtype says nothing about the
+    weights'.
     """
 
     def __init__(self, kind: str, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -94,8 +96,16 @@ class Normalize(nn.Module):
         self.register_buffer("std", std_t.reshape(view))
 
     def forward(self, x: Tensor) -> Tensor:
-        out = (x.to(torch.float32) - self.mean.float()) / self.std.float()
-        return out.to(self.mean.dtype)
+        return (x.to(torch.float32) - self.mean.float()) / self.std.float()
+
+
+def parameter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` computes in: that of its first floating-point parameter (bf16
+    under a bf16 DeepSpeed engine, also for ZeRO-3's partitioned placeholders)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 class SmallCNN(nn.Module):
@@ -274,7 +284,7 @@ class ModalityEncoder(nn.Module):
         self.body = body
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(self.normalize(x))
+        return self.body(self.normalize(x).to(parameter_dtype(self.body)))
 
 
 def build_modality_encoder(
@@ -382,7 +392,8 @@ class RoleEncoder(nn.Module):
         for spec in self.specs:
             encoder = self.encoders[spec.name]
             if spec.name == source:
-                fmap = encoder.body.feature_map(encoder.normalize(batch[spec.name]))
+                x = encoder.normalize(batch[spec.name]).to(parameter_dtype(encoder.body))
+                fmap = encoder.body.feature_map(x)
                 feats.append(encoder.body.head(fmap))
             else:
                 feats.append(encoder(batch[spec.name]))

@@ -27,6 +27,7 @@ from osmd_ray.method.encoders import (
     Normalize,
     RoleEncoder,
     channel_norm,
+    parameter_dtype,
     resolve_normalization,
 )
 
@@ -78,7 +79,7 @@ class Generator(nn.Module):
         """{name: normalised reconstruction} for every privileged modality."""
         if self.convolutional:
             x = torch.cat([self.inputs[s.name](batch[s.name]) for s in self.ordinary], dim=1)
-            parts = torch.split(self.net(x), self.split_sizes, dim=1)
+            parts = torch.split(self.net(x.to(parameter_dtype(self.net))), self.split_sizes, dim=1)
             return {s.name: p for s, p in zip(self.privileged, parts, strict=True)}
         flat = torch.split(self.net(self.encoder(batch)), self.split_sizes, dim=1)
         return {

@@ -10,9 +10,19 @@ estimator is then ``mean K_xx + mean K_yy - 2 mean K_xy`` (diagonals included). 
 several layers (e.g. pooled features, then predictions) and multiplies their kernel matrices
 element-wise before the same combination, so it compares *joint* distributions.
 
-Both estimators are squared RKHS distances between the two empirical mean embeddings, so they
-are >= 0 up to rounding (products of positive semi-definite kernels stay positive
-semi-definite).
+Both quadratic statistics are squared RKHS distances between the two empirical mean
+embeddings, so they are >= 0 up to rounding (products of positive semi-definite kernels stay
+positive semi-definite).
+
+``estimator="linear"`` switches both to the linear-time statistic of Gretton et al. ("A Kernel
+Two-Sample Test", JMLR 2012, section 6): split each side into consecutive pairs
+``(x_{2i-1}, x_{2i})``, ``(y_{2i-1}, y_{2i})`` and average
+``h_i = k(x_{2i-1}, x_{2i}) + k(y_{2i-1}, y_{2i}) - k(x_{2i-1}, y_{2i}) - k(x_{2i}, y_{2i-1})``.
+It evaluates 4 kernel values per pair instead of an (n+m)^2 matrix: O(n D) time and memory,
+unbiased for a fixed kernel (so it can be negative; the batch-driven bandwidth makes that
+approximate), with a higher variance than the quadratic statistic. The
+bandwidth is the same data-driven one as the quadratic estimator's, computed exactly in O(N D)
+from the centred rows. The cost against batch size: benchmarks/jmmd_cost.py.
 """
 
 from __future__ import annotations
@@ -25,6 +35,10 @@ from torch import Tensor
 # Floor for the data-driven bandwidth: identical samples give an all-zero distance matrix,
 # and exp(-0 / 0) would be NaN.
 _MIN_BANDWIDTH = 1e-8
+
+ESTIMATORS = ("quadratic", "linear")
+"""``quadratic``: the biased O(n^2) statistic of Long et al.; ``linear``: Gretton et al.'s
+O(n) statistic over pairs of rows (see the module docstring)."""
 
 
 def _flatten(t: Tensor) -> Tensor:
@@ -67,6 +81,58 @@ def multi_kernel_matrix(
     return sum(torch.exp(-l2 / (base * kernel_mul**i)) for i in range(num_kernels))
 
 
+def _check_estimator(estimator: str) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r}: use one of {ESTIMATORS}")
+
+
+def _bandwidths(z: Tensor, num_kernels: int, kernel_mul: float) -> list[Tensor]:
+    """The bandwidths :func:`multi_kernel_matrix` uses for the stacked rows ``z`` (N, D), in
+    O(N D): ``sum_ij ||z_i - z_j||^2 = 2 N sum_i ||z_i - mean||^2`` (centring first keeps
+    the difference of large sums from cancelling in fp32)."""
+    rows = z.shape[0]
+    centred = z.detach() - z.detach().mean(dim=0, keepdim=True)
+    total = 2.0 * rows * (centred * centred).sum()
+    base = (total / max(rows * rows - rows, 1)).clamp_min(_MIN_BANDWIDTH)
+    base = base / kernel_mul ** (num_kernels // 2)
+    return [base * kernel_mul**i for i in range(num_kernels)]
+
+
+def _paired_kernels(
+    x: Tensor, y: Tensor, pairs: int, num_kernels: int, kernel_mul: float
+) -> Tensor:
+    """(4, pairs) multi-kernel values k(x1, x2), k(y1, y2), k(x1, y2), k(x2, y1) for the
+    consecutive row pairs ``x1 = x[0::2]``, ``x2 = x[1::2]`` (likewise y), first ``pairs``."""
+    if num_kernels < 1:
+        raise ValueError(f"num_kernels must be >= 1, got {num_kernels}")
+    xf, yf = _flatten(x), _flatten(y)
+    if xf.shape[1] != yf.shape[1]:
+        raise ValueError(f"x and y differ in feature size: {tuple(x.shape)} vs {tuple(y.shape)}")
+    widths = _bandwidths(torch.cat([xf, yf], dim=0), num_kernels, kernel_mul)
+    x1, x2 = xf[0 : 2 * pairs : 2], xf[1 : 2 * pairs : 2]
+    y1, y2 = yf[0 : 2 * pairs : 2], yf[1 : 2 * pairs : 2]
+    # (4, pairs, D) -> (4, pairs) squared distances of the four pairings.
+    diffs = torch.stack([x1 - x2, y1 - y2, x1 - y2, x2 - y1])
+    l2 = (diffs * diffs).sum(dim=2)
+    return sum(torch.exp(-l2 / w) for w in widths)
+
+
+def _linear_pairs(n: int, m: int) -> int:
+    """Row pairs the linear estimator uses: an odd last row (or the larger side's surplus)
+    is left out."""
+    pairs = min(n, m) // 2
+    if pairs < 1:
+        raise ValueError(
+            f"the linear estimator needs at least two rows on each side, got {n} and {m}"
+        )
+    return pairs
+
+
+def _combine_linear(kernels: Tensor) -> Tensor:
+    """Gretton's linear-time MMD^2: the mean over pairs of h = k_xx + k_yy - k_xy - k_yx."""
+    return (kernels[0] + kernels[1] - kernels[2] - kernels[3]).mean()
+
+
 def _combine(kernel: Tensor, n: int) -> Tensor:
     """Biased MMD^2 from a stacked kernel matrix whose first ``n`` rows are the x side."""
     k_xx = kernel[:n, :n].mean()
@@ -75,8 +141,22 @@ def _combine(kernel: Tensor, n: int) -> Tensor:
     return k_xx + k_yy - 2.0 * k_xy
 
 
-def mmd(x: Tensor, y: Tensor, num_kernels: int = 5, kernel_mul: float = 2.0) -> Tensor:
-    """Biased multi-kernel MMD^2 between samples ``x`` (n, ...) and ``y`` (m, ...): a scalar."""
+def mmd(
+    x: Tensor,
+    y: Tensor,
+    num_kernels: int = 5,
+    kernel_mul: float = 2.0,
+    estimator: str = "quadratic",
+) -> Tensor:
+    """Multi-kernel MMD^2 between samples ``x`` (n, ...) and ``y`` (m, ...): a scalar.
+
+    ``estimator``: ``quadratic`` (biased, all pairs) or ``linear`` (Gretton's pairs statistic;
+    needs n, m >= 2 and uses the first ``2 * (min(n, m) // 2)`` rows of each side).
+    """
+    _check_estimator(estimator)
+    if estimator == "linear":
+        pairs = _linear_pairs(x.shape[0], y.shape[0])
+        return _combine_linear(_paired_kernels(x, y, pairs, num_kernels, kernel_mul))
     return _combine(multi_kernel_matrix(x, y, num_kernels, kernel_mul), x.shape[0])
 
 
@@ -85,12 +165,16 @@ def jmmd(
     ys: Sequence[Tensor],
     num_kernels: int = 5,
     kernel_mul: float = 2.0,
+    estimator: str = "quadratic",
 ) -> Tensor:
-    """Biased joint MMD^2 over layers: ``xs[l]`` is (n, ...) and ``ys[l]`` is (m, ...).
+    """Joint MMD^2 over layers: ``xs[l]`` is (n, ...) and ``ys[l]`` is (m, ...).
 
     The per-layer multi-kernel matrices (each with its own bandwidths) are multiplied
     element-wise, then combined as in :func:`mmd`. With one layer this equals :func:`mmd`.
+    ``estimator="linear"`` multiplies the per-layer kernel values of the same row pairs
+    instead, in O(n) (see :func:`mmd`).
     """
+    _check_estimator(estimator)
     if len(xs) != len(ys) or len(xs) == 0:
         raise ValueError(f"need the same, non-zero number of layers, got {len(xs)} and {len(ys)}")
     n, m = xs[0].shape[0], ys[0].shape[0]
@@ -99,6 +183,12 @@ def jmmd(
             raise ValueError(
                 f"layer {layer} has {x.shape[0]} and {y.shape[0]} rows, layer 0 has {n} and {m}"
             )
+    if estimator == "linear":
+        pairs = _linear_pairs(n, m)
+        kernels = _paired_kernels(xs[0], ys[0], pairs, num_kernels, kernel_mul)
+        for x, y in zip(xs[1:], ys[1:], strict=True):
+            kernels = kernels * _paired_kernels(x, y, pairs, num_kernels, kernel_mul)
+        return _combine_linear(kernels)
     kernel = multi_kernel_matrix(xs[0], ys[0], num_kernels, kernel_mul)
     for x, y in zip(xs[1:], ys[1:], strict=True):
         kernel = kernel * multi_kernel_matrix(x, y, num_kernels, kernel_mul)

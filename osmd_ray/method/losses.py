@@ -7,7 +7,8 @@
 - ``teacher`` task_loss(H(F(z_o, z_p)), y)        rows with the privileged modalities
 - ``priv``    task_loss(H_p(z_p), y)              rows with the privileged modalities
 - ``jan``     JMMD({z_p, softmax(H_p(z_p))}, {z_h, softmax(H_p(z_h))}) (or MMD(z_p, z_h)),
-  over the rows with the privileged modalities; needs at least two of them
+  over the rows with the privileged modalities; needs at least two of them; quadratic or
+  linear-time estimator (``loss.jmmd_estimator``)
 - ``mimic``   mean((z_h - stopgrad(z_p))^2): the mean over rows *and* features, so its weight
   does not scale with ``model.feature_dim``
 - ``recon``   mean((D_h(z_h) - pooled privileged input)^2): dense supervision of E_h by the
@@ -69,9 +70,11 @@ def alignment_loss(
     if cfg.detach_privileged:
         p_feat, p_prob = p_feat.detach(), p_prob.detach()
     if cfg.alignment == "mmd":
-        return mmd(p_feat, z_h, cfg.num_kernels, cfg.kernel_mul)
+        return mmd(p_feat, z_h, cfg.num_kernels, cfg.kernel_mul, cfg.jmmd_estimator)
     h_prob = torch.softmax(priv_logits_h.float(), dim=1)
-    return jmmd([p_feat, p_prob], [z_h, h_prob], cfg.num_kernels, cfg.kernel_mul)
+    return jmmd(
+        [p_feat, p_prob], [z_h, h_prob], cfg.num_kernels, cfg.kernel_mul, cfg.jmmd_estimator
+    )
 
 
 def osmd_weights(cfg: LossConfig) -> dict[str, float]:

@@ -54,9 +54,25 @@ def deepspeed_config(cfg: Config, use_bf16: bool) -> dict[str, Any]:
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "gradient_clipping": cfg.train.grad_clip,
         "bf16": {"enabled": use_bf16},
+        # DeepSpeed >= 0.18 casts parameters only and keeps buffers in fp32; BatchNorm's
+        # running statistics must match its bf16 weights (CPU batch_norm refuses the mix).
+        **({"data_types": {"buffer_dtype": "bf16"}} if use_bf16 else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def set_cpu_threads(cfg: Config) -> int:
+    """On CPU runs, give torch as many threads as the worker holds CPUs (at least 1).
+
+    Ray sets OMP_NUM_THREADS from the worker's CPUs, but torch in a Ray Train worker was seen
+    with one thread per core regardless (2 threads in each of 2 one-CPU workers on 2 cores):
+    the workers then oversubscribe the cores, and OpenMP threads wait on each other
+    (benchmarks/RESULTS.md, training throughput). GPU runs keep torch's default.
+    """
+    if not cfg.scaling.use_gpu:
+        torch.set_num_threads(max(1, math.floor(cfg.scaling.cpus_per_worker)))
+    return torch.get_num_threads()
 
 
 def uses_bf16(cfg: Config) -> bool:
@@ -64,6 +80,12 @@ def uses_bf16(cfg: Config) -> bool:
     if cfg.train.precision == "auto":
         return cfg.scaling.use_gpu
     return cfg.train.precision == "bf16"
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:
+    """The client optimiser DeepSpeed wraps: AdamW in its default (foreach) form. The fused
+    kernel was not faster under ZeRO-2/3 on an H200 (benchmarks/RESULTS.md, "GPU check")."""
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
 def lr_schedule(
@@ -238,9 +260,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from osmd_ray.method.losses import compute_losses
     from osmd_ray.method.model import build_model, privileged_mask
+    from osmd_ray.train.deepspeed_setup import skip_cpu_shared_memory_op
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     cfg = config_from_dict(loop_config["cfg"])
+    set_cpu_threads(cfg)
     manifest = Manifest.from_json(loop_config["manifest_json"], source="manifest")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -253,8 +277,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(cfg, manifest)
     # One group per part, so a stage of a staged baseline can freeze parts (learning rate 0).
     parts, groups = part_parameter_groups(model)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(groups, cfg)
     stages = method_stages(cfg)
+    skip_cpu_shared_memory_op()  # a 2-minute compile of an op training never calls
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

@@ -136,3 +136,147 @@ def test_rejects_mismatched_layers_and_rows():
         jmmd([x, x[:3]], [y, y])
     with pytest.raises(ValueError, match="feature size"):
         mmd(x, torch.randn(4, 2))
+
+
+# --- the linear-time estimator (Gretton et al. 2012) ---------------------------------------------
+
+
+def stacked_kernel(xs, ys, num_kernels: int = 5, kernel_mul: float = 2.0) -> torch.Tensor:
+    """The quadratic estimator's joint kernel matrix over the stacked rows [x; y]."""
+    kernel = multi_kernel_matrix(xs[0], ys[0], num_kernels, kernel_mul)
+    for x, y in zip(xs[1:], ys[1:], strict=True):
+        kernel = kernel * multi_kernel_matrix(x, y, num_kernels, kernel_mul)
+    return kernel
+
+
+def unbiased_quadratic(xs, ys) -> float:
+    """The unbiased O(n^2) statistic (diagonals left out) with the same kernels."""
+    kernel = stacked_kernel(xs, ys).double()
+    n, m = xs[0].shape[0], ys[0].shape[0]
+    k_xx, k_yy = kernel[:n, :n], kernel[n:, n:]
+    xx = (k_xx.sum() - k_xx.diagonal().sum()) / (n * (n - 1))
+    yy = (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+    return float(xx + yy - 2 * kernel[:n, n:].mean())
+
+
+@pytest.mark.parametrize("n,m", [(8, 8), (7, 7), (6, 9)])
+def test_linear_uses_the_quadratic_kernels_on_consecutive_pairs(n, m):
+    """Same bandwidths and kernels as the quadratic matrix, read at Gretton's pairs only:
+    h_i = k(x_2i, x_2i+1) + k(y_2i, y_2i+1) - k(x_2i, y_2i+1) - k(x_2i+1, y_2i)."""
+    gen = torch.Generator().manual_seed(n * 10 + m)
+    xs = [torch.randn(n, 5, generator=gen), torch.softmax(torch.randn(n, 3, generator=gen), 1)]
+    ys = [torch.randn(m, 5, generator=gen) + 1, torch.softmax(torch.randn(m, 3, generator=gen), 1)]
+    xs_a = [x.clone().requires_grad_() for x in xs]
+    xs_b = [x.clone().requires_grad_() for x in xs]
+    got = jmmd(xs_a, ys, estimator="linear")
+    kernel = stacked_kernel(xs_b, ys)
+    pairs = min(n, m) // 2  # an odd last row, or the larger side's surplus, is left out
+    i = torch.arange(pairs) * 2
+    want = (
+        kernel[i, i + 1] + kernel[n + i, n + i + 1] - kernel[i, n + i + 1] - kernel[i + 1, n + i]
+    ).mean()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.backward()
+    want.backward()
+    for a, b in zip(xs_a, xs_b, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    # One layer: mmd and jmmd agree for the linear estimator too.
+    torch.testing.assert_close(
+        mmd(xs[0], ys[0], estimator="linear"), jmmd(xs[:1], ys[:1], estimator="linear")
+    )
+
+
+def test_linear_odd_batch_drops_the_last_row():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 4, generator=gen).requires_grad_()
+    y = (torch.randn(7, 4, generator=gen) + 0.5).requires_grad_()
+    value = mmd(x, y, estimator="linear")
+    value.backward()
+    assert torch.isfinite(value) and value.item() > 0
+    # Three pairs per side: the 7th row only enters the (detached) bandwidth.
+    for t in (x, y):
+        assert torch.isfinite(t.grad).all()
+        assert (t.grad[6] == 0).all() and (t.grad[:6].abs().sum(dim=1) > 0).all()
+
+
+def _draws(shift: float, draws: int = 200, n: int = 32):
+    gen = torch.Generator().manual_seed(int(shift * 100) + 1)
+    linear, quadratic = [], []
+    for _ in range(draws):
+        x = torch.randn(n, 4, generator=gen)
+        y = torch.randn(n, 4, generator=gen) + shift
+        px = torch.softmax(x[:, :3] * 2, 1)
+        py = torch.softmax(y[:, :3] * 2, 1)
+        linear.append(jmmd([x, px], [y, py], estimator="linear").item())
+        quadratic.append(unbiased_quadratic([x, px], [y, py]))
+    lin = torch.tensor(linear, dtype=torch.float64)
+    return lin.mean().item(), (lin.std() / draws**0.5).item(), sum(quadratic) / draws
+
+
+def test_linear_is_unbiased_near_zero_for_the_same_distribution():
+    mean, stderr, quad = _draws(shift=0.0)
+    assert abs(mean) < 4 * stderr
+    assert abs(mean - quad) < 4 * stderr
+    # Unbiased: single draws go negative, unlike the biased quadratic statistic.
+    gen = torch.Generator().manual_seed(0)
+    values = [
+        mmd(
+            torch.randn(16, 3, generator=gen), torch.randn(16, 3, generator=gen), estimator="linear"
+        )
+        for _ in range(40)
+    ]
+    assert min(v.item() for v in values) < 0 < max(v.item() for v in values)
+
+
+def test_linear_mean_matches_the_unbiased_quadratic_value_for_shifted_distributions():
+    mean, stderr, quad = _draws(shift=1.0)
+    assert mean > 10 * stderr > 0  # clearly positive
+    assert abs(mean - quad) < 4 * stderr
+
+
+def test_linear_gradients_are_finite_and_descent_lowers_it():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 4, generator=gen)
+    y = (torch.randn(64, 4, generator=gen) + 1.5).requires_grad_()
+    value = mmd(x, y, estimator="linear")
+    value.backward()
+    assert torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+    with torch.no_grad():
+        y2 = y - 5.0 * y.grad
+    assert mmd(x, y2, estimator="linear").item() < value.item()
+    # Identical rows: zero distances, the bandwidth floor keeps the gradient finite.
+    same = torch.ones(4, 3, requires_grad=True)
+    zero = jmmd([same, same], [same.detach(), same.detach()], estimator="linear")
+    zero.backward()
+    assert zero.item() == pytest.approx(0.0, abs=1e-6) and torch.isfinite(same.grad).all()
+
+
+def test_estimator_argument_is_checked():
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="estimator='cubic'"):
+        mmd(x, y, estimator="cubic")
+    with pytest.raises(ValueError, match="estimator='cubic'"):
+        jmmd([x], [y], estimator="cubic")
+    with pytest.raises(ValueError, match="at least two rows"):
+        mmd(x[:1], y, estimator="linear")
+
+
+def test_loss_config_selects_the_estimator():
+    from osmd_ray.config import LossConfig
+    from osmd_ray.method.losses import alignment_loss
+
+    gen = torch.Generator().manual_seed(2)
+    z_p, z_h = torch.randn(10, 6, generator=gen), torch.randn(10, 6, generator=gen) + 1
+    logits_p, logits_h = torch.randn(10, 3, generator=gen), torch.randn(10, 3, generator=gen)
+    probs = [torch.softmax(logits_p, 1), torch.softmax(logits_h, 1)]
+    for estimator in ("quadratic", "linear"):
+        for alignment in ("jmmd", "mmd"):
+            cfg = LossConfig(alignment=alignment, jmmd_estimator=estimator)
+            got = alignment_loss(z_p, z_h, logits_p, logits_h, cfg)
+            want = (
+                jmmd([z_p, probs[0]], [z_h, probs[1]], estimator=estimator)
+                if alignment == "jmmd"
+                else mmd(z_p, z_h, estimator=estimator)
+            )
+            torch.testing.assert_close(got, want)
+    assert LossConfig().jmmd_estimator == "quadratic"

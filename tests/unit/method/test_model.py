@@ -345,3 +345,33 @@ def test_nan_filled_missing_privileged_rows_do_not_leak_into_any_output():
     out = model(batch)
     for key, value in out.items():
         assert torch.isfinite(value.float()).all(), key
+
+
+def _cast_parameters_only(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """What DeepSpeed 0.19's bf16 engine does without data_types.buffer_dtype: parameters to
+    bf16, buffers (Normalize's statistics) left in fp32."""
+    for p in module.parameters():
+        p.data = p.data.to(dtype)
+
+
+GROUP = {"width": 4, "depth": 2, "feature_dim": 8, "norm": "group"}  # no running statistics
+
+
+@pytest.mark.parametrize(
+    "method, cfg",
+    [
+        ("osmd", ModelConfig(**GROUP)),  # dense recon: E_h's feature map path
+        ("osmd", ModelConfig(**GROUP, recon_mode="pooled")),
+        ("imputation", ModelConfig(**GROUP)),  # the generator normalises its inputs itself
+        ("full_multimodal", ModelConfig(**GROUP)),
+    ],
+)
+def test_forward_runs_with_bf16_parameters_and_fp32_buffers(method, cfg):
+    model = make_model(method, cfg)
+    _cast_parameters_only(model, torch.bfloat16)
+    assert {b.dtype for b in model.buffers()} == {torch.float32}  # the case that broke
+    out = model(make_batch([RGB, DEPTH]))
+    assert out["deploy_logits"].dtype == torch.bfloat16
+    assert torch.isfinite(out["deploy_logits"].float()).all()
+    deploy = model.deploy_module()
+    assert deploy(make_batch([RGB, DEPTH])).dtype == torch.bfloat16

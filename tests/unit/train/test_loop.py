@@ -1,0 +1,58 @@
+"""The workers' DeepSpeed configuration (osmd_ray.train.loop.deepspeed_config)."""
+
+from __future__ import annotations
+
+from osmd_ray.config import load_config
+from osmd_ray.train.loop import deepspeed_config, uses_bf16
+
+
+def test_bf16_engine_casts_buffers_with_the_weights(configs_dir):
+    # DeepSpeed >= 0.18 keeps buffers in fp32 unless told otherwise; BatchNorm's running
+    # statistics then mismatch its bf16 weights (found on an H200, benchmarks/RESULTS.md).
+    cfg = load_config(configs_dir / "osmd_synth.yaml", ["scaling.use_gpu=true"])
+    assert uses_bf16(cfg)
+    ds = deepspeed_config(cfg, use_bf16=True)
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["data_types"]["buffer_dtype"] == "bf16"
+
+
+def test_fp32_engine_leaves_dtypes_alone(configs_dir):
+    cfg = load_config(configs_dir / "osmd_synth.yaml", ["train.zero_stage=3"])
+    assert not uses_bf16(cfg)
+    ds = deepspeed_config(cfg, use_bf16=False)
+    assert ds["bf16"] == {"enabled": False}
+    assert "data_types" not in ds
+    assert ds["zero_optimization"] == {"stage": 3}
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
+
+
+def test_cpu_workers_skip_the_shared_memory_op_build(monkeypatch):
+    import importlib
+
+    import deepspeed.ops
+
+    from osmd_ray.train.deepspeed_setup import skip_cpu_shared_memory_op
+
+    # Restored after the test: the mark is process-wide.
+    monkeypatch.setattr(deepspeed.ops, "__compatible_ops__", dict(deepspeed.ops.__compatible_ops__))
+    assert skip_cpu_shared_memory_op()
+    # What DeepSpeed's communication backend calls when it starts: None means no JIT build.
+    # (deepspeed.comm's attribute `torch` is torch itself, hence import_module.)
+    assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None
+
+
+def test_cpu_workers_use_as_many_torch_threads_as_they_hold_cpus(configs_dir):
+    import torch
+
+    from osmd_ray.train.loop import set_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        for cpus, threads in ((1, 1), (2.5, 2), (0.5, 1)):
+            cfg = load_config(configs_dir / "osmd_synth.yaml", [f"scaling.cpus_per_worker={cpus}"])
+            assert set_cpu_threads(cfg) == threads == torch.get_num_threads()
+        torch.set_num_threads(1)
+        gpu = load_config(configs_dir / "osmd_synth.yaml", ["scaling.use_gpu=true"])
+        assert set_cpu_threads(gpu) == 1  # GPU runs keep what torch has
+    finally:
+        torch.set_num_threads(before)
