@@ -11,13 +11,26 @@ import sys
 from collections.abc import Callable, Sequence
 from functools import wraps
 
-from osmd_ray.data.contract import DataError, Manifest, check_dataset, read_manifest
+from osmd_ray.data.contract import (
+    DEFAULT_SHARD_MB,
+    PARALLEL_MIN_BYTES,
+    DataError,
+    Manifest,
+    check_dataset,
+    read_manifest,
+)
 from osmd_ray.storage import StorageError, check_bucket
 
 # Help texts keep their own line breaks (RawDescriptionHelpFormatter), so they stay narrow.
 _EPILOG_LAYOUT = """\
 A dataset is a folder (or s3:// prefix) holding manifest.json and
 <split>/part-*.parquet; see DESIGN.md section 4."""
+
+_SHARD_MB_HELP = (
+    "target shard size in MiB of uncompressed rows; on a Ray cluster (RAY_ADDRESS), a "
+    f"dataset of several shards and at least {PARALLEL_MIN_BYTES // 2**20} MiB is written "
+    "by parallel Ray tasks (default: %(default)s)"
+)
 
 _SYNTH_DESCRIPTION = """\
 Generate the procedural RGB-D scenes of osmd_ray.data.synth (ordinary
@@ -54,6 +67,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
     return value
 
 
@@ -125,6 +145,13 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help=f"random seed (default: {d.get('seed', 'the generator default')})",
     )
     synth.add_argument(
+        "--shard-mb",
+        type=_positive_float,
+        default=DEFAULT_SHARD_MB,
+        metavar="MB",
+        help=_SHARD_MB_HELP,
+    )
+    synth.add_argument(
         "--overwrite", action="store_true", help="replace a dataset already at --out"
     )
     synth.set_defaults(func=cmd_synth)
@@ -163,6 +190,13 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
         metavar="K",
         help="seed of the validation slice (default: %(default)s)",
     )
+    imp.add_argument(
+        "--shard-mb",
+        type=_positive_float,
+        default=DEFAULT_SHARD_MB,
+        metavar="MB",
+        help=_SHARD_MB_HELP,
+    )
     imp.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
     imp.set_defaults(func=cmd_import)
 
@@ -183,9 +217,15 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def write_synth_dataset(
-    out: str, *, overwrite: bool = False, progress: bool = True, **params: int
+    out: str,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    shard_mb: float = DEFAULT_SHARD_MB,
+    **params: int,
 ) -> Manifest:
-    """Generate the synthetic classification set (SYNTH_DEFAULTS for what is not given)."""
+    """Generate the synthetic classification set (SYNTH_DEFAULTS for what is not given),
+    in shards of about ``shard_mb`` MiB."""
     from osmd_ray.data.contract import write_dataset
     from osmd_ray.data.synth import SYNTH_DEFAULTS, generate_classification
 
@@ -200,6 +240,7 @@ def write_synth_dataset(
         num_classes=info["num_classes"],
         class_names=info.get("class_names"),
         description=info.get("description", ""),
+        target_shard_bytes=shard_bytes(shard_mb),
         overwrite=overwrite,
         progress=progress,
     )
@@ -221,7 +262,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None
     }
     check_bucket(args.out, "--out")  # fail in seconds, naming the bucket, not mid-write
-    manifest = write_synth_dataset(args.out, overwrite=args.overwrite, **params)
+    manifest = write_synth_dataset(
+        args.out, overwrite=args.overwrite, shard_mb=args.shard_mb, **params
+    )
     print(f"wrote {args.out}")
     print(summary(manifest))
     return 0
@@ -241,6 +284,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         task=args.task,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        target_shard_bytes=shard_bytes(args.shard_mb),
         overwrite=args.overwrite,
     )
     print(f"wrote {args.out}")
@@ -262,6 +306,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"OK {args.root} ({depth})")
     print(summary(read_manifest(args.root)))
     return 0
+
+
+def shard_bytes(shard_mb: float) -> int:
+    """--shard-mb in bytes (MiB), at least one."""
+    return max(1, int(shard_mb * 2**20))
 
 
 def summary(m: Manifest) -> str:

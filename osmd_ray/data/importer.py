@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from osmd_ray import storage
-from osmd_ray.data.contract import TASKS, DataError, Manifest, infer_kind, write_dataset
+from osmd_ray.data.contract import (
+    DEFAULT_SHARD_MB,
+    TASKS,
+    DataError,
+    Manifest,
+    infer_kind,
+    write_dataset,
+)
 
 IGNORE_INDEX = -100
 """Segmentation labels with this value mark unlabelled pixels (the write_dataset default)."""
@@ -195,6 +202,7 @@ def import_npz(
     task: str = "classification",
     val_fraction: float = 0.1,
     seed: int = 0,
+    target_shard_bytes: int = DEFAULT_SHARD_MB * 2**20,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Manifest:
@@ -204,6 +212,7 @@ def import_npz(
     Without ``val``, a seeded slice of train (``val_fraction``; stratified by class for
     classification) becomes val. Sample ids default to <file role>-<row>, e.g.
     train-0000042, also for the rows moved to val, so each row can be traced to its file.
+    Shards hold about ``target_shard_bytes`` of uncompressed rows each (write_dataset).
     """
     if task not in TASKS:
         raise DataError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -253,6 +262,7 @@ def import_npz(
         ignore_index=IGNORE_INDEX,
         present=present or None,
         description=f"imported from NPZ: train {train}, val {val_source}, test {test}",
+        target_shard_bytes=target_shard_bytes,
         overwrite=overwrite,
         progress=progress,
     )

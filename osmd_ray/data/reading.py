@@ -12,13 +12,14 @@ present is allowed and simply yields no such column: a consumer treats a missing
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from osmd_ray import storage
 from osmd_ray.data.contract import DataError, Manifest, column_to_numpy, read_manifest
@@ -61,7 +62,13 @@ def read_split(
 
     Tensor columns arrive as (B, *shape) arrays/tensors (``iter_torch_batches``);
     ``sample_id`` is a string column, so leave it out of anything converted to torch.
-    ``shuffle_files`` shuffles the order of the shards (with ``seed`` when given), not rows.
+    ``shuffle_files`` shuffles the order of the shards (not rows), anew at every execution
+    (epoch), reproducibly when ``seed`` is given.
+
+    One Ray Data block per shard, read by a map task one row group at a time. Not
+    ``ray.data.read_parquet``: its file listing step (ListFiles, Ray 2.60) took 20 to 25 s
+    per epoch for four local files here, while the manifest already lists every shard
+    (benchmarks/RESULTS.md, data I/O).
     """
     import ray.data
 
@@ -70,22 +77,31 @@ def read_split(
     files = manifest.files(root, split)
     if not files:
         raise DataError(f"split {split!r} of {root} has no shards")
-    shuffle: str | ray.data.FileShuffleConfig | None = None
-    if shuffle_files:
-        shuffle = "files" if seed is None else ray.data.FileShuffleConfig(seed=seed)
+    # The same fsspec filesystem (endpoint, timeouts; credentials from each worker's
+    # environment) that wrote and checked the data, pickled into the read tasks.
     fs, _ = storage.url_to_fs(root)
-    kwargs = {}
-    if not isinstance(fs, LocalFileSystem):
-        # Hand Ray the same fsspec filesystem (same endpoint and credentials from the
-        # environment) that wrote and checked the data, instead of letting it resolve the URI
-        # on its own.
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
+    paths = [storage.url_to_fs(f)[1] for f in files]
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    if shuffle_files:
+        ds = ds.randomize_block_order(
+            seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
+            if seed is not None
+            else None
+        )
+    return ds.map_batches(
+        partial(_read_shards, fs=fs, columns=cols), batch_size=None, batch_format="pyarrow"
+    )
 
-        kwargs["filesystem"] = PyFileSystem(FSSpecHandler(fs))
-        files = [storage.url_to_fs(f)[1] for f in files]
-    # partitioning=None: a "key=value" folder above the root must not turn into a column.
-    ds = ray.data.read_parquet(files, shuffle=shuffle, partitioning=None, **kwargs)
-    return ds.select_columns(cols)
+
+def _read_shards(
+    batch: pa.Table, *, fs: fsspec.AbstractFileSystem, columns: list[str]
+) -> Iterator[pa.Table]:
+    """The rows of the shards named in ``batch`` (a ``path`` column), one row group at a time."""
+    for path in batch.column("path").to_pylist():
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            for g in range(pf.num_row_groups):
+                yield pf.read_row_group(g, columns=columns)
 
 
 def read_split_numpy(
