@@ -294,7 +294,19 @@ def saved_config_matches(path: str | os.PathLike[str], cfg: Config) -> bool | No
         saved = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    return saved == dump_yaml(cfg)
+    return saved_text_matches(saved, cfg)
+
+
+def saved_text_matches(saved: str, cfg: Config) -> bool:
+    """Whether saved config text describes ``cfg``: the same text, or a config that reads back
+    equal, so a run folder written before a field was added (at its default) still resumes."""
+    if saved == dump_yaml(cfg):
+        return True
+    try:
+        data = yaml.safe_load(saved)
+        return isinstance(data, dict) and config_from_dict(data) == cfg
+    except (yaml.YAMLError, ConfigError):
+        return False
 
 
 def config_from_dict(d: Mapping[str, Any]) -> Config:

@@ -37,6 +37,7 @@ from osmd_ray.config import (
     dump_yaml,
     save_config,
     saved_config_matches,
+    saved_text_matches,
     validate,
 )
 from osmd_ray.data.contract import SPLITS, DataError, Manifest, verify_dataset
@@ -178,7 +179,7 @@ def _prepare_remote_run_dir(cfg: Config, out: str) -> str:
     storage.check_bucket(run_dir, "the run folder, --out")
     config_path = storage.join(run_dir, CONFIG_FILE)
     saved = storage.read_text(config_path)
-    if saved is not None and saved != dump_yaml(cfg):
+    if saved is not None and not saved_text_matches(saved, cfg):
         raise RunError(
             f"{run_dir} already holds a run with another configuration ({config_path}). "
             "Rerun with the same config and overrides to resume it, or choose another --out."

@@ -576,3 +576,22 @@ def test_any_valid_config_survives_save_and_load(group, root, ordinary, lr, w_ja
         path = Path(folder) / "config.yaml"
         save_config(cfg, path)
         assert load_config(path) == cfg
+
+
+def test_a_run_folder_saved_before_a_field_existed_is_still_the_same_run(tmp_path):
+    from osmd_ray.config import saved_config_matches
+
+    cfg = load_config(CONFIGS / "osmd_synth.yaml")
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    assert saved_config_matches(path, cfg) is True
+    # As written by a version without loss.jmmd_estimator: the field's default fills it in.
+    old = yaml.safe_load(path.read_text())
+    del old["loss"]["jmmd_estimator"]
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    assert saved_config_matches(path, cfg) is True
+    # A real difference, or text that is no config at all, is another run.
+    assert saved_config_matches(path, apply_overrides(cfg, ["loss.jmmd_estimator=linear"])) is False
+    path.write_text("loss: [not, a, mapping")
+    assert saved_config_matches(path, cfg) is False
+    assert saved_config_matches(tmp_path / "missing.yaml", cfg) is None
