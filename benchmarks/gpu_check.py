@@ -47,10 +47,9 @@ sys.path.insert(0, str(REPO))
 
 from osmd_ray.config import Config, load_config  # noqa: E402
 from osmd_ray.data.contract import Manifest, ModalitySpec  # noqa: E402
-from osmd_ray.method.losses import compute_losses  # noqa: E402
 from osmd_ray.method.model import build_model  # noqa: E402
 from osmd_ray.method.stages import part_parameter_groups  # noqa: E402
-from osmd_ray.train.loop import build_optimizer, deepspeed_config  # noqa: E402
+from osmd_ray.train.loop import batch_losses, build_optimizer, deepspeed_config  # noqa: E402
 
 MODES = ("torch", "zero2", "zero3")
 # The image configuration DESIGN and issue 4 give the NYUv2 segmentation config: 480x640
@@ -118,16 +117,7 @@ def make_batch(
 
 
 def step_losses(model: Any, batch: dict[str, torch.Tensor], cfg: Config) -> torch.Tensor:
-    outputs = model(batch)
-    losses = compute_losses(
-        outputs,
-        batch["label"],
-        None,
-        cfg.method,
-        cfg.loss,
-        kd_temperature=cfg.baselines.kd_temperature,
-    )
-    return losses["total"]
+    return batch_losses(model(batch), batch, cfg)["total"]
 
 
 def count_step_flops(model: Any, batch: dict[str, torch.Tensor], cfg: Config, autocast: Any) -> int:

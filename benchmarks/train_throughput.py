@@ -93,17 +93,16 @@ def plain_rates(
     """samples/s of a single-process PyTorch loop of the config's model (no Ray, no DeepSpeed)."""
     import torch
 
-    from osmd_ray.method.losses import compute_losses
-    from osmd_ray.method.model import build_model, privileged_mask
+    from osmd_ray.method.model import build_model
     from osmd_ray.method.stages import part_parameter_groups
-    from osmd_ray.train.loop import lr_schedule
+    from osmd_ray.train.loop import batch_losses, build_optimizer, lr_schedule
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, manifest)
     model.train()
     parts, groups = part_parameter_groups(model)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(groups, cfg)
     scheduler = lr_schedule(optimizer, cfg, manifest.num_rows("train"), parts)
     params = [p for g in groups for p in g["params"]]
     names = [*cfg.data.ordinary, *cfg.data.privileged]
@@ -114,13 +113,7 @@ def plain_rates(
         batch = batches[i % N_BATCHES]
         t0 = time.perf_counter()
         outputs = model(batch)
-        losses = compute_losses(
-            outputs,
-            batch["label"].long(),
-            privileged_mask(batch, cfg.data.privileged),
-            cfg.method,
-            cfg.loss,
-        )
+        losses = batch_losses(outputs, batch, cfg)
         t1 = time.perf_counter()
         losses["total"].backward()
         t2 = time.perf_counter()
@@ -162,11 +155,12 @@ def ray_train_fn(config: dict[str, Any]) -> None:
 
     from osmd_ray.config import config_from_dict
     from osmd_ray.data.contract import Manifest
-    from osmd_ray.method.losses import compute_losses
-    from osmd_ray.method.model import build_model, privileged_mask
+    from osmd_ray.method.model import build_model
     from osmd_ray.method.stages import part_parameter_groups
     from osmd_ray.train.loop import (
+        batch_losses,
         batch_to_device,
+        build_optimizer,
         deepspeed_config,
         lr_schedule,
         nonfinite_terms,
@@ -189,7 +183,7 @@ def ray_train_fn(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, manifest)
     parts, groups = part_parameter_groups(model)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(groups, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -209,13 +203,7 @@ def ray_train_fn(config: dict[str, Any]) -> None:
         batch = batches[i % N_BATCHES]
         t0 = time.perf_counter()
         outputs = engine(batch)
-        losses = compute_losses(
-            outputs,
-            batch["label"].long(),
-            privileged_mask(batch, cfg.data.privileged),
-            cfg.method,
-            cfg.loss,
-        )
+        losses = batch_losses(outputs, batch, cfg)
         if nonfinite_terms(losses, device):
             raise RuntimeError("non-finite loss in the throughput benchmark")
         t1 = time.perf_counter()

@@ -88,6 +88,28 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
+def batch_losses(
+    outputs: dict[str, torch.Tensor],
+    batch: Mapping[str, torch.Tensor],
+    cfg: Config,
+    terms: Mapping[str, float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The run's loss terms for one batch (``terms``: the current stage's objective), as the
+    workers compute them; the benchmarks call this too, so they time the same step."""
+    from osmd_ray.method.losses import compute_losses
+    from osmd_ray.method.model import privileged_mask
+
+    return compute_losses(
+        outputs,
+        batch["label"].long(),
+        privileged_mask(batch, cfg.data.privileged),
+        cfg.method,
+        cfg.loss,
+        terms=terms,
+        kd_temperature=cfg.baselines.kd_temperature,
+    )
+
+
 def lr_schedule(
     optimizer: torch.optim.Optimizer, cfg: Config, rows_per_worker: int, parts: list[str]
 ) -> torch.optim.lr_scheduler.LRScheduler:
@@ -258,8 +280,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     from safetensors.torch import save_file
 
-    from osmd_ray.method.losses import compute_losses
-    from osmd_ray.method.model import build_model, privileged_mask
+    from osmd_ray.method.model import build_model
     from osmd_ray.train.deepspeed_setup import skip_cpu_shared_memory_op
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -326,15 +347,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ):
             batch = batch_to_device(raw, device)
             outputs = engine(batch)
-            losses = compute_losses(
-                outputs,
-                batch["label"].long(),
-                privileged_mask(batch, cfg.data.privileged),
-                cfg.method,
-                cfg.loss,
-                terms=stage.terms,
-                kd_temperature=cfg.baselines.kd_temperature,
-            )
+            losses = batch_losses(outputs, batch, cfg, terms=stage.terms)
             bad = nonfinite_terms(losses, device)
             step += 1
             if bad:
