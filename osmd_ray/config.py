@@ -65,6 +65,10 @@ class ModelConfig:
     """Teacher and deployment paths share F and H (False: separate copies, an ablation)."""
     hallucination_shared_stages: int = 0
     """Image small_cnn only: how many first stages E_h shares with E_o."""
+    hallucination: str = "encoder"
+    """Shape of E_h: encoder (a role encoder like E_o) or unet (a U-Net that decodes a
+    full-resolution map, from which the training-only D_h reads the privileged images, then
+    a small_cnn of E_h's own on that map; image ordinary modalities of one size only)."""
     dropout: float = 0.0
     """Dropout before the heads."""
     norm: str = "batch"
@@ -96,8 +100,12 @@ class LossConfig:
     w_mimic: float = 0.0
     """Weight of ||z_h - stopgrad(z_p)||^2 (Hoffman et al. 2016)."""
     w_recon: float = 10.0
-    """Weight of the dense supervision of E_h by the privileged input: a linear decoder D_h
-    maps z_h to the pooled, normalised privileged input (mean squared error)."""
+    """Weight of the dense supervision of E_h by the privileged input: the decoder D_h
+    (model.recon_mode) predicts the pooled, normalised privileged input (mean squared error)."""
+    w_kd: float = 0.0
+    """osmd: weight of the one-stage distillation of the teacher path's soft predictions
+    (detached) into the deployment path, T^2 KL at temperature baselines.kd_temperature; it
+    uses the pairing of each sample's two views, which (J)MMD ignores."""
     alignment: str = "jmmd"
     """What the w_jan term computes: jmmd (features and predictions) or mmd (features only)."""
     num_kernels: int = 5
@@ -213,13 +221,14 @@ NORMS = ("batch", "group")
 SCHEDULES = ("cosine", "constant")
 FUSIONS = ("ctn", "concat", "sum")
 RECON_MODES = ("dense", "pooled")
+HALLUCINATIONS = ("encoder", "unet")
 ALIGNMENTS = ("jmmd", "mmd")
 JMMD_ESTIMATORS = ("quadratic", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
 NONFINITE_POLICIES = ("error", "skip")
 ZERO_STAGES = (0, 1, 2, 3)
 IMAGE_ENCODER_PREFIXES = ("timm:", "torchvision:")
-LOSS_WEIGHTS = ("w_deploy", "w_teacher", "w_priv", "w_jan", "w_mimic", "w_recon")
+LOSS_WEIGHTS = ("w_deploy", "w_teacher", "w_priv", "w_jan", "w_mimic", "w_recon", "w_kd")
 SEED_LIMIT = 2**32
 """Seeds must be below this: numpy's legacy and Ray Data's seeding reject larger ones."""
 
@@ -492,6 +501,13 @@ def _check_model(model: ModelConfig) -> None:
         )
     _at_least(model.recon_size, 1, "model.recon_size")
     _one_of(model.recon_mode, RECON_MODES, "model.recon_mode")
+    _one_of(model.hallucination, HALLUCINATIONS, "model.hallucination")
+    if model.hallucination == "unet" and model.hallucination_shared_stages:
+        raise ConfigError(
+            "config key 'model.hallucination_shared_stages' must be 0 with "
+            "model.hallucination=unet (its E_h shares no stages with E_o)",
+            "model.hallucination_shared_stages",
+        )
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(
             f"config key 'model.dropout' must be in [0, 1); got {model.dropout}", "model.dropout"

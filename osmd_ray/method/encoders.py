@@ -385,6 +385,14 @@ class RoleEncoder(nn.Module):
                 return spec.name
         return None
 
+    @property
+    def map_channels(self) -> int:
+        """Channels of :meth:`forward_with_map`'s map (needs a :attr:`map_source`)."""
+        source = self.map_source
+        if source is None:
+            raise ValueError("this role encoder has no small_cnn image encoder, hence no map")
+        return self.encoders[source].body.map_channels
+
     def forward_with_map(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """(features, the last-stage map of :attr:`map_source` or None), in one pass."""
         source, fmap = self.map_source, None
@@ -399,3 +407,106 @@ class RoleEncoder(nn.Module):
                 feats.append(encoder(batch[spec.name]))
         z = self.project(feats[0] if len(feats) == 1 else torch.cat(feats, dim=1))
         return z, fmap
+
+
+class UNetTrunk(nn.Module):
+    """A small U-Net: same-size images (C x H x W) -> a (B, width, H, W) full-resolution map.
+
+    Down path: ``levels`` stages of [Conv(3x3), norm, ReLU] x 2 with ``width * 2**i``
+    channels, halving H and W (max pool) between them; up path: bilinear upsampling, the
+    skip connection of the same level concatenated, then [Conv, norm, ReLU] x 2. Each output
+    pixel sees the whole 24x24 image at 3 levels, and keeps full resolution: what a dense
+    prediction of the privileged image (or a per-pixel cue such as haze) needs.
+    """
+
+    def __init__(self, in_channels: int, width: int, levels: int = 3, norm: str = "batch") -> None:
+        super().__init__()
+        if levels < 1:
+            raise ValueError(f"a U-Net trunk needs at least one level, got {levels}")
+        self.norm = norm
+        chans = [width * 2**i for i in range(levels)]
+        self.down = nn.ModuleList(
+            self._block(in_channels if i == 0 else chans[i - 1], c) for i, c in enumerate(chans)
+        )
+        self.up = nn.ModuleList(
+            self._block(chans[i + 1] + chans[i], chans[i]) for i in reversed(range(levels - 1))
+        )
+        self.out_channels = width
+
+    def _block(self, c_in: int, c_out: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            channel_norm(self.norm, c_out, dims=2),
+            nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            channel_norm(self.norm, c_out, dims=2),
+            nn.ReLU(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            if i:
+                x = nn.functional.max_pool2d(x, 2, ceil_mode=True)
+            x = block(x)
+            skips.append(x)
+        for block, skip in zip(self.up, reversed(skips[:-1]), strict=True):
+            x = nn.functional.interpolate(
+                x, size=skip.shape[2:], mode="bilinear", align_corners=False
+            )
+            x = block(torch.cat([x, skip], dim=1))
+        return x
+
+
+class DecoderEncoder(nn.Module):
+    """E_h shaped as "decode the privileged view, then encode it" (``model.hallucination``
+    = ``unet``): a :class:`UNetTrunk` turns the ordinary images into a full-resolution map (the
+    training-only ``D_h``, a 1x1 convolution, reads the privileged images off it at full
+    resolution), and a privileged-kind :class:`SmallCNN` of its own (never E_p's weights)
+    encodes that map to ``feature_dim``.
+
+    Needs every ordinary modality to be an image of one H x W (they are concatenated along
+    channels). Offers :class:`RoleEncoder`'s interface (``forward``, ``forward_with_map``,
+    ``map_source``, ``map_channels``).
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[ModalitySpec],
+        cfg: ModelConfig,
+        normalization: Normalization | None,
+    ) -> None:
+        super().__init__()
+        if not specs or not all(s.kind == "image" for s in specs):
+            raise ValueError(
+                "model.hallucination=unet needs image ordinary modalities only, got "
+                f"{[(s.name, s.kind) for s in specs]}"
+            )
+        if len({tuple(s.shape[1:]) for s in specs}) != 1:
+            raise ValueError("model.hallucination=unet needs ordinary images of one size")
+        stats = resolve_normalization(specs, normalization)
+        self.specs = tuple(specs)
+        self.inputs = nn.ModuleDict(
+            {s.name: Normalize(s.kind, **stats[s.name]) for s in self.specs}
+        )
+        in_channels = sum(num_channels(s) for s in self.specs)
+        self.trunk = UNetTrunk(in_channels, cfg.width, levels=3, norm=cfg.norm)
+        self.body = SmallCNN(
+            self.trunk.out_channels, cfg.width, cfg.depth, cfg.feature_dim, norm=cfg.norm
+        )
+
+    map_source = "trunk"
+    """Not a modality: :meth:`forward_with_map` always returns the trunk's map."""
+
+    @property
+    def map_channels(self) -> int:
+        return self.trunk.out_channels
+
+    def forward_with_map(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(z_h, the trunk's full-resolution map)."""
+        x = torch.cat([self.inputs[s.name](batch[s.name]) for s in self.specs], dim=1)
+        fmap = self.trunk(x.to(parameter_dtype(self.trunk)))
+        return self.body(fmap), fmap
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        return self.forward_with_map(batch)[0]

@@ -1,7 +1,7 @@
 """The training objective of DESIGN §2, with per-sample masking of missing privileged data.
 
 ``L = w_deploy L_deploy + w_teacher L_teacher + w_priv L_priv + w_jan L_jan + w_mimic L_mimic
-+ w_recon L_recon``
++ w_recon L_recon + w_kd L_kd``
 
 - ``deploy``  task_loss(H(F(z_o, z_h)), y)        all rows
 - ``teacher`` task_loss(H(F(z_o, z_p)), y)        rows with the privileged modalities
@@ -16,8 +16,9 @@
 
 Terms of the staged baselines (:mod:`osmd_ray.method.stages` gives each stage its weights):
 
-- ``kd``      T^2 KL(softmax(teacher / T) || softmax(deploy / T)), teacher detached (logit_kd),
-  rows with the privileged modalities
+- ``kd``      T^2 KL(softmax(teacher / T) || softmax(deploy / T)), teacher detached (logit_kd,
+  and osmd with ``loss.w_kd``: the teacher path's own predictions), rows with the privileged
+  modalities
 - ``impute``  mean |G(x_o) - x_p| in the normalised privileged space (imputation), same rows
 
 A term with no usable rows is an exact 0 that stays connected to the graph (no NaN, and every
@@ -86,6 +87,7 @@ def osmd_weights(cfg: LossConfig) -> dict[str, float]:
         "jan": cfg.w_jan,
         "mimic": cfg.w_mimic,
         "recon": cfg.w_recon,
+        "kd": cfg.w_kd,
     }
 
 

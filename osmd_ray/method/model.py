@@ -33,7 +33,12 @@ from torch import Tensor, nn
 
 from osmd_ray.config import METHODS, Config, ModelConfig
 from osmd_ray.data.contract import ModalitySpec
-from osmd_ray.method.encoders import Normalization, RoleEncoder, resolve_normalization
+from osmd_ray.method.encoders import (
+    DecoderEncoder,
+    Normalization,
+    RoleEncoder,
+    resolve_normalization,
+)
 from osmd_ray.method.fusion import build_fusion
 from osmd_ray.method.imputation import Generator
 
@@ -92,6 +97,30 @@ def _deploy_inputs(
     return list(ordinary) + (list(privileged) if method == "full_multimodal" else [])
 
 
+def build_hallucination_encoder(
+    ordinary: Sequence[ModalitySpec],
+    cfg: ModelConfig,
+    normalization: Normalization | None,
+    e_o: RoleEncoder,
+) -> nn.Module:
+    """E_h of ``model.hallucination``: a role encoder like E_o (``encoder``, optionally
+    sharing E_o's first stages) or a U-Net decoder followed by an encoder of its own
+    (``unet``, :class:`osmd_ray.method.encoders.DecoderEncoder`)."""
+    if cfg.hallucination == "unet":
+        if cfg.hallucination_shared_stages:
+            raise ValueError("model.hallucination=unet shares no stages with E_o")
+        return DecoderEncoder(ordinary, cfg, normalization)
+    if cfg.hallucination != "encoder":
+        raise ValueError(f"model.hallucination={cfg.hallucination!r}: use encoder or unet")
+    return RoleEncoder(
+        ordinary,
+        cfg,
+        normalization,
+        share_from=e_o,
+        shared_stages=cfg.hallucination_shared_stages,
+    )
+
+
 def _deploy_parts(
     method: str,
     ordinary: Sequence[ModalitySpec],
@@ -107,13 +136,7 @@ def _deploy_parts(
             raise ValueError(f"{method} needs at least one privileged modality")
         parts["E_p"] = RoleEncoder(privileged, cfg, normalization)
     if method in HALLUCINATING:
-        parts["E_h"] = RoleEncoder(
-            ordinary,
-            cfg,
-            normalization,
-            share_from=parts["E_o"],
-            shared_stages=cfg.hallucination_shared_stages,
-        )
+        parts["E_h"] = build_hallucination_encoder(ordinary, cfg, normalization, parts["E_o"])
     if method not in STUDENT_ONLY:
         parts["F"] = build_fusion(cfg.fusion, cfg.feature_dim, cfg.shared_translator)
     parts["H"] = nn.Linear(cfg.feature_dim, num_classes)
@@ -235,8 +258,7 @@ class OSMDModel(nn.Module):
             )
             if self.recon_dense:
                 channels = sum(spec.shape[0] for spec in self.privileged)
-                in_channels = self.E_h.encoders[source].body.map_channels
-                self.D_h: nn.Module = nn.Conv2d(in_channels, channels, 1)
+                self.D_h: nn.Module = nn.Conv2d(self.E_h.map_channels, channels, 1)
             else:
                 target_size = sum(_pooled_size(s, cfg.recon_size) for s in self.privileged)
                 self.D_h = nn.Linear(cfg.feature_dim, target_size)

@@ -290,6 +290,13 @@ def test_validate_checks_types_of_hand_built_configs():
         (["loss.w_priv=-1"], "loss.w_priv", ">= 0"),
         (["loss.w_jan=-2"], "loss.w_jan", ">= 0"),
         (["loss.w_mimic=-1e-3"], "loss.w_mimic", ">= 0"),
+        (["loss.w_kd=-1"], "loss.w_kd", ">= 0"),
+        (["model.hallucination=decoder"], "model.hallucination", "unet"),
+        (
+            ["model.hallucination=unet", "model.hallucination_shared_stages=1"],
+            "model.hallucination_shared_stages",
+            "model.hallucination=unet",
+        ),
         (["model.dropout=1"], "model.dropout", "[0, 1)"),
         (["model.dropout=-0.1"], "model.dropout", "[0, 1)"),
         (

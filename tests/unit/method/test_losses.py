@@ -255,3 +255,29 @@ def test_training_steps_decrease_the_osmd_loss():
     assert last["total"] < 0.5 * first["total"], (first, last)
     for term in ("deploy", "teacher", "priv", "jan"):
         assert last[term] < 0.9 * first[term], (term, first, last)
+
+
+def test_osmd_kd_distils_the_detached_teacher_path_into_the_deployment_path():
+    out, labels = fake_outputs(), labels_for()
+    losses = compute_losses(out, labels, None, "osmd", spec_cfg(w_jan=0.0, w_kd=2.0),
+                            kd_temperature=3.0)
+    t = 3.0
+    want = (
+        F.kl_div(
+            F.log_softmax(out["deploy_logits"] / t, 1),
+            F.softmax(out["teacher_logits"] / t, 1),
+            reduction="batchmean",
+        )
+        * t
+        * t
+    )
+    torch.testing.assert_close(losses["kd"], want)
+    torch.testing.assert_close(
+        losses["total"],
+        losses["deploy"] + losses["teacher"] + losses["priv"] + 2.0 * want,
+    )
+    losses["kd"].backward()
+    assert out["deploy_logits"].grad.abs().sum() > 0
+    assert out["teacher_logits"].grad is None or not out["teacher_logits"].grad.any()
+    # Off by default: not computed, not reported.
+    assert "kd" not in compute_losses(fake_outputs(), labels, None, "osmd", spec_cfg())

@@ -9,6 +9,7 @@ import torch
 
 from osmd_ray.config import Config, ModelConfig
 from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.method.encoders import DecoderEncoder
 from osmd_ray.method.model import OSMDModel, build_deploy_net, build_model, privileged_mask
 
 RGB = ModalitySpec("rgb", "image", (3, 12, 12), "uint8")
@@ -375,3 +376,38 @@ def test_forward_runs_with_bf16_parameters_and_fp32_buffers(method, cfg):
     assert torch.isfinite(out["deploy_logits"].float()).all()
     deploy = model.deploy_module()
     assert deploy(make_batch([RGB, DEPTH])).dtype == torch.bfloat16
+
+
+UNET = ModelConfig(width=4, depth=2, feature_dim=8, hallucination="unet")
+
+
+def test_unet_hallucination_decodes_the_privileged_input_at_full_resolution():
+    model = make_model("osmd", UNET)
+    assert isinstance(model.E_h, DecoderEncoder) and model.recon_dense
+    batch = make_batch([RGB, DEPTH])
+    out = model(batch)
+    depth = model.E_p.encoders["depth"].normalize(batch["depth"])
+    torch.testing.assert_close(out["recon_target"], depth.flatten(1))  # 12x12, not pooled
+    assert out["recon"].shape == (4, 144) and out["z_h"].shape == (4, 8)
+    assert _grad_owners(model, out["recon"].sum()) == {"E_h", "D_h"}
+    assert _grad_owners(model, model(batch)["deploy_logits"].sum()) == {"E_o", "E_h", "F", "H"}
+    # E_h is its own network: it shares no parameter with E_p (or E_o).
+    assert not param_ids(model.E_h) & (param_ids(model.E_p) | param_ids(model.E_o))
+
+
+def test_unet_hallucination_deploys_without_privileged_specs():
+    model = make_model("osmd", UNET).eval()
+    fresh = build_deploy_net("osmd", [RGB], [], NUM_CLASSES, UNET, None).eval()
+    assert not hasattr(fresh, "E_p")
+    fresh.load_state_dict(model.deploy_module().state_dict(), strict=True)
+    batch = make_batch([RGB, DEPTH])
+    torch.testing.assert_close(fresh({"rgb": batch["rgb"]}), model(batch)["deploy_logits"])
+
+
+def test_unet_hallucination_rejects_non_image_ordinary_inputs_and_shared_stages():
+    with pytest.raises(ValueError, match="image ordinary"):
+        make_model("osmd", UNET, ordinary=(META,))
+    shared = ModelConfig(width=4, depth=2, feature_dim=8, hallucination="unet",
+                         hallucination_shared_stages=1)
+    with pytest.raises(ValueError, match="shares no stages"):
+        make_model("osmd", shared)
