@@ -1,5 +1,5 @@
 """`osmd sweep` end to end on a local Ray instance: trials that are real Ray Train runs, their
-epochs reported to Tune, best.yaml reproducing its trial, and a killed sweep resumed."""
+epochs reported to Tune, a killed sweep resumed, and best.yaml reproducing its trial."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from osmd_processes import REPO, end_session, ray_did_not_start, run_to_end, start_osmd
+from osmd_processes import REPO, end_session, ray_did_not_start, start_osmd
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
 
 from osmd_ray.config import load_config
@@ -48,73 +48,22 @@ def read_trials(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_asha_sweep_reports_every_epoch_and_best_yaml_reproduces_its_trial(
-    ray_local, tiny_synth, tmp_path, fast
+def test_a_killed_asha_sweep_resumes_and_best_yaml_reproduces_its_trial(
+    ray_local, tiny_synth, tmp_path, fast, capsys
 ):
+    """`osmd sweep` (its own local Ray) is SIGKILLed once its first trial has finished; the
+    sweep continues (here in this process, on the session's Ray instance: the same run_sweep
+    the command calls) without training that trial again; every trial is a real run whose
+    epochs reached Tune, trials.csv lists each trial once, and best.yaml trains as is to the
+    figure the sweep reported. One sweep serves both checks: each trial costs a Ray Train
+    start-up, the bulk of this test's time."""
     # Selected on the validation loss (mode min): a continuous figure, so the trials differ
     # (a few steps on the tiny set barely move the accuracy) and reproducing it is a real check.
-    spec = load_sweep_spec(
-        write_spec(tmp_path / "sweep.yaml", tiny_synth, fast, metric="val.deploy.loss", mode="min")
+    spec_path = write_spec(
+        tmp_path / "sweep.yaml", tiny_synth, fast, metric="val.deploy.loss", mode="min"
     )
     out = tmp_path / "sweep"
-    result = run_sweep(spec, str(out))
-
-    rows = read_trials(out)
-    assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3
-    for row in rows:
-        # Each trial is a real run in its own folder, its epochs reported to Tune as they end.
-        assert row["status"] in ("COMPLETED", "STOPPED_EARLY"), row
-        epochs = int(row["epochs"])
-        # ASHA may stop a trial at a rung on its last epoch too, before it exports.
-        assert epochs == 2 if row["status"] == "COMPLETED" else epochs in (1, 2), row
-        finished = (out / row["run_dir"] / "metrics.json").exists()
-        assert finished == (row["status"] == "COMPLETED"), row
-        assert 0.0 < float(row["final_metric"]) < 10.0
-        assert (out / row["run_dir"] / "config.yaml").exists()
-        if row["status"] == "COMPLETED":
-            history = json.loads((out / row["run_dir"] / "history.json").read_text())
-            assert float(row["final_metric"]) == pytest.approx(
-                history[-1]["val"]["deploy"]["loss"], abs=1e-9
-            )
-            assert (out / row["run_dir"] / "deploy" / "meta.json").exists()
-    assert len({r["final_metric"] for r in rows}) == 3, "every trial reported the same figure"
-    assert (out / "summary.png").stat().st_size > 1000
-    assert result.best is not None and result.best["status"] == "COMPLETED"
-    # Every trial's worker placement group is gone once the trial ended (stopped ones too).
-    recorded = list((out / ".placement_groups").iterdir())
-    assert len(recorded) == 3
-    for path in recorded:
-        for pg_id in path.read_text().split():
-            group = PlacementGroup(ray_local.PlacementGroupID(bytes.fromhex(pg_id)))
-            assert placement_group_table(group)["state"] == "REMOVED", path.name
-
-    # best.yaml trains as is, to the validation figure the sweep reported for its trial.
-    best_cfg = load_config(out / "best.yaml")
-    trial_cfg = load_config(out / result.best["run_dir"] / "config.yaml")
-    assert best_cfg == trial_cfg
-    metrics = train(best_cfg, str(tmp_path / "best_run"))
-    assert metrics["val"]["deploy"]["loss"] == pytest.approx(result.best["final_metric"], abs=1e-6)
-    assert result.best["final_metric"] == min(
-        float(r["final_metric"]) for r in rows if r["status"] == "COMPLETED"
-    )
-
-
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tiny_synth, tmp_path, fast):
-    """`osmd sweep` (its own local Ray) is SIGKILLed once a trial has finished; the same
-    command again completes the sweep: the finished trial is not trained again and
-    trials.csv lists every trial exactly once. One epoch per trial: what is tested is the
-    sweep's resume, not the trials' (ASHA needs two, in the test above)."""
-    overrides = [*fast, f"data.root={tiny_synth}", "train.epochs=1"]
-    spec = write_spec(
-        tmp_path / "sweep.yaml",
-        tiny_synth,
-        fast,
-        scheduler="none",
-        num_samples=2,
-        overrides=overrides,
-    )
-    out = tmp_path / "sweep"
-    argv = ["sweep", "--config", str(spec), "--out", str(out)]
+    argv = ["sweep", "--config", str(spec_path), "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "logs" / "killed.log"
@@ -134,19 +83,55 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tiny_synth, tm
         assert attempt == 0, log.read_text()
     stamp = finished.stat().st_mtime_ns
     assert not (out / "trials.csv").exists()
+    records = out / ".placement_groups"
+    before = {p.name: p.read_text().split() for p in records.iterdir()}
 
-    run_to_end(argv, env, tmp_path / "logs" / "resumed.log", timeout_s=900)
-    resumed = (tmp_path / "logs" / "resumed.log").read_text()
-    assert "continuing the sweep" in resumed, resumed
+    capsys.readouterr()
+    result = run_sweep(load_sweep_spec(spec_path), str(out))
+    assert "continuing the sweep" in capsys.readouterr().out
     assert finished.stat().st_mtime_ns == stamp, "a finished trial was trained again"
+
     rows = read_trials(out)
     assert sorted(r["trial_id"] for r in rows) == sorted(p.name for p in (out / "trials").iterdir())
-    assert len(rows) == 2 and len({r["trial_id"] for r in rows}) == 2
-    assert all(r["status"] == "COMPLETED" and r["epochs"] == "1" for r in rows), rows
-    finished_row = next(r for r in rows if r["trial_id"] == finished.parent.name)
-    history = json.loads((finished.parent / "history.json").read_text())
-    assert float(finished_row["final_metric"]) == pytest.approx(
-        history[-1]["val"]["deploy"]["accuracy"], abs=1e-9
+    assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3
+    for row in rows:
+        # Each trial is a real run in its own folder, its epochs reported to Tune as they end.
+        assert row["status"] in ("COMPLETED", "STOPPED_EARLY"), row
+        epochs = int(row["epochs"])
+        # ASHA may stop a trial at a rung on its last epoch too, before it exports.
+        assert epochs == 2 if row["status"] == "COMPLETED" else epochs in (1, 2), row
+        finished_run = (out / row["run_dir"] / "metrics.json").exists()
+        assert finished_run == (row["status"] == "COMPLETED"), row
+        assert 0.0 < float(row["final_metric"]) < 10.0
+        assert (out / row["run_dir"] / "config.yaml").exists()
+        if row["status"] == "COMPLETED":
+            history = json.loads((out / row["run_dir"] / "history.json").read_text())
+            assert [h["epoch"] for h in history] == [1, 2]
+            assert float(row["final_metric"]) == pytest.approx(
+                history[-1]["val"]["deploy"]["loss"], abs=1e-9
+            )
+            assert (out / row["run_dir"] / "deploy" / "meta.json").exists()
+    assert next(r for r in rows if r["trial_id"] == finished.parent.name)["status"] == "COMPLETED"
+    assert len({r["final_metric"] for r in rows}) == 3, "every trial reported the same figure"
+    assert (out / "summary.png").stat().st_size > 1000
+    assert result.best is not None and result.best["status"] == "COMPLETED"
+    # The worker placement group of every trial that ran after the resume is gone once the
+    # trial ended (stopped ones too); those before the kill died with the killed instance.
+    after = {p.name: p.read_text().split() for p in records.iterdir()}
+    resumed = [pg for name, ids in after.items() for pg in ids[len(before.get(name, [])) :]]
+    assert len(after) == 3 and resumed
+    for pg_id in resumed:
+        group = PlacementGroup(ray_local.PlacementGroupID(bytes.fromhex(pg_id)))
+        assert placement_group_table(group)["state"] == "REMOVED", pg_id
+
+    # best.yaml trains as is, to the validation figure the sweep reported for its trial.
+    best_cfg = load_config(out / "best.yaml")
+    trial_cfg = load_config(out / result.best["run_dir"] / "config.yaml")
+    assert best_cfg == trial_cfg
+    metrics = train(best_cfg, str(tmp_path / "best_run"))
+    assert metrics["val"]["deploy"]["loss"] == pytest.approx(result.best["final_metric"], abs=1e-6)
+    assert result.best["final_metric"] == min(
+        float(r["final_metric"]) for r in rows if r["status"] == "COMPLETED"
     )
 
 
