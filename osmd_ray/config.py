@@ -65,6 +65,9 @@ class ModelConfig:
     """Teacher and deployment paths share F and H (False: separate copies, an ablation)."""
     hallucination_shared_stages: int = 0
     """Image small_cnn only: how many first stages E_h shares with E_o."""
+    hallucination_lr_scale: float = 1.0
+    """osmd: learning-rate multiplier of E_h and D_h (the parts the dense reconstruction
+    trains) relative to train.lr; the other parts keep train.lr."""
     hallucination: str = "encoder"
     """Shape of E_h: encoder (a role encoder like E_o) or unet (a U-Net that decodes a
     full-resolution map, from which the training-only D_h reads the privileged images, then
@@ -102,6 +105,9 @@ class LossConfig:
     w_recon: float = 10.0
     """Weight of the dense supervision of E_h by the privileged input: the decoder D_h
     (model.recon_mode) predicts the pooled, normalised privileged input (mean squared error)."""
+    recon_loss: str = "mse"
+    """What the w_recon term measures per value: mse (mean squared error) or l1 (mean
+    absolute error, which does not let the few large errors at object edges dominate)."""
     w_kd: float = 0.0
     """osmd: weight of the one-stage distillation of the teacher path's soft predictions
     (detached) into the deployment path, T^2 KL at temperature baselines.kd_temperature; it
@@ -222,6 +228,7 @@ SCHEDULES = ("cosine", "constant")
 FUSIONS = ("ctn", "concat", "sum")
 RECON_MODES = ("dense", "pooled")
 HALLUCINATIONS = ("encoder", "unet")
+RECON_LOSSES = ("mse", "l1")
 ALIGNMENTS = ("jmmd", "mmd")
 JMMD_ESTIMATORS = ("quadratic", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -502,6 +509,12 @@ def _check_model(model: ModelConfig) -> None:
     _at_least(model.recon_size, 1, "model.recon_size")
     _one_of(model.recon_mode, RECON_MODES, "model.recon_mode")
     _one_of(model.hallucination, HALLUCINATIONS, "model.hallucination")
+    if not (math.isfinite(model.hallucination_lr_scale) and model.hallucination_lr_scale > 0):
+        raise ConfigError(
+            "config key 'model.hallucination_lr_scale' must be a finite number > 0; "
+            f"got {model.hallucination_lr_scale}",
+            "model.hallucination_lr_scale",
+        )
     if model.hallucination == "unet" and model.hallucination_shared_stages:
         raise ConfigError(
             "config key 'model.hallucination_shared_stages' must be 0 with "
@@ -525,6 +538,7 @@ def _check_loss(cfg: Config) -> None:
             "loss",
         )
     _one_of(loss.alignment, ALIGNMENTS, "loss.alignment")
+    _one_of(loss.recon_loss, RECON_LOSSES, "loss.recon_loss")
     _one_of(loss.jmmd_estimator, JMMD_ESTIMATORS, "loss.jmmd_estimator")
     _at_least(loss.num_kernels, 1, "loss.num_kernels")
     if not loss.kernel_mul > 1.0:

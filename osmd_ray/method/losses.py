@@ -11,8 +11,9 @@
   linear-time estimator (``loss.jmmd_estimator``)
 - ``mimic``   mean((z_h - stopgrad(z_p))^2): the mean over rows *and* features, so its weight
   does not scale with ``model.feature_dim``
-- ``recon``   mean((D_h(z_h) - pooled privileged input)^2): dense supervision of E_h by the
-  privileged input itself (see ``OSMDModel.privileged_target``)
+- ``recon``   mean((D_h(z_h) - pooled privileged input)^2) (or its mean absolute error,
+  ``loss.recon_loss=l1``): dense supervision of E_h by the privileged input itself (see
+  ``OSMDModel.privileged_target``)
 
 Terms of the staged baselines (:mod:`osmd_ray.method.stages` gives each stage its weights):
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from osmd_ray.config import LossConfig
+from osmd_ray.config import RECON_LOSSES, LossConfig
 from osmd_ray.method.jmmd import jmmd, mmd
 
 ALIGNMENTS = ("jmmd", "mmd")
@@ -76,6 +77,15 @@ def alignment_loss(
     return jmmd(
         [p_feat, p_prob], [z_h, h_prob], cfg.num_kernels, cfg.kernel_mul, cfg.jmmd_estimator
     )
+
+
+def recon_loss(prediction: Tensor, target: Tensor, kind: str = "mse") -> Tensor:
+    """The ``recon`` term: mean squared (``mse``) or absolute (``l1``) error, in fp32."""
+    if kind == "mse":
+        return F.mse_loss(prediction.float(), target.float())
+    if kind == "l1":
+        return F.l1_loss(prediction.float(), target.float())
+    raise ValueError(f"loss.recon_loss={kind!r}: use one of {RECON_LOSSES}")
 
 
 def osmd_weights(cfg: LossConfig) -> dict[str, float]:
@@ -177,7 +187,7 @@ def compute_losses(
         )
     if weights["recon"] != 0:
         terms["recon"] = (
-            F.mse_loss(rows(outputs["recon"]).float(), rows(outputs["recon_target"]).float())
+            recon_loss(rows(outputs["recon"]), rows(outputs["recon_target"]), cfg.recon_loss)
             if n_valid
             else _zero(outputs["recon"])
         )

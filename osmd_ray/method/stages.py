@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -36,6 +36,8 @@ class Stage:
     """Top-level parts updated in this stage; None: every part."""
     terms: Mapping[str, float]
     """Loss term -> weight (names of osmd_ray.method.losses.TERMS)."""
+    lr_scale: Mapping[str, float] = field(default_factory=dict)
+    """Top-level part -> learning-rate multiplier in this stage (1 for parts not named)."""
 
     def updates(self, part: str) -> bool:
         return self.trains is None or part in self.trains
@@ -64,7 +66,9 @@ def method_stages(cfg: Config) -> list[Stage]:
     """The stages of ``cfg.method``, in order; their epochs sum to ``cfg.train.epochs``."""
     epochs, base = cfg.train.epochs, cfg.baselines
     if cfg.method == "osmd":
-        return [Stage("joint", epochs, None, osmd_weights(cfg.loss))]
+        scale = cfg.model.hallucination_lr_scale
+        lr_scale = {"E_h": scale, "D_h": scale} if scale != 1.0 else {}
+        return [Stage("joint", epochs, None, osmd_weights(cfg.loss), lr_scale)]
     if cfg.method in ("ordinary_only", "full_multimodal"):
         return [Stage("joint", epochs, None, {"deploy": 1.0})]
     if cfg.method == "two_stage_hallucination":
@@ -126,7 +130,8 @@ def stage_lr_factor(
     stages: Sequence[Stage], part: str, steps_per_epoch: int, schedule: str
 ) -> Callable[[int], float]:
     """LambdaLR factor for one part's group: cosine (or constant) within each stage that
-    updates the part, 0 in the stages that freeze it."""
+    updates the part, times the stage's ``lr_scale`` for the part; 0 in the stages that
+    freeze it."""
     bounds, start = [], 0
     for stage in stages:
         bounds.append((start, start + stage.epochs * steps_per_epoch, stage))
@@ -137,10 +142,12 @@ def stage_lr_factor(
             if step < end or stage is bounds[-1][2]:
                 if not stage.updates(part):
                     return 0.0
+                scale = float(stage.lr_scale.get(part, 1.0))
                 if schedule == "constant":
-                    return 1.0
+                    return scale
                 length = max(1, end - begin)
-                return 0.5 * (1.0 + math.cos(math.pi * min(step - begin, length) / length))
+                progress = min(step - begin, length) / length
+                return scale * 0.5 * (1.0 + math.cos(math.pi * progress))
         return 0.0
 
     return factor

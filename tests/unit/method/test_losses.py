@@ -281,3 +281,16 @@ def test_osmd_kd_distils_the_detached_teacher_path_into_the_deployment_path():
     assert out["teacher_logits"].grad is None or not out["teacher_logits"].grad.any()
     # Off by default: not computed, not reported.
     assert "kd" not in compute_losses(fake_outputs(), labels, None, "osmd", spec_cfg())
+
+
+def test_recon_loss_mse_or_l1():
+    out, labels = fake_outputs(), labels_for()
+    diff = out["recon"] - out["recon_target"]
+    mse = compute_losses(out, labels, None, "osmd", spec_cfg(w_jan=0.0, w_recon=1.0))
+    torch.testing.assert_close(mse["recon"], (diff**2).mean())
+    l1 = compute_losses(
+        out, labels, None, "osmd", spec_cfg(w_jan=0.0, w_recon=1.0, recon_loss="l1")
+    )
+    torch.testing.assert_close(l1["recon"], diff.abs().mean())
+    with pytest.raises(ValueError, match="recon_loss"):
+        compute_losses(out, labels, None, "osmd", spec_cfg(w_recon=1.0, recon_loss="huber"))

@@ -134,3 +134,16 @@ def test_a_stage_moves_exactly_its_own_parts(method):
                 assert not moved, f"{method}/{stage.name}: frozen {key} moved"
         trained = {k.split(".")[0] for k, v in before.items() if not torch.equal(v, after[k])}
         assert trained and trained <= set(stage.trains), (stage.name, trained)
+
+
+def test_hallucination_lr_scale_multiplies_only_E_h_and_D_h():
+    plain = method_stages(Config())
+    assert plain[0].lr_scale == {}
+    cfg = apply_overrides(Config(), ["model.hallucination_lr_scale=3"])
+    stages = method_stages(cfg)
+    for schedule in ("cosine", "constant"):
+        base = stage_lr_factor(plain, "E_h", 5, schedule)
+        for part, want in (("E_h", 3.0), ("D_h", 3.0), ("E_o", 1.0), ("F", 1.0), ("E_p", 1.0)):
+            factor = stage_lr_factor(stages, part, 5, schedule)
+            for step in (0, 7, 30):
+                assert factor(step) == pytest.approx(want * base(step))
