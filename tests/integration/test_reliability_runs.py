@@ -350,7 +350,8 @@ def test_killed_driver_resumes_on_rerun_and_no_secret_is_written(tiny_synth, tmp
     after its first checkpoint, and the same command again resumes from that checkpoint:
     epochs once each, the earlier records kept, registered checkpoints never rewritten. Then
     `osmd predict`. No credential appears in any file under the run folder (wandb's offline
-    files included), in the predictions, in the captured output or in Ray's session logs."""
+    files included), in the predictions, in what `osmd compare` writes over the same run, in
+    the captured output or in Ray's session logs."""
     secrets = {name: f"osmd-secret-{name.lower()}-{uuid.uuid4().hex}" for name in SECRET_VARS}
     # Ray's session folder holds Unix sockets, whose paths must stay under 108 bytes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="osmd-ray-", dir="/tmp"))
@@ -372,19 +373,17 @@ def test_killed_driver_resumes_on_rerun_and_no_secret_is_written(tiny_synth, tmp
 
 def _kill_rerun_predict_and_search(tiny_synth, tmp_path, fast, secrets, env, ray_tmp) -> None:
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
-    argv = [
-        "train",
-        "--config",
-        "configs/osmd_synth.yaml",
-        "--out",
-        str(run_dir),
+    overrides = [
         *fast,
         f"data.root={tiny_synth}",
         "train.epochs=2",
         "tracking.wandb=true",
+        # compare names an empty group after its spec: with one set, its run is this one.
+        "tracking.group=secrets",
         # What is killed is the driver: one worker does (the worker-kill test above has two).
         "scaling.num_workers=1",
     ]
+    argv = ["train", "--config", "configs/osmd_synth.yaml", "--out", str(run_dir), *overrides]
 
     _start_and_kill_after(argv, env, logs / "train-killed.log", run_dir, count=1)
     kept = read_json(run_dir / "checkpoint_manager_snapshot.json")
@@ -419,9 +418,30 @@ def _kill_rerun_predict_and_search(tiny_synth, tmp_path, fast, secrets, env, ray
     ]
     run_to_end(predict, env, logs / "predict.log", timeout_s=300)
 
+    # `osmd compare` over the same run, in the same environment: its one-run grid finds the
+    # run finished (it trains exactly what was trained above), loads its deployment model for
+    # the latency columns and writes results.csv, summary.md and summary.png.
+    compare_out = tmp_path / "compare"
+    shutil.copytree(run_dir, compare_out / "runs" / Path(tiny_synth).name / "osmd" / "seed0")
+    spec = tmp_path / "secrets.yaml"
+    spec.write_text(
+        json.dumps(
+            {
+                "base": str(REPO / "configs" / "osmd_synth.yaml"),
+                "overrides": overrides,
+                "variants": [{"name": "osmd", "overrides": ["method=osmd"]}],
+                "seeds": [0],
+            }
+        )
+    )
+    compare = ["compare", "--config", str(spec), "--out", str(compare_out)]
+    run_to_end(compare, env, logs / "compare.log", timeout_s=300)
+    assert "1 finished earlier, 0 to train" in (logs / "compare.log").read_text()
+    assert (compare_out / "results.csv").read_text().count("\n") == 2  # header + the run
+
     wandb_files = [p for p in _files(run_dir / "wandb") if "offline-run" in str(p)]
     assert wandb_files, "wandb wrote no offline run into the run folder"
-    searched = _files(run_dir) + [preds] + _files(logs) + _files(ray_tmp)
+    searched = _files(run_dir) + [preds] + _files(compare_out) + _files(logs) + _files(ray_tmp)
     leaks = [
         f"{path}: {name}"
         for path in searched

@@ -150,12 +150,10 @@ def test_compare_writes_runs_and_results_to_s3_and_resumes(
             {
                 "base": str(configs_dir / "osmd_synth.yaml"),
                 "overrides": ["train.epochs=1", "scaling.num_workers=1"],
-                "variants": [
-                    {"name": "ordinary_only", "overrides": ["method=ordinary_only"]},
-                    {"name": "osmd", "overrides": ["method=osmd"]},
-                ],
+                # One run: what is tested here is the grid's I/O on S3 and its resume there;
+                # the grid itself is tests/integration/test_compare_runs.py's subject.
+                "variants": [{"name": "osmd", "overrides": ["method=osmd"]}],
                 "seeds": 1,
-                "target": "osmd",
             }
         )
     )
@@ -165,7 +163,7 @@ def test_compare_writes_runs_and_results_to_s3_and_resumes(
 
     fs = _fs()
     rows = list(csv.DictReader(io.StringIO(fs.cat_file(f"{out}/results.csv").decode())))
-    assert sorted(r["variant"] for r in rows) == ["ordinary_only", "osmd"]
+    assert [r["variant"] for r in rows] == ["osmd"]
     for row in rows:
         assert row["run_dir"] == f"runs/tiny/{row['variant']}/seed0"
         metrics = _read_json(f"{out}/{row['run_dir']}/metrics.json")
@@ -178,8 +176,8 @@ def test_compare_writes_runs_and_results_to_s3_and_resumes(
     assert not any(p.name.startswith("s3:") for p in tmp_path.iterdir())
 
     capsys.readouterr()
-    assert main(argv) == 0  # the same command again: both runs are found finished on S3
-    assert "2 finished earlier, 0 to train" in capsys.readouterr().out
+    assert main(argv) == 0  # the same command again: the run is found finished on S3
+    assert "1 finished earlier, 0 to train" in capsys.readouterr().out
 
 
 def test_an_endpoint_that_does_not_answer_fails_in_seconds(s3_server, monkeypatch, capsys):
