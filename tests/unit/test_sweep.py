@@ -46,7 +46,9 @@ def test_the_shipped_spec_loads_and_its_space_fits_the_base_config(tmp_path):
     assert spec.tune_metric == "val/deploy/accuracy"
     cfg = base_config(spec, str(tmp_path / "sweep"))
     assert cfg.train.epochs == 4
-    assert cfg.scaling.num_workers == 2 and cfg.scaling.use_gpu is False
+    # One worker per trial, two trials at once: what fits 2 cores best (docs/results.md).
+    assert cfg.scaling.num_workers == 1 and cfg.scaling.use_gpu is False
+    assert spec.max_concurrent_trials == 2
     assert cfg.tracking.group == "sweep"
     # Tune runs trials in their own working directories: the default relative root is made
     # absolute, or every trial would miss the dataset.
