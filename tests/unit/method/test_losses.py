@@ -18,6 +18,7 @@ def spec_cfg(**weights: float | str | bool) -> LossConfig:
     ``weights`` on top: these tests check each term against the specification."""
     return LossConfig(**{"w_jan": 1.0, "w_recon": 0.0, **weights})
 
+
 NUM_CLASSES = 3
 DIM = 6
 
@@ -259,8 +260,9 @@ def test_training_steps_decrease_the_osmd_loss():
 
 def test_osmd_kd_distils_the_detached_teacher_path_into_the_deployment_path():
     out, labels = fake_outputs(), labels_for()
-    losses = compute_losses(out, labels, None, "osmd", spec_cfg(w_jan=0.0, w_kd=2.0),
-                            kd_temperature=3.0)
+    losses = compute_losses(
+        out, labels, None, "osmd", spec_cfg(w_jan=0.0, w_kd=2.0), kd_temperature=3.0
+    )
     t = 3.0
     want = (
         F.kl_div(

@@ -407,7 +407,8 @@ def test_unet_hallucination_deploys_without_privileged_specs():
 def test_unet_hallucination_rejects_non_image_ordinary_inputs_and_shared_stages():
     with pytest.raises(ValueError, match="image ordinary"):
         make_model("osmd", UNET, ordinary=(META,))
-    shared = ModelConfig(width=4, depth=2, feature_dim=8, hallucination="unet",
-                         hallucination_shared_stages=1)
+    shared = ModelConfig(
+        width=4, depth=2, feature_dim=8, hallucination="unet", hallucination_shared_stages=1
+    )
     with pytest.raises(ValueError, match="shares no stages"):
         make_model("osmd", shared)
