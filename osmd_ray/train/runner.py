@@ -341,13 +341,19 @@ def train(
     tests of resuming); rerunning without it continues from there. ``callbacks`` go to Ray
     Train (see build_trainer).
     """
-    # The full check (checksums, labels in range, no NaN or inf, no nulls) before anything
-    # starts: bad values would otherwise surface mid-run as a NaN loss, a torch IndexError or
-    # labels silently ignored. It reads every shard once (1.7 s for the 20 MB synthetic set).
     storage.set_endpoint(cfg.storage.endpoint_url)
     # A missing bucket or refused credentials fail here in seconds, naming the bucket.
     storage.check_bucket(cfg.data.root, "the dataset, data.root")
     storage.check_bucket(out, "the run folder, --out")
+    finished = finished_run_metrics(cfg, out)
+    if finished is not None:
+        # Rerunning a finished run (the same command again) trains nothing: neither the full
+        # data check below nor Ray Train's controller, workers and DeepSpeed are needed.
+        print(f"{out} already holds this finished run; nothing to train", flush=True)
+        return finished
+    # The full check (checksums, labels in range, no NaN or inf, no nulls) before anything
+    # starts: bad values would otherwise surface mid-run as a NaN loss, a torch IndexError or
+    # labels silently ignored. It reads every shard once (1.7 s for the 20 MB synthetic set).
     manifest = verify_dataset(cfg.data.root, deep=True)
     missing = [split for split in SPLITS if split not in manifest.splits]
     if missing:
@@ -356,12 +362,6 @@ def train(
             f"manifest.json has no {', '.join(missing)}"
         )
     check_against_manifest(cfg, manifest)
-    finished = finished_run_metrics(cfg, out)
-    if finished is not None:
-        # Rerunning a finished run (the same command again) trains nothing: starting Ray
-        # Train's controller, workers and DeepSpeed only to skip every epoch costs a minute.
-        print(f"{out} already holds this finished run; nothing to train", flush=True)
-        return finished
     ensure_ray(cfg)
     check_resources(cfg)
     run_dir = prepare_run_dir(cfg, out)
