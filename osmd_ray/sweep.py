@@ -54,7 +54,6 @@ from osmd_ray.config import (
     flatten_keys,
     load_config,
     save_config,
-    saved_config_matches,
 )
 from osmd_ray.spec_file import read_spec, reject_unknown, spec_base
 
@@ -491,11 +490,11 @@ def epoch_metrics(val: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _finished_run(run_dir: str, cfg: Config) -> bool:
-    return bool(
-        os.path.exists(os.path.join(run_dir, "metrics.json"))
-        and os.path.exists(os.path.join(run_dir, "history.json"))
-        and saved_config_matches(os.path.join(run_dir, "config.yaml"), cfg)
-    )
+    """The trial's run folder holds this run, finished (history.json is written before
+    metrics.json, so it is there too)."""
+    from osmd_ray.train.runner import finished_run_metrics
+
+    return finished_run_metrics(cfg, run_dir) is not None
 
 
 # ---------------------------------------------------------------------------------------------
