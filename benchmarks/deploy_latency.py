@@ -18,10 +18,8 @@ ones too.
 
 Targets: the osmd deployment model at most 1.5x the latency of ordinary_only, and below
 full_multimodal's. Besides the default config, the table shows osmd with
-``model.hallucination_shared_stages`` = 1..depth (E_h reuses E_o's first stages' weights) and
-a prototype forward that also *computes* the shared stages once (``SharedStemDeploy``, output
-checked equal to the exported network's): the current DeployNet runs the shared stages twice,
-so sharing saves parameters but no compute.
+``model.hallucination_shared_stages`` = 1..depth: E_h reuses E_o's first stages, and the
+deployment network computes them once for both (``encode_sharing_stages``).
 
 Usage::
 
@@ -60,45 +58,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 MAX_VS_ORDINARY = 1.5
 BATCHES = (1, 64)
-
-
-class SharedStemDeploy(nn.Module):
-    """Prototype: the osmd deployment forward with E_h's shared stages computed once.
-
-    With ``model.hallucination_shared_stages = k``, E_h's first k small_cnn stages *are* E_o's
-    (same modules, same input), so their output is identical: run them once and branch. One
-    ordinary image modality only (the synthetic config); returns the same logits as
-    ``DeployNet.forward``.
-    """
-
-    def __init__(self, net: nn.Module, shared: int) -> None:
-        super().__init__()
-        if net.method != "osmd" or len(net.input_modalities) != 1:
-            raise ValueError("the prototype covers osmd with one ordinary modality")
-        self.net = net
-        self.name = net.input_modalities[0].name
-        self.shared = shared
-        self.enc_o = net.E_o.encoders[self.name]
-        self.enc_h = net.E_h.encoders[self.name]
-        for a, b in zip(
-            self.enc_o.body.stages[:shared], self.enc_h.body.stages[:shared], strict=True
-        ):
-            if a is not b:
-                raise ValueError("E_h does not share these stages with E_o")
-
-    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
-        net = self.net
-        x = self.enc_o.normalize(batch[self.name])
-        for stage in self.enc_o.body.stages[: self.shared]:
-            x = stage(x)
-        x_o, x_h = x, x
-        for stage in self.enc_o.body.stages[self.shared :]:
-            x_o = stage(x_o)
-        for stage in self.enc_h.body.stages[self.shared :]:
-            x_h = stage(x_h)
-        z_o = net.E_o.project(self.enc_o.body.head(x_o))
-        z_h = net.E_h.project(self.enc_h.body.head(x_h))
-        return net.H(net.dropout(net.F(z_o, z_h)))
 
 
 def exported_net(cfg: Any, manifest: Any, workdir: str) -> nn.Module:
@@ -193,10 +152,6 @@ def main(argv: list[str] | None = None) -> int:
             net = exported_net(cfg, manifest, workdir)
             names = [s.name for s in net.input_modalities]
             models[f"osmd shared_stages={k}"] = (net, names)
-            models[f"osmd shared_stages={k}, computed once (prototype)"] = (
-                SharedStemDeploy(net, k).eval(),
-                names,
-            )
 
     inputs = {
         b: random_batch(manifest, [*base.data.ordinary, *base.data.privileged], b, seed=b)
@@ -205,12 +160,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def feed(names: list[str], b: int) -> dict[str, Tensor]:
         return {n: inputs[b][n] for n in names}
-
-    # The prototype must compute exactly what the exported network computes.
-    for net, names in models.values():
-        if isinstance(net, SharedStemDeploy):
-            with torch.inference_mode():
-                torch.testing.assert_close(net(feed(names, 64)), net.net(feed(names, 64)))
 
     stats: dict[str, dict[str, Any]] = {}
     for name, (net, names) in models.items():

@@ -159,9 +159,13 @@ class SmallCNN(nn.Module):
         """Channels of :meth:`feature_map`'s output."""
         return self.head[2].in_features
 
-    def feature_map(self, x: Tensor) -> Tensor:
-        """The last stage's (B, C, H / 2^(depth-1), W / 2^(depth-1)) map, before pooling."""
-        for stage in self.stages:
+    def feature_map(self, x: Tensor, start: int = 0) -> Tensor:
+        """The last stage's (B, C, H / 2^(depth-1), W / 2^(depth-1)) map, before pooling.
+
+        ``start``: ``x`` is already the output of the first ``start`` stages (computed once
+        for E_o and an E_h that shares them, see :func:`encode_sharing_stages`).
+        """
+        for stage in self.stages[start:]:
             x = stage(x)
         return x
 
@@ -349,6 +353,8 @@ class RoleEncoder(nn.Module):
             )
         stats = resolve_normalization(specs, normalization)
         self.specs = tuple(specs)
+        self.shared_stages = shared_stages
+        """How many first small_cnn stages of each image modality are ``share_from``'s."""
         self.encoders = nn.ModuleDict()
         for spec in specs:
             shared: Sequence[nn.Module] = ()
@@ -393,20 +399,68 @@ class RoleEncoder(nn.Module):
             raise ValueError("this role encoder has no small_cnn image encoder, hence no map")
         return self.encoders[source].body.map_channels
 
-    def forward_with_map(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        """(features, the last-stage map of :attr:`map_source` or None), in one pass."""
+    def stems(self, batch: Mapping[str, Tensor], stages: int) -> dict[str, Tensor]:
+        """Per small_cnn image modality, the output of its first ``stages`` stages."""
+        out = {}
+        for spec in self.specs:
+            encoder = self.encoders[spec.name]
+            if isinstance(encoder.body, SmallCNN):
+                x = encoder.normalize(batch[spec.name]).to(parameter_dtype(encoder.body))
+                for stage in encoder.body.stages[:stages]:
+                    x = stage(x)
+                out[spec.name] = x
+        return out
+
+    def forward_with_map(
+        self,
+        batch: Mapping[str, Tensor],
+        stems: Mapping[str, Tensor] | None = None,
+        stem_stages: int = 0,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(features, the last-stage map of :attr:`map_source` or None), in one pass.
+
+        ``stems`` (from :meth:`stems` with ``stem_stages``): start those modalities' small_cnn
+        after their first ``stem_stages`` stages, from the given outputs.
+        """
         source, fmap = self.map_source, None
         feats = []
         for spec in self.specs:
             encoder = self.encoders[spec.name]
-            if spec.name == source:
+            if stems is not None and spec.name in stems:
+                x, start = stems[spec.name], stem_stages
+            elif spec.name == source:
                 x = encoder.normalize(batch[spec.name]).to(parameter_dtype(encoder.body))
-                fmap = encoder.body.feature_map(x)
-                feats.append(encoder.body.head(fmap))
+                start = 0
             else:
                 feats.append(encoder(batch[spec.name]))
+                continue
+            body_map = encoder.body.feature_map(x, start)
+            if spec.name == source:
+                fmap = body_map
+            feats.append(encoder.body.head(body_map))
         z = self.project(feats[0] if len(feats) == 1 else torch.cat(feats, dim=1))
         return z, fmap
+
+
+def encode_sharing_stages(
+    e_o: RoleEncoder, e_h: nn.Module, batch: Mapping[str, Tensor]
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(z_o, z_h, E_h's map) for the deployment path, each shared stage computed once.
+
+    With ``model.hallucination_shared_stages = k`` E_h's first k small_cnn stages *are* E_o's
+    modules, fed the same normalised input, so their outputs are identical: running them
+    once and branching halves their cost (benchmarks/RESULTS.md, deployment cost) and gives
+    the same gradients (both branches' sum into the shared weights). BatchNorm's running
+    statistics in those stages are updated once per step instead of twice.
+    """
+    k = getattr(e_h, "shared_stages", 0)
+    if not k:
+        z_h, h_map = e_h.forward_with_map(batch)
+        return e_o(batch), z_h, h_map
+    stems = e_o.stems(batch, k)
+    z_o, _ = e_o.forward_with_map(batch, stems, k)
+    z_h, h_map = e_h.forward_with_map(batch, stems, k)
+    return z_o, z_h, h_map
 
 
 class UNetTrunk(nn.Module):

@@ -37,6 +37,7 @@ from osmd_ray.method.encoders import (
     DecoderEncoder,
     Normalization,
     RoleEncoder,
+    encode_sharing_stages,
     resolve_normalization,
 )
 from osmd_ray.method.fusion import build_fusion
@@ -171,12 +172,13 @@ class DeployNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        if self.method in HALLUCINATING:
+            z_o, z_h, _ = encode_sharing_stages(self.E_o, self.E_h, batch)
+            return self.H(self.dropout(self.F(z_o, z_h)))
         z_o = self.E_o(batch)
         if self.method in STUDENT_ONLY:
             return self.H(self.dropout(z_o))
-        if self.method in HALLUCINATING:
-            other = self.E_h(batch)
-        elif self.method == "imputation":
+        if self.method == "imputation":
             other = self.E_p(self.G.to_raw(self.G(batch)))
         else:
             other = self.E_p(batch)
@@ -307,7 +309,10 @@ class OSMDModel(nn.Module):
     def forward(
         self, batch: Mapping[str, Tensor], has_privileged: Tensor | None = None
     ) -> dict[str, Tensor]:
-        z_o = self.E_o(batch)
+        if self.method in HALLUCINATING:
+            z_o, z_h, h_map = encode_sharing_stages(self.E_o, self.E_h, batch)
+        else:
+            z_o = self.E_o(batch)
         out: dict[str, Tensor] = {"z_o": z_o}
         if self.method in STUDENT_ONLY:
             out["deploy_logits"] = self.H(self.dropout(z_o))
@@ -332,7 +337,6 @@ class OSMDModel(nn.Module):
         if self.method == "full_multimodal":
             out["deploy_logits"] = out["teacher_logits"]
             return out
-        z_h, h_map = self.E_h.forward_with_map(batch)
         out["z_h"] = z_h
         out["deploy_logits"] = self.H(self.dropout(self.F(z_o, z_h)))
         out["priv_logits"] = self.H_p(self.dropout(z_p))
