@@ -26,13 +26,13 @@ in parallel Ray tasks (``parallel=True``, Ray already started; its start time is
 apart): the basis of ``PARALLEL_MIN_BYTES``.
 
 Data wait in training (``--train-epochs`` > 0): ``osmd_ray.train.runner.train`` on the default
-configuration (configs/osmd_synth.yaml, the default synthetic dataset), with the workers'
-``get_dataset_shard("train")`` wrapped so that every ``next()`` on the training batch iterator
-is timed. Per epoch and rank: data wait = time inside ``next()``; step time = the epoch's span
-from the first ``next()`` to the iterator's end (data + forward + backward + step). The share
-is summed over ranks and epochs; the first batch of each epoch (the pipeline's start) is also
-reported apart. Ray Data's own iterator statistics (``DataIterator.stats()``: time the user
-thread was blocked) are kept in the JSON as a cross-check.
+configuration (configs/osmd_synth.yaml, the default synthetic dataset), read from the
+training loop's own account in history.json (``data_wait`` of each epoch, measured by
+``osmd_ray.train.loop.WaitTimer`` on every rank). Per epoch and rank: data wait = time the
+loop waited for its next training batch; step time = the epoch's training span (data +
+forward + backward + step). The share is summed over ranks and epochs; the first batch of
+each epoch (the pipeline's start, prefetched in the background since the loop's
+``PrefetchedBatches``) is also reported apart.
 
 Usage::
 
@@ -201,93 +201,42 @@ def write_rates(total_mb: float, shard_mb: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------- data wait
 
 
-def timed_train_loop(out_dir: str) -> Any:
-    """``train_loop_per_worker`` with every ``next()`` on the training iterator timed."""
-
-    def loop(loop_config: dict[str, Any]) -> None:
-        import ray.train
-
-        from osmd_ray.train.loop import train_loop_per_worker
-
-        real = ray.train.get_dataset_shard
-        epochs: list[dict[str, Any]] = []
-        shards: list[Any] = []
-
-        class TimedShard:
-            def __init__(self, shard: Any) -> None:
-                self._shard = shard
-
-            def __getattr__(self, name: str) -> Any:
-                return getattr(self._shard, name)
-
-            def iter_torch_batches(self, **kwargs: Any) -> Any:
-                waits: list[float] = []
-                record = {"waits": waits, "span_s": 0.0}
-                epochs.append(record)
-                it = iter(self._shard.iter_torch_batches(**kwargs))
-                start = time.perf_counter()
-                while True:
-                    t = time.perf_counter()
-                    try:
-                        batch = next(it)
-                    except StopIteration:
-                        record["span_s"] = time.perf_counter() - start
-                        return
-                    waits.append(time.perf_counter() - t)
-                    yield batch
-
-        def get_dataset_shard(name: str) -> Any:
-            shard = real(name)
-            if name != "train":
-                return shard
-            shards.append(shard)
-            return TimedShard(shard)
-
-        ray.train.get_dataset_shard = get_dataset_shard
-        rank = ray.train.get_context().get_world_rank()
-        try:
-            train_loop_per_worker(loop_config)
-        finally:
-            stats = shards[0].stats() if shards else ""
-            record = {"rank": rank, "epochs": epochs, "iterator_stats": stats}
-            Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
-
-    return loop
-
-
 def data_wait(root: str, epochs: int, overrides: list[str]) -> dict[str, Any]:
-    """Train on the default configuration with timed training iterators; the data wait share."""
+    """Train on the default configuration; the data wait share from the loop's own account.
+
+    ``train_loop_per_worker`` times every wait for a training batch on every rank and writes
+    the sums to each epoch's record in history.json (``data_wait``: mean wait per rank, the
+    first batch's part of it, and the share of the ranks' summed epoch time).
+    """
     from osmd_ray.train import runner
 
     cfg = _common.load_cfg(
         DEFAULT_CONFIG, [f"data.root={root}", f"train.epochs={epochs}", *overrides]
     )
     out_dir = tempfile.mkdtemp(prefix="io_bench_wait_", dir=_scratch())
-    real_loop = runner.train_loop_per_worker
-    runner.train_loop_per_worker = timed_train_loop(out_dir)
-    try:
-        metrics = runner.train(cfg, os.path.join(out_dir, "run"))
-    finally:
-        runner.train_loop_per_worker = real_loop
-    ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in (0, 1)]
+    metrics = runner.train(cfg, os.path.join(out_dir, "run"))
+    history = json.loads(Path(out_dir, "run", "history.json").read_text())
     shutil.rmtree(out_dir, ignore_errors=True)
-    wait = sum(sum(e["waits"]) for r in ranks for e in r["epochs"])
-    first = sum(e["waits"][0] for r in ranks for e in r["epochs"] if e["waits"])
-    span = sum(e["span_s"] for r in ranks for e in r["epochs"])
-    steps = sum(len(e["waits"]) for r in ranks for e in r["epochs"])
+    workers = cfg.scaling.num_workers
+    steps_per_rank = history[-1]["step"]
+    # Summed over ranks and epochs (the records hold means over ranks).
+    wait, first, span = (
+        workers * sum(h["data_wait"][key] for h in history)
+        for key in ("wait_s", "first_batch_wait_s", "span_s")
+    )
     in_memory = "in memory" if cfg.data.in_memory_mb > 0 else "streamed"
     return {
         "epochs": epochs,
         "overrides": overrides,
         "path": in_memory,
-        "steps_per_rank": steps // 2,
-        "step_time_ms": 1000 * span / max(steps, 1),
+        "steps_per_rank": steps_per_rank,
+        "step_time_ms": 1000 * span / max(steps_per_rank * workers, 1),
         "data_wait_share": wait / span,
         "data_wait_share_without_first_batches": (wait - first) / (span - first),
-        "first_batch_wait_ms_mean": 1000 * first / max(1, sum(len(r["epochs"]) for r in ranks)),
-        "wait_ms_per_step": 1000 * wait / max(steps, 1),
+        "first_batch_wait_ms_mean": 1000 * first / max(1, workers * len(history)),
+        "wait_ms_per_step": 1000 * wait / max(steps_per_rank * workers, 1),
+        "per_epoch": [h["data_wait"] | {"epoch_time_s": h["epoch_time_s"]} for h in history],
         "train_time_s": metrics["train_time_s"],
-        "iterator_stats_rank0": ranks[0]["iterator_stats"],
     }
 
 

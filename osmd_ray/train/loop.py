@@ -6,13 +6,15 @@ happen. The driver side (building the trainer, writing the run folder) is in ``r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -262,6 +264,71 @@ def check_finite_weights(
         )
 
 
+class PrefetchedBatches:
+    """An epoch's batch iterator, started (and its first batch fetched) in a background thread.
+
+    Ray Data starts a streaming split's execution when an epoch's first batch is requested;
+    on a small machine that took seconds per epoch, most of the data wait in training
+    (benchmarks/RESULTS.md, "Data wait in training"). Started while the worker builds the
+    model and DeepSpeed (epoch 1) or validates and checkpoints (the next epochs), that
+    start-up overlaps work the training steps do not wait for. The thread only pulls from
+    the iterator; the training loop consumes it after :meth:`__iter__` joins the thread. An
+    error in the thread is raised there, in the training loop.
+    """
+
+    _END = object()
+
+    def __init__(self, make_batches: Callable[[], Iterable[Any]]) -> None:
+        self._iterator: Iterator[Any] | None = None
+        self._first: Any = self._END
+        self._error: BaseException | None = None
+        # Daemon: a worker that fails mid-epoch must not wait for a prefetch to finish.
+        self._thread = threading.Thread(
+            target=self._start, args=(make_batches,), name="osmd-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _start(self, make_batches: Callable[[], Iterable[Any]]) -> None:
+        try:
+            self._iterator = iter(make_batches())
+            self._first = next(self._iterator, self._END)
+        except BaseException as err:  # re-raised in the consuming thread
+            self._error = err
+
+    def __iter__(self) -> Iterator[Any]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._first is self._END:
+            return
+        yield self._first
+        self._first = self._END
+        yield from self._iterator
+
+
+class WaitTimer:
+    """Iterates ``batches`` and adds up the time spent waiting for each next batch."""
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self._batches = batches
+        self.wait_s = 0.0
+        self.first_wait_s = 0.0
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = iter(self._batches)
+        first = True
+        while True:
+            started = time.perf_counter()
+            batch = next(iterator, PrefetchedBatches._END)
+            waited = time.perf_counter() - started
+            self.wait_s += waited
+            if first:
+                self.first_wait_s, first = waited, False
+            if batch is PrefetchedBatches._END:
+                return
+            yield batch
+
+
 def _load_state(checkpoint_dir: str) -> dict[str, Any]:
     with open(os.path.join(checkpoint_dir, STATE_FILE), encoding="utf-8") as f:
         return json.load(f)
@@ -275,15 +342,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tests, ``stop_after_epoch``. The train/val/test datasets come from
     ``ray.train.get_dataset_shard``.
     """
-    import deepspeed
     import ray.train
     import ray.train.torch
-    from safetensors.torch import save_file
 
-    from osmd_ray.method.model import build_model
-    from osmd_ray.train.deepspeed_setup import skip_cpu_shared_memory_op
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     cfg = config_from_dict(loop_config["cfg"])
     set_cpu_threads(cfg)
     manifest = Manifest.from_json(loop_config["manifest_json"], source="manifest")
@@ -293,42 +354,65 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     bf16 = uses_bf16(cfg)
 
-    # Same seed on every rank for the initial weights (DeepSpeed also broadcasts rank 0's).
-    _seed_everything(cfg.seed)
-    model = build_model(cfg, manifest)
-    # One group per part, so a stage of a staged baseline can freeze parts (learning rate 0).
-    parts, groups = part_parameter_groups(model)
-    optimizer = build_optimizer(groups, cfg)
-    stages = method_stages(cfg)
-    skip_cpu_shared_memory_op()  # a 2-minute compile of an op training never calls
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=lr_schedule(optimizer, cfg, manifest.num_rows("train") // world, parts),
-        config=deepspeed_config(cfg, bf16),
-    )
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    test_shard = ray.train.get_dataset_shard("test")
+    eval_size = cfg.data.eval_batch_size
 
-    start_epoch, step, history, train_time = 0, 0, [], 0.0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as checkpoint_dir:
+    def epoch_batches(epoch: int) -> PrefetchedBatches:
+        """Epoch ``epoch``'s training batches, their pipeline started now in the background."""
+        return PrefetchedBatches(
+            lambda: train_shard.iter_torch_batches(
+                batch_size=cfg.data.batch_size,
+                drop_last=True,  # equal step counts on every rank, or DeepSpeed collectives hang
+                local_shuffle_buffer_size=4 * cfg.data.batch_size,
+                local_shuffle_seed=cfg.seed * 7919 + epoch * 31 + rank,
+            )
+        )
+
+    with contextlib.ExitStack() as stack:
+        # The checkpoint's folder stays open until DeepSpeed has loaded it, so a remote
+        # checkpoint is downloaded once; its state says which epoch to prefetch.
+        checkpoint = ray.train.get_checkpoint()
+        checkpoint_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
+        state = _load_state(checkpoint_dir) if checkpoint_dir else None
+        start_epoch = state["epoch"] + 1 if state else 0
+        pending = epoch_batches(start_epoch) if start_epoch < cfg.train.epochs else None
+
+        # Imported after the prefetch started: importing DeepSpeed takes seconds.
+        import deepspeed
+        from safetensors.torch import save_file
+
+        from osmd_ray.method.model import build_model
+        from osmd_ray.train.deepspeed_setup import skip_cpu_shared_memory_op
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        # Same seed on every rank for the initial weights (DeepSpeed also broadcasts rank 0's).
+        _seed_everything(cfg.seed)
+        model = build_model(cfg, manifest)
+        # One group per part, so a stage of a staged baseline can freeze parts (lr 0).
+        parts, groups = part_parameter_groups(model)
+        optimizer = build_optimizer(groups, cfg)
+        stages = method_stages(cfg)
+        skip_cpu_shared_memory_op()  # a 2-minute compile of an op training never calls
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lr_schedule(optimizer, cfg, manifest.num_rows("train") // world, parts),
+            config=deepspeed_config(cfg, bf16),
+        )
+        step, history, train_time = 0, [], 0.0
+        if state is not None:
             engine.load_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
-            state = _load_state(checkpoint_dir)
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        history, train_time = state["history"], state["train_time_s"]
-        if rank == 0:
-            say(f"resumed from the checkpoint of epoch {start_epoch} (step {step})")
+            step, history, train_time = state["step"], state["history"], state["train_time_s"]
+            if rank == 0:
+                say(f"resumed from the checkpoint of epoch {start_epoch} (step {step})")
 
     tracker = None
     if rank == 0 and loop_config.get("wandb"):
         from osmd_ray.tracking import start_wandb
 
         tracker = start_wandb(loop_config["wandb"], cfg)
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    test_shard = ray.train.get_dataset_shard("test")
-    eval_size = cfg.data.eval_batch_size
 
     for epoch in range(start_epoch, cfg.train.epochs):
         # Seeded per epoch and rank: a resumed run draws the same dropout and shuffles.
@@ -339,12 +423,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sums = torch.zeros(0)
         names: list[str] = []
         batches = 0
-        for raw in train_shard.iter_torch_batches(
-            batch_size=cfg.data.batch_size,
-            drop_last=True,  # equal step counts on every rank, or DeepSpeed collectives hang
-            local_shuffle_buffer_size=4 * cfg.data.batch_size,
-            local_shuffle_seed=cfg.seed * 7919 + epoch * 31 + rank,
-        ):
+        timed = WaitTimer(pending)
+        for raw in timed:
             batch = batch_to_device(raw, device)
             outputs = engine(batch)
             losses = batch_losses(outputs, batch, cfg, terms=stage.terms)
@@ -370,16 +450,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 sums = torch.zeros(len(names), dtype=torch.float64)
             sums += torch.tensor([float(losses[n].detach()) for n in names], dtype=torch.float64)
             batches += 1
-        average_buffers(engine.module, world)
         epoch_time = time.perf_counter() - started
+        # The next epoch's pipeline starts while this one validates and checkpoints.
+        pending = epoch_batches(epoch + 1) if epoch + 1 < cfg.train.epochs else None
+        average_buffers(engine.module, world)
         train_time += epoch_time
 
-        # Mean of every loss term over all ranks' steps.
+        # Mean of every loss term over all ranks' steps; data wait and span summed.
+        own = [float(batches), timed.wait_s, timed.first_wait_s, epoch_time]
         totals = _all_reduce_sum(
-            torch.cat([sums, torch.tensor([float(batches)], dtype=torch.float64)]).to(device)
+            torch.cat([sums, torch.tensor(own, dtype=torch.float64)]).to(device)
         ).cpu()
-        n_steps = max(float(totals[-1]), 1.0)
+        n_steps = max(float(totals[-4]), 1.0)
         train_losses = {n: float(totals[i]) / n_steps for i, n in enumerate(names)}
+        wait_s, first_wait_s, span_s = (float(v) for v in totals[-3:])
+        data_wait = {
+            "wait_s": wait_s / world,  # mean over ranks
+            "first_batch_wait_s": first_wait_s / world,
+            "span_s": span_s / world,  # the training part of the epoch, mean over ranks
+            "share": wait_s / span_s if span_s > 0 else 0.0,
+        }
 
         val = evaluate(
             engine, val_shard.iter_torch_batches(batch_size=eval_size), cfg.method, device
@@ -401,6 +491,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch_time_s": epoch_time,
             "stage": stage.name,
             "train": {"loss": train_losses},
+            "data_wait": data_wait,
             "val": val,
         }
         history.append(record)
@@ -410,11 +501,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             stage_text = f" [{stage.name}]" if len(stages) > 1 else ""
             say(
                 f"epoch {epoch + 1}/{cfg.train.epochs}{stage_text}  loss={total:.4f}  {val_text}  "
-                f"({epoch_time:.1f}s)"
+                f"({epoch_time:.1f}s, data wait {100 * data_wait['share']:.0f}%)"
             )
             if tracker is not None:
                 tracker.log(
-                    flatten_keys({"train": record["train"], "val": val}, "/"), step=epoch + 1
+                    flatten_keys(
+                        {"train": record["train"], "val": val, "data_wait": data_wait}, "/"
+                    ),
+                    step=epoch + 1,
                 )
                 if test is not None:
                     tracker.summary.update(flatten_keys({"test": test, "val": val}, "/"))

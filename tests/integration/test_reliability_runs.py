@@ -170,12 +170,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
+TIMINGS = ("epoch_time_s", "data_wait")
+"""History entries that measure time, not the computation: they differ between runs."""
+
+
 def flat(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
+        if key in TIMINGS:
+            continue
         if isinstance(value, dict):
             out.update(flat(value, f"{prefix}{key}."))
-        elif key != "epoch_time_s":
+        else:
             out[f"{prefix}{key}"] = value
     return out
 

@@ -45,6 +45,10 @@ def test_stopped_after_first_epoch_resumes_and_deploys(
     with open(os.path.join(run_dir, "history.json")) as f:
         history = json.load(f)
     assert [h["epoch"] for h in history] == [1, 2], "an epoch was skipped or run twice"
+    for record in history:  # the loop's own account of the time spent waiting for data
+        wait = record["data_wait"]
+        assert 0.0 <= wait["first_batch_wait_s"] <= wait["wait_s"] <= wait["span_s"]
+        assert 0.0 <= wait["share"] < 1.0
     with open(os.path.join(run_dir, "metrics.json")) as f:
         on_disk = json.load(f)
     for key in ("deploy", "teacher"):

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
+import pytest
+
 from osmd_ray.config import load_config
-from osmd_ray.train.loop import deepspeed_config, uses_bf16
+from osmd_ray.train.loop import PrefetchedBatches, WaitTimer, deepspeed_config, uses_bf16
 
 
 def test_bf16_engine_casts_buffers_with_the_weights(configs_dir):
@@ -56,3 +61,45 @@ def test_cpu_workers_use_as_many_torch_threads_as_they_hold_cpus(configs_dir):
         assert set_cpu_threads(gpu) == 1  # GPU runs keep what torch has
     finally:
         torch.set_num_threads(before)
+
+
+def test_prefetch_starts_the_pipeline_before_the_loop_asks_and_yields_every_batch():
+    started = threading.Event()
+
+    def slow_batches():
+        started.set()
+        time.sleep(0.3)  # a pipeline start-up
+        yield from range(5)
+
+    prefetched = PrefetchedBatches(slow_batches)
+    assert started.wait(5), "the pipeline did not start before iteration"
+    time.sleep(0.5)  # the worker builds its model meanwhile
+    timed = WaitTimer(prefetched)
+    assert list(timed) == [0, 1, 2, 3, 4]
+    assert timed.first_wait_s < 0.2, "the start-up was not hidden"
+    assert timed.first_wait_s <= timed.wait_s
+
+
+def test_wait_timer_counts_the_time_spent_waiting_for_batches():
+    def batches():
+        for i in range(3):
+            time.sleep(0.1)
+            yield i
+
+    timed = WaitTimer(batches())
+    assert list(timed) == [0, 1, 2]
+    assert 0.1 <= timed.first_wait_s < timed.wait_s
+    assert timed.wait_s >= 0.3
+
+
+def test_prefetch_errors_reach_the_training_loop():
+    def broken():
+        raise OSError("shard part-00003.parquet is truncated")
+        yield  # pragma: no cover
+
+    with pytest.raises(OSError, match="part-00003"):
+        list(PrefetchedBatches(broken))
+
+
+def test_prefetch_of_an_empty_epoch_yields_nothing():
+    assert list(WaitTimer(PrefetchedBatches(lambda: iter([])))) == []
