@@ -32,7 +32,9 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         "method=ordinary_only train.epochs=5 loss.w_jan=0.5",
     )
     p.add_argument("--config", required=True, help="YAML training config (see configs/)")
-    p.add_argument("--out", required=True, help="run folder (created; reused to resume)")
+    p.add_argument(
+        "--out", required=True, help="run folder or s3:// prefix (created; reused to resume)"
+    )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. seed=1")
     p.set_defaults(func=_cmd_train)
 
@@ -127,7 +129,10 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config", required=True, help="compare spec YAML (e.g. configs/compare_synth.yaml)"
     )
-    p.add_argument("--out", help="output folder (default: runs/<spec name>); reused to resume")
+    p.add_argument(
+        "--out",
+        help="output folder or s3:// prefix (default: runs/<spec name>); reused to resume",
+    )
     p.add_argument(
         "--seeds", type=int, metavar="N", help="run seeds 0..N-1 instead of the spec's seeds"
     )
@@ -173,7 +178,10 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config", required=True, help="sweep spec YAML (e.g. configs/sweep_synth.yaml)"
     )
-    p.add_argument("--out", help="output folder (default: runs/<spec name>); reused to resume")
+    p.add_argument(
+        "--out",
+        help="output folder or s3:// prefix (default: runs/<spec name>); reused to resume",
+    )
     p.add_argument(
         "--resume",
         action="store_true",

@@ -35,7 +35,9 @@ import difflib
 import json
 import math
 import os
+import posixpath
 import re
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +46,7 @@ from typing import Any
 
 import yaml
 
+from osmd_ray import storage
 from osmd_ray.config import (
     Config,
     ConfigError,
@@ -53,7 +56,7 @@ from osmd_ray.config import (
     dump_yaml,
     flatten_keys,
     load_config,
-    save_config,
+    validate,
 )
 from osmd_ray.spec_file import read_spec, reject_unknown, spec_base
 
@@ -366,7 +369,7 @@ def base_config(spec: SweepSpec, out: str, overrides: Sequence[str] = ()) -> Con
                 "space or from the command line",
                 name,
             )
-    group = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.abspath(out)))
+    group = re.sub(r"[^A-Za-z0-9_.-]", "_", storage.split(storage.normalize(out))[1])
     try:
         cfg = load_config(
             spec.base,
@@ -416,9 +419,9 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], out: str) -> None
 
     cfg = apply_overrides(config_from_dict(base), param_overrides(params))
     trial_id = ray.tune.get_context().get_trial_id()
-    run_dir = os.path.join(out, "trials", trial_id)
+    run_dir = storage.join(out, "trials", trial_id)
     if _finished_run(run_dir, cfg):
-        for record in json.loads(Path(run_dir, "history.json").read_text(encoding="utf-8")):
+        for record in json.loads(storage.read_text(storage.join(run_dir, "history.json"))):
             ray.tune.report({"epoch": record["epoch"], **epoch_metrics(record["val"])})
         return
     train(
@@ -437,7 +440,9 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], out: str) -> None
 
 
 def _pg_record(out: str, trial_id: str) -> str:
-    return os.path.join(out, ".placement_groups", trial_id)
+    """The folder (or prefix) of a trial's placement-group records: one empty file per
+    group, named by its hex id (objects on S3 cannot be appended to)."""
+    return storage.join(out, ".placement_groups", trial_id)
 
 
 def placement_group_recorder(path: str) -> Any:
@@ -447,9 +452,8 @@ def placement_group_recorder(path: str) -> Any:
     class RecordPlacementGroup(WorkerGroupCallback):
         def after_worker_group_start(self, worker_group: Any) -> None:
             state = worker_group.get_worker_group_state()
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(state.placement_group_handle.placement_group.id.hex() + "\n")
+            group_id = state.placement_group_handle.placement_group.id.hex()
+            storage.write_bytes(storage.join(path, group_id), b"")
 
     return RecordPlacementGroup()
 
@@ -473,11 +477,12 @@ def remove_recorded_placement_groups(path: str) -> int:
     import ray
     from ray.util.placement_group import PlacementGroup, placement_group_table
 
-    if not os.path.exists(path):
+    fs, folder = storage.url_to_fs(path)
+    if not fs.exists(folder):
         return 0
     removed = 0
-    for line in Path(path).read_text(encoding="utf-8").split():
-        group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(line)))
+    for name in sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False)):
+        group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(name)))
         if placement_group_table(group).get("state") not in (None, "REMOVED"):
             ray.util.remove_placement_group(group)
             removed += 1
@@ -512,36 +517,42 @@ class SweepResult:
 def run_sweep(
     spec: SweepSpec, out: str, overrides: Sequence[str] = (), resume: bool = False
 ) -> SweepResult:
-    """Run (or continue) the sweep and write trials.csv, best.yaml and summary.png."""
-    if "://" in out:
-        raise ConfigError(
-            f"--out {out}: a sweep writes Tune's state and its trials to a local or shared "
-            "folder; object storage (s3://) is not supported for sweeps yet (trial runs and "
-            "data.root may still live there through the base config)",
-            "out",
-        )
-    out = os.path.abspath(out)
+    """Run (or continue) the sweep and write trials.csv, best.yaml and summary.png.
+
+    ``out`` is a local folder or an ``s3://`` prefix: Tune's state (through Ray's
+    ``storage_filesystem``), the trials' runs and the outputs all go there.
+    """
+    out = storage.normalize(out)
     cfg = base_config(spec, out, overrides)
-    state = os.path.join(out, TUNE_DIR)
-    existing = os.path.isdir(state)
+    if storage.is_remote(out):
+        storage.set_endpoint(cfg.storage.endpoint_url or None)
+        storage.check_bucket(out, "--out")  # in seconds, naming the bucket, before Ray
+    state = storage.join(out, TUNE_DIR)
+    existing = storage.exists(state)
     if resume and not existing:
         raise ConfigError(f"--resume: {out} holds no sweep to continue (no {TUNE_DIR}/)", "")
     _check_data(cfg)
     spec_text = _spec_record(spec, cfg)
     _check_same_sweep(out, spec_text)
-    os.makedirs(out, exist_ok=True)
-    Path(out, SPEC_COPY).write_text(spec_text, encoding="utf-8")
+    storage.write_bytes(storage.join(out, SPEC_COPY), spec_text.encode("utf-8"))
 
     _start_ray(spec, cfg)
     import ray.tune
 
     trainable = ray.tune.with_parameters(trial_driver, base=config_to_dict(cfg), out=out)
-    restored = existing and ray.tune.Tuner.can_restore(state)
+    # Ray takes a remote location as a pyarrow filesystem and the path inside it.
+    tune_fs, tune_root = storage.pyarrow_fs(out)
+    tune_state = posixpath.join(tune_root, TUNE_DIR) if tune_fs is not None else state
+    restored = existing and ray.tune.Tuner.can_restore(tune_state, storage_filesystem=tune_fs)
     started = time.perf_counter()
     if restored:
         print(f"[sweep] continuing the sweep in {out}", flush=True)
         tuner = ray.tune.Tuner.restore(
-            state, trainable, resume_unfinished=True, resume_errored=True
+            tune_state,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=tune_fs,
         )
     else:
         tuner = ray.tune.Tuner(
@@ -558,7 +569,8 @@ def run_sweep(
             ),
             run_config=ray.tune.RunConfig(
                 name=TUNE_DIR,
-                storage_path=out,
+                storage_path=tune_root,
+                storage_filesystem=tune_fs,
                 # Trials keep going when one fails; errored ones are retried on resume.
                 failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
                 callbacks=[placement_group_cleaner(out)],
@@ -579,7 +591,9 @@ def _check_data(cfg: Config) -> None:
     from osmd_ray.data.contract import verify_dataset
     from osmd_ray.main_job import ensure_synthetic_data
 
-    if os.path.normpath(cfg.data.root) == os.path.normpath(DataConfig().root):
+    if not storage.is_remote(cfg.data.root) and os.path.normpath(cfg.data.root) == os.path.normpath(
+        DataConfig().root
+    ):
         ensure_synthetic_data(cfg.data.root)
     check_against_manifest(cfg, verify_dataset(cfg.data.root, deep=False))
 
@@ -610,10 +624,10 @@ def _spec_record(spec: SweepSpec, cfg: Config) -> str:
 
 
 def _check_same_sweep(out: str, spec_text: str) -> None:
-    path = Path(out, SPEC_COPY)
-    if not path.exists():
+    text = storage.read_text(storage.join(out, SPEC_COPY))
+    if text is None:
         return
-    old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    old = yaml.safe_load(text) or {}
     new = yaml.safe_load(spec_text)
     if old != new:
         a, b = flatten_keys(old), flatten_keys(new)
@@ -682,10 +696,9 @@ def trial_rows(grid: Any, spec: SweepSpec, cfg: Config, out: str) -> list[dict[s
             else []
         )
         epochs = int(metrics.get("epoch", 0) or 0)
-        run_dir = os.path.join(out, "trials", trial_id)
         if result.error is not None:
             status = "ERROR"
-        elif os.path.exists(os.path.join(run_dir, "metrics.json")):
+        elif storage.exists(storage.join(out, "trials", trial_id, "metrics.json")):
             status = "COMPLETED"  # trained every epoch and exported its deployment model
         else:
             # ASHA stopped it, possibly at a rung on its last epoch, before the export.
@@ -700,7 +713,7 @@ def trial_rows(grid: Any, spec: SweepSpec, cfg: Config, out: str) -> list[dict[s
                 "epochs": epochs,
                 "status": status,
                 "error": _first_line(result.error) if result.error is not None else "",
-                "run_dir": os.path.relpath(run_dir, out),
+                "run_dir": posixpath.join("trials", trial_id),
             }
         )
         rows.append(row)
@@ -728,26 +741,36 @@ def pick_best(rows: Sequence[dict[str, Any]], spec: SweepSpec, cfg: Config) -> d
 def write_outputs(
     rows: Sequence[dict[str, Any]], best: dict | None, spec: SweepSpec, cfg: Config, out: str
 ) -> None:
+    """trials.csv, best.yaml and summary.png in ``out``, each written whole or not at all
+    (a local temporary file renamed into place, or one S3 PUT)."""
+    import io
+
     columns = list(rows[0]) if rows else ["trial_id"]
-    tmp = Path(out, f".{CSV_FILE}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, Path(out, CSV_FILE))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_bytes(storage.join(out, CSV_FILE), table.getvalue().encode("utf-8"))
     if best is not None:
         params = {p.key: best[f"param.{p.key}"] for p in spec.space}
         best_cfg = apply_overrides(cfg, param_overrides(params))
-        tmp_yaml = Path(out, f".{BEST_FILE}.tmp")
-        save_config(best_cfg, tmp_yaml)
+        best_path = storage.join(out, BEST_FILE)
+        train_it = (
+            f"osmd train --config {best_path} --out RUN"
+            if not storage.is_remote(out)
+            else f"copy it to a local file (aws s3 cp {best_path} best.yaml), then "
+            "osmd train --config best.yaml --out RUN"
+        )
         header = (
             f"# Best trial of the sweep in {out}: {best['trial_id']}, {spec.metric}="
             f"{best['final_metric']:.4f} after {best['epochs']} epochs ({best['status']}).\n"
-            f"# Train it as is: osmd train --config {Path(out, BEST_FILE)} --out RUN\n"
+            f"# Train it as is: {train_it}\n"
         )
-        tmp_yaml.write_text(header + tmp_yaml.read_text(encoding="utf-8"), encoding="utf-8")
-        os.replace(tmp_yaml, Path(out, BEST_FILE))
-    plot_summary(rows, spec, os.path.join(out, PLOT_FILE))
+        validate(best_cfg)
+        storage.write_bytes(best_path, (header + dump_yaml(best_cfg)).encode("utf-8"))
+    with tempfile.TemporaryDirectory(prefix="osmd-sweep-") as tmp:
+        plot_summary(rows, spec, os.path.join(tmp, PLOT_FILE))
+        storage.write_bytes(storage.join(out, PLOT_FILE), Path(tmp, PLOT_FILE).read_bytes())
 
 
 def plot_summary(rows: Sequence[dict[str, Any]], spec: SweepSpec, path: str) -> None:
@@ -808,11 +831,12 @@ def sweep(
     """What ``osmd sweep`` runs: load the spec, run the sweep, print the outcome."""
     spec = load_sweep_spec(spec_path)
     result = run_sweep(spec, out, overrides, resume)
-    print(f"trials.csv, best.yaml and summary.png in {os.path.abspath(out)}")
+    out = storage.normalize(out)
+    print(f"trials.csv, best.yaml and summary.png in {out}")
     if result.best is not None:
         print(
             f"best: {result.best['trial_id']} {spec.metric}={result.best['final_metric']:.4f} "
             f"({result.best['status'].lower()}); train it with "
-            f"osmd train --config {os.path.join(os.path.abspath(out), BEST_FILE)} --out RUN"
+            f"osmd train --config {storage.join(out, BEST_FILE)} --out RUN"
         )
     return result

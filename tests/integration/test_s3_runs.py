@@ -180,6 +180,64 @@ def test_compare_writes_runs_and_results_to_s3_and_resumes(
     assert "1 finished earlier, 0 to train" in capsys.readouterr().out
 
 
+def test_a_sweep_keeps_tune_state_trials_and_outputs_on_s3_and_resumes_there(
+    s3_bucket, ray_s3, configs_dir, fast, tmp_path, capsys
+):
+    """`osmd sweep --out s3://...`: Tune's state (Ray's storage_filesystem), the trial's run
+    and trials.csv / best.yaml / summary.png all land on S3; the same command again continues
+    the sweep from the state on S3 and trains nothing twice. One trial: the search itself is
+    tests/integration/test_sweep_runs.py's subject."""
+    import csv
+    import io
+
+    import yaml
+
+    from osmd_ray.data.cli import write_synth_dataset
+
+    data = f"{s3_bucket}/data/tiny"
+    write_synth_dataset(data, **TINY)
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(configs_dir / "osmd_synth.yaml"),
+                "overrides": [*fast, f"data.root={data}", "train.epochs=1"],
+                "space": {"train.lr": {"loguniform": [3.0e-4, 3.0e-3]}},
+                "num_samples": 1,
+                "max_concurrent_trials": 1,
+                "scheduler": {"type": "none"},
+                "search": {"algorithm": "random", "seed": 0},
+                "resources": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
+            }
+        )
+    )
+    out = f"{s3_bucket}/sweep"
+    argv = ["sweep", "--config", str(spec), "--out", out]
+    assert main(argv) == 0, capsys.readouterr().err
+
+    fs = _fs()
+    rows = list(csv.DictReader(io.StringIO(fs.cat_file(f"{out}/trials.csv").decode())))
+    assert len(rows) == 1 and rows[0]["status"] == "COMPLETED", rows
+    run = f"{out}/{rows[0]['run_dir']}"
+    metrics = _read_json(f"{run}/metrics.json")
+    assert float(rows[0]["final_metric"]) == pytest.approx(
+        metrics["val"]["deploy"]["accuracy"], abs=1e-12
+    )
+    assert fs.exists(f"{run}/deploy/meta.json")
+    assert fs.find(f"{out}/tune"), "Tune's state is not on S3"
+    best = yaml.safe_load(fs.cat_file(f"{out}/best.yaml"))
+    assert best["train"]["lr"] == pytest.approx(float(rows[0]["param.train.lr"]))
+    assert fs.cat_file(f"{out}/summary.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not any(p.name.startswith("s3:") for p in tmp_path.iterdir())
+    assert not os.path.exists("s3:"), "a local folder named after the URI was created"
+
+    stamp = fs.info(f"{run}/metrics.json")["LastModified"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "continuing the sweep" in capsys.readouterr().out
+    assert fs.info(f"{run}/metrics.json")["LastModified"] == stamp, "the trial trained again"
+
+
 def test_an_endpoint_that_does_not_answer_fails_in_seconds(s3_server, monkeypatch, capsys):
     import socket
 

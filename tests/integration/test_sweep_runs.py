@@ -84,7 +84,7 @@ def test_a_killed_asha_sweep_resumes_and_best_yaml_reproduces_its_trial(
     stamp = finished.stat().st_mtime_ns
     assert not (out / "trials.csv").exists()
     records = out / ".placement_groups"
-    before = {p.name: p.read_text().split() for p in records.iterdir()}
+    before = {p.name: {g.name for g in p.iterdir()} for p in records.iterdir()}
 
     capsys.readouterr()
     result = run_sweep(load_sweep_spec(spec_path), str(out))
@@ -117,8 +117,8 @@ def test_a_killed_asha_sweep_resumes_and_best_yaml_reproduces_its_trial(
     assert result.best is not None and result.best["status"] == "COMPLETED"
     # The worker placement group of every trial that ran after the resume is gone once the
     # trial ended (stopped ones too); those before the kill died with the killed instance.
-    after = {p.name: p.read_text().split() for p in records.iterdir()}
-    resumed = [pg for name, ids in after.items() for pg in ids[len(before.get(name, [])) :]]
+    after = {p.name: {g.name for g in p.iterdir()} for p in records.iterdir()}
+    resumed = [pg for name, ids in after.items() for pg in ids - before.get(name, set())]
     assert len(after) == 3 and resumed
     for pg_id in resumed:
         group = PlacementGroup(ray_local.PlacementGroupID(bytes.fromhex(pg_id)))
@@ -140,8 +140,9 @@ def test_a_left_over_placement_group_is_removed(ray_local, tmp_path):
     recorded by the trial, is removed (Ray would keep it, and its CPUs, until the sweep ends)."""
     group = placement_group([{"CPU": 1}])
     ray_local.get(group.ready(), timeout=60)
-    record = tmp_path / "trial"
-    record.write_text(group.id.hex() + "\n")
+    record = tmp_path / "trial"  # a folder of one empty file per group, named by its id
+    record.mkdir()
+    (record / group.id.hex()).touch()
     assert remove_recorded_placement_groups(str(record)) == 1
     assert placement_group_table(group)["state"] == "REMOVED"
     assert remove_recorded_placement_groups(str(record)) == 0  # already gone: nothing to do

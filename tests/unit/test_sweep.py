@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -205,7 +206,18 @@ def test_resume_without_a_sweep_is_refused(tmp_path, capsys):
     assert "no sweep to continue" in capsys.readouterr().err
 
 
-def test_an_object_store_output_is_refused_clearly(capsys):
-    code = main(["sweep", "--config", str(SPEC), "--out", "s3://bucket/sweep"])
+def test_an_object_store_output_that_does_not_answer_fails_in_seconds(monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as sock:  # a loopback port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    started = time.monotonic()
+    code = main(["sweep", "--config", str(SPEC), "--out", "s3://osmd-gone/sweep"])
     assert code == 2
-    assert "not supported for sweeps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bucket 'osmd-gone'" in err and "did not answer" in err, err
+    assert time.monotonic() - started < 20
