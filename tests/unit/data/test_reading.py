@@ -68,6 +68,21 @@ def test_read_split_through_ray_gives_rows_and_tensor_shapes(ds, ray_local, tmp_
     np.testing.assert_array_equal(got[np.lexsort(got.T)], want[np.lexsort(want.T)])
 
 
+def test_streamed_read_tasks_hand_on_small_blocks(ds, ray_local, monkeypatch):
+    """A read task emits a block as soon as it holds STREAMED_BLOCK_BYTES, not 128 MiB (Ray
+    Data's default), so the first batches of an epoch need not wait for a whole shard."""
+    from osmd_ray.data import reading
+
+    root, _ = ds
+    columns = ["rgb", "imu", "vec", "label"]
+    shards = len(read_manifest(root).files(root, "train"))
+    assert read_split(root, "train", columns).materialize().num_blocks() == shards
+    monkeypatch.setattr(reading, "STREAMED_BLOCK_BYTES", 200)  # under one 4-row shard
+    small = read_split(root, "train", columns).materialize()
+    assert small.num_blocks() > shards
+    assert small.count() == 14
+
+
 def test_read_split_numpy_columns_and_order(ds):
     root, splits = ds
     got = read_split_numpy(root, "val", ["label", "vec", "has_vec"])
