@@ -56,7 +56,6 @@ from osmd_ray.config import (
     dump_yaml,
     flatten_keys,
     load_config,
-    validate,
 )
 from osmd_ray.spec_file import read_spec, reject_unknown, spec_base
 
@@ -766,7 +765,6 @@ def write_outputs(
             f"{best['final_metric']:.4f} after {best['epochs']} epochs ({best['status']}).\n"
             f"# Train it as is: {train_it}\n"
         )
-        validate(best_cfg)
         storage.write_bytes(best_path, (header + dump_yaml(best_cfg)).encode("utf-8"))
     with tempfile.TemporaryDirectory(prefix="osmd-sweep-") as tmp:
         plot_summary(rows, spec, os.path.join(tmp, PLOT_FILE))

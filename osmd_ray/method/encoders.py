@@ -159,13 +159,14 @@ class SmallCNN(nn.Module):
         """Channels of :meth:`feature_map`'s output."""
         return self.head[2].in_features
 
-    def feature_map(self, x: Tensor, start: int = 0) -> Tensor:
+    def feature_map(self, x: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
         """The last stage's (B, C, H / 2^(depth-1), W / 2^(depth-1)) map, before pooling.
 
-        ``start``: ``x`` is already the output of the first ``start`` stages (computed once
-        for E_o and an E_h that shares them, see :func:`encode_sharing_stages`).
+        ``start`` / ``stop``: run only stages ``[start, stop)``; ``x`` is then the output of
+        the first ``start`` stages (computed once for E_o and an E_h that shares them, see
+        :func:`encode_sharing_stages`).
         """
-        for stage in self.stages[start:]:
+        for stage in self.stages[start:stop]:
             x = stage(x)
         return x
 
@@ -287,8 +288,12 @@ class ModalityEncoder(nn.Module):
         self.normalize = normalize
         self.body = body
 
+    def prepare(self, x: Tensor) -> Tensor:
+        """The raw input normalised and cast to the body's dtype: what the body reads."""
+        return self.normalize(x).to(parameter_dtype(self.body))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(self.normalize(x).to(parameter_dtype(self.body)))
+        return self.body(self.prepare(x))
 
 
 def build_modality_encoder(
@@ -405,10 +410,8 @@ class RoleEncoder(nn.Module):
         for spec in self.specs:
             encoder = self.encoders[spec.name]
             if isinstance(encoder.body, SmallCNN):
-                x = encoder.normalize(batch[spec.name]).to(parameter_dtype(encoder.body))
-                for stage in encoder.body.stages[:stages]:
-                    x = stage(x)
-                out[spec.name] = x
+                x = encoder.prepare(batch[spec.name])
+                out[spec.name] = encoder.body.feature_map(x, 0, stages)
         return out
 
     def forward_with_map(
@@ -429,8 +432,7 @@ class RoleEncoder(nn.Module):
             if stems is not None and spec.name in stems:
                 x, start = stems[spec.name], stem_stages
             elif spec.name == source:
-                x = encoder.normalize(batch[spec.name]).to(parameter_dtype(encoder.body))
-                start = 0
+                x, start = encoder.prepare(batch[spec.name]), 0
             else:
                 feats.append(encoder(batch[spec.name]))
                 continue
@@ -443,7 +445,7 @@ class RoleEncoder(nn.Module):
 
 
 def encode_sharing_stages(
-    e_o: RoleEncoder, e_h: nn.Module, batch: Mapping[str, Tensor]
+    e_o: RoleEncoder, e_h: RoleEncoder | DecoderEncoder, batch: Mapping[str, Tensor]
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(z_o, z_h, E_h's map) for the deployment path, each shared stage computed once.
 
@@ -453,7 +455,7 @@ def encode_sharing_stages(
     the same gradients (both branches' sum into the shared weights). BatchNorm's running
     statistics in those stages are updated once per step instead of twice.
     """
-    k = getattr(e_h, "shared_stages", 0)
+    k = e_h.shared_stages
     if not k:
         z_h, h_map = e_h.forward_with_map(batch)
         return e_o(batch), z_h, h_map
@@ -551,6 +553,8 @@ class DecoderEncoder(nn.Module):
 
     map_source = "trunk"
     """Not a modality: :meth:`forward_with_map` always returns the trunk's map."""
+    shared_stages = 0
+    """Nothing of E_o's is shared (:func:`encode_sharing_stages` runs it on its own)."""
 
     @property
     def map_channels(self) -> int:

@@ -264,6 +264,10 @@ def check_finite_weights(
         )
 
 
+_END = object()
+"""Marks an exhausted batch iterator (``next(iterator, _END)``)."""
+
+
 class PrefetchedBatches:
     """An epoch's batch iterator, started (and its first batch fetched) in a background thread.
 
@@ -276,11 +280,9 @@ class PrefetchedBatches:
     error in the thread is raised there, in the training loop.
     """
 
-    _END = object()
-
     def __init__(self, make_batches: Callable[[], Iterable[Any]]) -> None:
         self._iterator: Iterator[Any] | None = None
-        self._first: Any = self._END
+        self._first: Any = _END
         self._error: BaseException | None = None
         # Daemon: a worker that fails mid-epoch must not wait for a prefetch to finish.
         self._thread = threading.Thread(
@@ -291,7 +293,7 @@ class PrefetchedBatches:
     def _start(self, make_batches: Callable[[], Iterable[Any]]) -> None:
         try:
             self._iterator = iter(make_batches())
-            self._first = next(self._iterator, self._END)
+            self._first = next(self._iterator, _END)
         except BaseException as err:  # re-raised in the consuming thread
             self._error = err
 
@@ -299,10 +301,10 @@ class PrefetchedBatches:
         self._thread.join()
         if self._error is not None:
             raise self._error
-        if self._first is self._END:
+        if self._first is _END:
             return
         yield self._first
-        self._first = self._END
+        self._first = _END
         yield from self._iterator
 
 
@@ -319,12 +321,12 @@ class WaitTimer:
         first = True
         while True:
             started = time.perf_counter()
-            batch = next(iterator, PrefetchedBatches._END)
+            batch = next(iterator, _END)
             waited = time.perf_counter() - started
             self.wait_s += waited
             if first:
                 self.first_wait_s, first = waited, False
-            if batch is PrefetchedBatches._END:
+            if batch is _END:
                 return
             yield batch
 

@@ -24,6 +24,15 @@ def _fs():
     return storage.filesystem("s3://any")
 
 
+def _tiny_dataset(bucket: str) -> str:
+    """The TINY synthetic set written to ``bucket``; its URI."""
+    from osmd_ray.data.cli import write_synth_dataset
+
+    data = f"{bucket}/data/tiny"
+    write_synth_dataset(data, **TINY)
+    return data
+
+
 def _read_json(uri: str):
     return json.loads(_fs().cat_file(uri))
 
@@ -140,10 +149,7 @@ def test_compare_writes_runs_and_results_to_s3_and_resumes(
 
     import yaml
 
-    from osmd_ray.data.cli import write_synth_dataset
-
-    data = f"{s3_bucket}/data/tiny"
-    write_synth_dataset(data, **TINY)
+    data = _tiny_dataset(s3_bucket)
     spec = tmp_path / "spec.yaml"
     spec.write_text(
         yaml.safe_dump(
@@ -192,10 +198,7 @@ def test_a_sweep_keeps_tune_state_trials_and_outputs_on_s3_and_resumes_there(
 
     import yaml
 
-    from osmd_ray.data.cli import write_synth_dataset
-
-    data = f"{s3_bucket}/data/tiny"
-    write_synth_dataset(data, **TINY)
+    data = _tiny_dataset(s3_bucket)
     spec = tmp_path / "sweep.yaml"
     spec.write_text(
         yaml.safe_dump(
