@@ -24,6 +24,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
@@ -38,6 +39,8 @@ CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
 # botocore attempts per request (standard mode backs off between them).
 MAX_ATTEMPTS = 3
+# Seconds between checks while waiting for a store to come back (wait_for_bucket).
+WAIT_POLL_S = 3.0
 
 _endpoint_override: str | None = None
 
@@ -301,6 +304,20 @@ def check_bucket(path: str, purpose: str = "") -> None:
             f"bucket {bucket!r} of {path}{what}: {where} did not answer ({err}); check that the "
             f"store is running and {ENDPOINT_ENV} / storage.endpoint_url points at it"
         ) from None
+
+
+def wait_for_bucket(path: str, purpose: str = "", timeout_s: float = 300.0) -> None:
+    """Return once :func:`check_bucket` passes for ``path``; poll every few seconds and raise
+    its last StorageError after ``timeout_s`` (a store outage that does not end)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            check_bucket(path, purpose)
+            return
+        except StorageError:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(WAIT_POLL_S)
 
 
 def worker_env() -> dict[str, str]:

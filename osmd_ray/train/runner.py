@@ -24,7 +24,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -367,10 +367,13 @@ def train(
     run_dir = prepare_run_dir(cfg, out)
     started = time.perf_counter()
     with ProgressPrinter(prefix=f"[osmd {cfg.method}] ") as progress:
-        trainer = build_trainer(
-            cfg, manifest, run_dir, stop_after_epoch, progress.queue, callbacks=callbacks
+        result = fit_surviving_store_outages(
+            lambda: build_trainer(
+                cfg, manifest, run_dir, stop_after_epoch, progress.queue, callbacks=callbacks
+            ),
+            run_dir,
+            cfg.train.max_failures,
         )
-        result = trainer.fit()
     wall = time.perf_counter() - started
     if result.checkpoint is None:
         raise RunError(f"training in {run_dir} ended without a checkpoint: {result.error}")
@@ -395,6 +398,40 @@ def train(
     _write_json(storage.join(run_dir, METRICS_FILE), metrics)
     plot_history(history, storage.join(run_dir, "plots", "history.png"))
     return metrics
+
+
+def fit_surviving_store_outages(
+    build: Callable[[], Any], run_dir: str, max_failures: int, wait_s: float = 300.0
+) -> Any:
+    """``build().fit()``, refitted after the object store failed under Ray Train's controller.
+
+    Ray Train retries a worker's failed checkpoint upload (``train.max_failures``) but not
+    its controller's own write of ``checkpoint_manager_snapshot.json``: a store outage at that
+    moment ends the run with a ControllerError. Such an error (an OSError underneath, a remote
+    run folder) counts against the same ``train.max_failures``: wait until the bucket answers
+    again, then fit a new trainer on the same folder, which resumes from the last checkpoint
+    in the snapshot (Ray writes the snapshot before it deletes old checkpoints).
+    """
+    import ray.train
+
+    failures = 0
+    while True:
+        try:
+            return build().fit()
+        except ray.train.ControllerError as err:
+            cause = getattr(err, "controller_failure", None)
+            retry = max_failures == -1 or failures < max_failures
+            if not (storage.is_remote(run_dir) and isinstance(cause, OSError) and retry):
+                raise
+            failures += 1
+            limit = "unlimited" if max_failures == -1 else str(max_failures)
+            print(
+                f"the store under {run_dir} failed while Ray Train saved the run's state "
+                f"({cause}); waiting up to {wait_s:.0f} s for it, then resuming from the last "
+                f"checkpoint (store failure {failures} of {limit}, train.max_failures)",
+                flush=True,
+            )
+            storage.wait_for_bucket(run_dir, "the run folder, --out", timeout_s=wait_s)
 
 
 def finished_run_metrics(cfg: Config, out: str) -> dict[str, Any] | None:

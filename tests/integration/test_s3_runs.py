@@ -256,68 +256,120 @@ def test_an_endpoint_that_does_not_answer_fails_in_seconds(s3_server, monkeypatc
     assert time.monotonic() - started < 20
 
 
+class _FlakyStore:
+    """A moto S3 server on a fixed port that goes away when the first write of a key that
+    contains ``trigger`` arrives (that write gets a 503, later ones find no server) and comes
+    back ``outage_s`` later. moto keeps its objects in this process across the restart, as a
+    real store keeps them across an outage."""
+
+    def __init__(self, port: int, trigger: str, outage_s: float) -> None:
+        import threading
+
+        self.port, self.trigger, self.outage_s = port, trigger, outage_s
+        self.triggered = threading.Event()
+        self.stopped_at: float | None = None
+        self.back_at: float | None = None
+        self._servers: list = []
+        self._chaos = threading.Thread(target=self._go_away_and_come_back, daemon=True)
+
+    def _server(self):
+        from moto.server import ThreadedMotoServer
+
+        store = self
+
+        class Server(ThreadedMotoServer):
+            def _server_entry(self) -> None:
+                from moto.moto_server.werkzeug_app import (
+                    DomainDispatcherApplication,
+                    MotoRequestHandler,
+                    create_backend_app,
+                )
+                from werkzeug.serving import make_server
+
+                app = DomainDispatcherApplication(create_backend_app)
+
+                def wrapped(environ, start_response):
+                    writes = environ["REQUEST_METHOD"] in ("PUT", "POST")
+                    if writes and store.trigger in environ["PATH_INFO"]:
+                        if not store.triggered.is_set():
+                            store.triggered.set()
+                        start_response("503 Service Unavailable", [])
+                        return [b""]
+                    return app(environ, start_response)
+
+                self._server = make_server(
+                    self._ip_address, self._port, wrapped, True, request_handler=MotoRequestHandler
+                )
+                self._server_ready_event.set()
+                self._server.serve_forever()
+
+        return Server(ip_address="127.0.0.1", port=self.port, verbose=False)
+
+    def _go_away_and_come_back(self) -> None:
+        self.triggered.wait()
+        self._servers[-1].stop()
+        self.stopped_at = time.monotonic()
+        time.sleep(self.outage_s)
+        self.trigger = "\0"  # never again
+        self._servers.append(self._server())
+        self._servers[-1].start()
+        self.back_at = time.monotonic()
+
+    def __enter__(self) -> _FlakyStore:
+        self._servers.append(self._server())
+        self._servers[-1].start()
+        self._chaos.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.triggered.set()  # a run that never reached the trigger ends the chaos too
+        self._chaos.join(timeout=self.outage_s + 30)
+        self._servers[-1].stop()
+
+
+@pytest.mark.parametrize(
+    "trigger",
+    [
+        # A worker's checkpoint upload fails: Ray Train restarts the worker group.
+        "/checkpoint_20",
+        # Ray Train's controller fails to save the run's state after that checkpoint: the
+        # runner waits for the store and fits again (fit_surviving_store_outages).
+        "/checkpoint_manager_snapshot.json",
+    ],
+    ids=["checkpoint-upload", "controller-state"],
+)
 def test_training_survives_the_store_going_away_and_coming_back(
-    ray_s3, configs_dir, fast, monkeypatch
+    trigger, ray_s3, configs_dir, fast, monkeypatch
 ):
-    """The store stops as the first checkpoint is written and returns 20 s later: the
-    failed report restarts the worker (train.max_failures) and the run finishes."""
+    """The store goes away at the first write of a checkpoint (or of Ray's run state after
+    it) and returns 15 s later: the run resumes (train.max_failures) and finishes."""
     import socket
-    import threading
 
-    from moto.server import ThreadedMotoServer
+    import boto3
 
-    from osmd_ray import storage
-    from osmd_ray.data.cli import write_synth_dataset
     from osmd_ray.train.runner import train
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)]
-    servers[0].start()
-    # Its own server (same credentials): moto keeps the objects in this process across a
-    # restart on the same port, as a real store keeps them across an outage.
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="osmd-outage")
-    data, run = "s3://osmd-outage/data", "s3://osmd-outage/runs/a"
-    write_synth_dataset(data, **TINY)
-    outage: dict[str, float] = {}
-
-    def go_away_and_come_back() -> None:
-        fs = storage.filesystem(run)
-        while not outage:
-            try:
-                if any("checkpoint_" in p for p in fs.ls(run, refresh=True)):
-                    break
-            except FileNotFoundError:
-                pass
-            time.sleep(0.2)
-        servers[0].stop()
-        outage["stopped"] = time.monotonic()
-        time.sleep(20)
-        servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
-        servers[-1].start()
-        outage["back"] = time.monotonic()
-
-    chaos = threading.Thread(target=go_away_and_come_back, daemon=True)
-    chaos.start()
-    cfg = load_config(
-        configs_dir / "osmd_synth.yaml",
-        # One worker, two epochs: the outage hits the first checkpoint, and the second epoch
-        # runs after the store is back.
-        [*fast, f"data.root={data}", "train.epochs=2", "train.max_failures=6"]
-        + ["scaling.num_workers=1"],
-    )
-    try:
+    with _FlakyStore(port, trigger, outage_s=15) as store:
+        # A bucket per case: moto's objects outlive its servers in this process.
+        bucket = f"osmd-outage-{trigger.strip('/').split('.')[0].replace('_', '-')}"
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        data, run = _tiny_dataset(f"s3://{bucket}"), f"s3://{bucket}/runs/a"
+        cfg = load_config(
+            configs_dir / "osmd_synth.yaml",
+            # One worker, two epochs: the outage hits the first checkpoint, and the second
+            # epoch runs after the store is back.
+            [*fast, f"data.root={data}", "train.epochs=2", "train.max_failures=6"]
+            + ["scaling.num_workers=1"],
+        )
         metrics = train(cfg, run)
         finished = time.monotonic()
         history = _read_json(f"{run}/history.json")
-    finally:
-        chaos.join(timeout=60)
-        servers[-1].stop()
-    assert "stopped" in outage and outage["back"] < finished, "the store never went away"
+    assert store.stopped_at is not None, f"no write of {trigger} reached the store"
+    assert store.back_at is not None and store.back_at < finished
     assert metrics["epochs"] == 2
     assert [h["epoch"] for h in history] == [1, 2]
 

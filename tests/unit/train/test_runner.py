@@ -46,3 +46,78 @@ def test_rerunning_a_finished_run_returns_its_metrics_without_starting_ray(
     monkeypatch.setattr(runner, "ensure_ray", no_ray)
     monkeypatch.setattr(runner, "build_trainer", no_ray)
     assert runner.train(cfg, str(tmp_path / "done")) == metrics
+
+
+class _Trainer:
+    """A stand-in for TorchTrainer whose fit() raises the next prepared error, if any."""
+
+    def __init__(self, errors: list[Exception]) -> None:
+        self.errors = errors
+
+    def fit(self) -> str:
+        if self.errors:
+            raise self.errors.pop(0)
+        return "result"
+
+
+def _store_down() -> Exception:
+    import ray.train
+
+    return ray.train.ControllerError(OSError("AWS Error NETWORK_CONNECTION: Could not connect"))
+
+
+def test_a_store_failure_under_the_controller_waits_for_the_bucket_and_refits(monkeypatch):
+    from osmd_ray import storage
+    from osmd_ray.train.runner import fit_surviving_store_outages
+
+    waited: list[str] = []
+    monkeypatch.setattr(storage, "wait_for_bucket", lambda path, *a, **k: waited.append(path))
+    errors = [_store_down(), _store_down()]
+    builds: list[_Trainer] = []
+
+    def build() -> _Trainer:
+        builds.append(_Trainer(errors))
+        return builds[-1]
+
+    assert fit_surviving_store_outages(build, "s3://b/runs/a", max_failures=2) == "result"
+    assert len(builds) == 3 and waited == ["s3://b/runs/a", "s3://b/runs/a"]
+
+
+def test_store_failures_beyond_max_failures_and_other_controller_errors_are_raised(monkeypatch):
+    import ray.train
+
+    from osmd_ray import storage
+    from osmd_ray.train.runner import fit_surviving_store_outages
+
+    monkeypatch.setattr(storage, "wait_for_bucket", lambda *a, **k: None)
+    errors = [_store_down(), _store_down()]
+    with pytest.raises(ray.train.ControllerError, match="NETWORK_CONNECTION"):
+        fit_surviving_store_outages(lambda: _Trainer(errors), "s3://b/runs/a", max_failures=1)
+    assert errors == []  # one refit, then the second failure is raised
+    # Not an OSError underneath, or a local folder: nothing to wait for.
+    logic = [ray.train.ControllerError(ValueError("bad state"))]
+    with pytest.raises(ray.train.ControllerError, match="bad state"):
+        fit_surviving_store_outages(lambda: _Trainer(logic), "s3://b/runs/a", max_failures=5)
+    local = [_store_down()]
+    with pytest.raises(ray.train.ControllerError):
+        fit_surviving_store_outages(lambda: _Trainer(local), "/tmp/runs/a", max_failures=5)
+
+
+def test_wait_for_bucket_polls_until_the_store_answers_then_gives_up_after_its_timeout(
+    monkeypatch,
+):
+    from osmd_ray import storage
+
+    answers = [storage.StorageError("down"), storage.StorageError("down"), None]
+
+    def check(path: str, purpose: str = "") -> None:
+        answer = answers.pop(0) if answers else storage.StorageError("still down")
+        if answer is not None:
+            raise answer
+
+    monkeypatch.setattr(storage, "check_bucket", check)
+    monkeypatch.setattr(storage, "WAIT_POLL_S", 0.0)
+    storage.wait_for_bucket("s3://b/x", timeout_s=60)
+    assert answers == []
+    with pytest.raises(storage.StorageError, match="still down"):
+        storage.wait_for_bucket("s3://b/x", timeout_s=0.05)
