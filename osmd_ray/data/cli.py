@@ -1,4 +1,5 @@
-"""``osmd data ...``: write a synthetic dataset, import NPZ files, check a dataset.
+"""``osmd data ...``: write a synthetic dataset, import NPZ files or NYU Depth V2, check a
+dataset.
 
 Each command function takes the parsed arguments and returns an exit code: 0 success,
 1 a check found problems, 2 bad input (a DataError, printed without a traceback).
@@ -47,6 +48,22 @@ Import NPZ files (np.savez) into a dataset, one file per split. Each holds:
 Without --val, a seeded slice of the training file (stratified by class)
 becomes the validation split."""
 
+_NYUV2_DESCRIPTION = """\
+Import NYU Depth V2 as a segmentation dataset: modalities rgb (3xHxW
+uint8, resized bilinearly) and depth (1xHxW float32 = millimetres/10000
+clipped to [0, 1], 0 = no reading; resized nearest), label HxW with
+classes 1..K stored as 0..K-1 and unlabelled (0) as -100, the ignore
+index; labels resized nearest. The layout of --src is detected:
+  PNG folders   rgb/, depth/ (uint16 mm), label13/ or label40/ (mode L,
+                0 = unlabelled), files named by NYU index (0001.png),
+                the same names in every folder. No official split:
+                frame i of the index-sorted list goes to train when
+                i%4 is 0 or 1, val when 2, test when 3 (8 frames: 4/2/2).
+  official .mat nyu_depth_v2_labeled.mat (HDF5) with splits.mat beside
+                it: test = testNdxs; val = the last 10% (at least 1) of
+                trainNdxs, in their order; train = the rest. Its 894 raw
+                classes need --mapping."""
+
 _CHECK_DESCRIPTION = """\
 Check a dataset against its manifest. Prints every problem found, each
 naming the file (exit 1), or OK with a summary (exit 0). The full check
@@ -84,6 +101,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    from osmd_ray.data.nyuv2 import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _reports_data_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
     """Turn a DataError or StorageError into a one-line message on stderr and exit code 2."""
 
@@ -99,7 +125,8 @@ def _reports_data_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[..
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``data`` with its commands synth, import and check; return its parser."""
+    """Register ``data`` with its commands synth, import, import-nyuv2 and check; return its
+    parser."""
     data = subparsers.add_parser(
         "data",
         help="write, import and check datasets",
@@ -200,6 +227,45 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     imp.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
     imp.set_defaults(func=cmd_import)
 
+    nyu = commands.add_parser(
+        "import-nyuv2",
+        help="import NYU Depth V2 (PNG folders or the official .mat) for segmentation",
+        description=_NYUV2_DESCRIPTION,
+        epilog="example:\n  osmd data import-nyuv2 --src ../shared/data/nyuv2-mini --out data/nyuv2",
+        formatter_class=fmt,
+    )
+    nyu.add_argument("--src", required=True, metavar="DIR", help="NYU Depth V2 source folder")
+    nyu.add_argument("--out", required=True, metavar="DIR", help="dataset folder or s3:// URI")
+    nyu.add_argument(
+        "--classes",
+        type=int,
+        choices=[13, 40],
+        default=13,
+        help="label set: 13 or 40 classes (default: %(default)s)",
+    )
+    nyu.add_argument(
+        "--size",
+        type=_image_size,
+        default="240x320",
+        metavar="HxW",
+        help="height x width of the written images (default: %(default)s)",
+    )
+    nyu.add_argument(
+        "--mapping",
+        metavar="FILE",
+        help="official .mat only: .npy or .json array of 895 integers, raw class -> class "
+        "0..K (0 = unlabelled)",
+    )
+    nyu.add_argument(
+        "--shard-mb",
+        type=_positive_float,
+        default=DEFAULT_SHARD_MB,
+        metavar="MB",
+        help=_SHARD_MB_HELP,
+    )
+    nyu.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    nyu.set_defaults(func=cmd_import_nyuv2)
+
     check = commands.add_parser(
         "check",
         help="check a dataset against its manifest",
@@ -284,6 +350,26 @@ def cmd_import(args: argparse.Namespace) -> int:
         task=args.task,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        target_shard_bytes=shard_bytes(args.shard_mb),
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {args.out}")
+    print(summary(manifest))
+    return 0
+
+
+@_reports_data_errors
+def cmd_import_nyuv2(args: argparse.Namespace) -> int:
+    """Import NYU Depth V2."""
+    from osmd_ray.data.nyuv2 import import_nyuv2
+
+    check_bucket(args.out, "--out")
+    manifest = import_nyuv2(
+        args.src,
+        args.out,
+        classes=args.classes,
+        size=args.size,
+        mapping=args.mapping,
         target_shard_bytes=shard_bytes(args.shard_mb),
         overwrite=args.overwrite,
     )
