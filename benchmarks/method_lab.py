@@ -32,6 +32,7 @@ from osmd_ray.method.model import build_model
 from osmd_ray.method.stages import (
     method_stages,
     part_parameter_groups,
+    recalibrate_batchnorm,
     set_stage_modes,
     stage_at_epoch,
 )
@@ -95,6 +96,16 @@ def run(config: str, overrides: list[str]) -> dict:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             opt.step()
             sched.step()
+        # As the workers do after every epoch (train.bn_recalibration_batches).
+        last = range(max(0, steps_per_epoch - cfg.train.bn_recalibration_batches), steps_per_epoch)
+        recalibrate_batchnorm(
+            model,
+            model,
+            (
+                {k: v[order[i * batch : (i + 1) * batch]] for k, v in splits["train"].items()}
+                for i in last
+            ),
+        )
     result = {
         "overrides": overrides,
         "method": cfg.method,

@@ -167,6 +167,11 @@ class TrainConfig:
     """On a NaN or inf loss: error (stop, naming step and term) or skip (drop the step)."""
     max_failures: int = 0
     """Worker failures survived by restarting from the last checkpoint (-1: no limit)."""
+    bn_recalibration_batches: int = 16
+    """After every epoch, recompute the BatchNorm running statistics of the parts the epoch
+    trained from (up to) its last this-many training batches, no gradients; 0 turns it off.
+    With few steps per epoch, BatchNorm's default momentum leaves statistics of an earlier,
+    weaker network (docs/results.md)."""
 
 
 @dataclass
@@ -603,6 +608,7 @@ def _check_train(cfg: Config) -> None:
     _one_of(train.nonfinite, NONFINITE_POLICIES, "train.nonfinite")
     _one_of(train.schedule, SCHEDULES, "train.schedule")
     _at_least(train.max_failures, -1, "train.max_failures")
+    _at_least(train.bn_recalibration_batches, 0, "train.bn_recalibration_batches")
 
 
 def _check_scaling(scaling: ScalingConfig) -> None:

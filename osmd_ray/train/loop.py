@@ -6,6 +6,7 @@ happen. The driver side (building the trainer, writing the run folder) is in ``r
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -24,6 +25,7 @@ from osmd_ray.data.contract import Manifest
 from osmd_ray.method.stages import (
     method_stages,
     part_parameter_groups,
+    recalibrate_batchnorm,
     set_stage_modes,
     stage_at_epoch,
     stage_lr_factor,
@@ -426,7 +428,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         names: list[str] = []
         batches = 0
         timed = WaitTimer(pending)
+        # The epoch's last batches (host memory), for the BatchNorm statistics after it;
+        # every batch counts, skipped ones too, so all ranks run equally many forwards.
+        recent: collections.deque[Any] = collections.deque(
+            maxlen=cfg.train.bn_recalibration_batches
+        )
         for raw in timed:
+            recent.append(raw)
             batch = batch_to_device(raw, device)
             outputs = engine(batch)
             losses = batch_losses(outputs, batch, cfg, terms=stage.terms)
@@ -455,8 +463,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         epoch_time = time.perf_counter() - started
         # The next epoch's pipeline starts while this one validates and checkpoints.
         pending = epoch_batches(epoch + 1) if epoch + 1 < cfg.train.epochs else None
+        recalibrate_batchnorm(
+            engine.module, lambda raw: engine(batch_to_device(raw, device)), recent
+        )
+        recent.clear()
         average_buffers(engine.module, world)
-        train_time += epoch_time
+        train_time += time.perf_counter() - started
 
         # Mean of every loss term over all ranks' steps; data wait and span summed.
         own = [float(batches), timed.wait_s, timed.first_wait_s, epoch_time]

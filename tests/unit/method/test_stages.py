@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from osmd_ray.config import Config, ConfigError, apply_overrides
 from osmd_ray.data.contract import ModalitySpec
@@ -147,3 +148,36 @@ def test_hallucination_lr_scale_multiplies_only_E_h_and_D_h():
             factor = stage_lr_factor(stages, part, 5, schedule)
             for step in (0, 7, 30):
                 assert factor(step) == pytest.approx(want * base(step))
+
+
+def test_recalibrated_batchnorm_holds_the_plain_statistics_of_the_given_batches():
+    from osmd_ray.method.stages import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    trained = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    frozen = nn.BatchNorm1d(4)
+    model = nn.ModuleDict({"trained": trained, "frozen": frozen})
+    frozen.running_mean.fill_(7.0)
+    trained[1].running_mean.fill_(-5.0)  # stale, as after a short training
+    model.train()
+    frozen.eval()  # a part the stage freezes keeps its statistics
+    batches = [torch.randn(16, 4) * 3 + 1 for _ in range(3)]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return trained(frozen(x))
+
+    assert recalibrate_batchnorm(model, forward, batches) == 1
+    with torch.no_grad():
+        features = torch.cat([trained[0](frozen(x)) for x in batches])
+    # The mean over equal batches is the mean of all rows; the variance the mean of the
+    # batches' unbiased variances.
+    assert torch.allclose(trained[1].running_mean, features.mean(0), atol=1e-5)
+    expected_var = torch.stack([trained[0](frozen(x)).var(0) for x in batches]).mean(0)
+    assert torch.allclose(trained[1].running_var, expected_var.detach(), atol=1e-5)
+    assert trained[1].momentum == 0.1  # restored
+    assert torch.all(frozen.running_mean == 7.0)
+    assert all(p.grad is None for p in model.parameters())
+    # No batches: the statistics there were stay.
+    before = trained[1].running_mean.clone()
+    assert recalibrate_batchnorm(model, forward, []) == 0
+    assert torch.equal(trained[1].running_mean, before)
