@@ -231,7 +231,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "import-nyuv2",
         help="import NYU Depth V2 (PNG folders or the official .mat) for segmentation",
         description=_NYUV2_DESCRIPTION,
-        epilog="example:\n  osmd data import-nyuv2 --src ../shared/data/nyuv2-mini --out data/nyuv2",
+        epilog=(
+            "example:\n  osmd data import-nyuv2 --src ../shared/data/nyuv2-mini --out data/nyuv2"
+        ),
         formatter_class=fmt,
     )
     nyu.add_argument("--src", required=True, metavar="DIR", help="NYU Depth V2 source folder")
