@@ -110,6 +110,27 @@ def _image_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _add_write_options(parser: argparse.ArgumentParser) -> None:
+    """--shard-mb and --overwrite, the options of every command that writes a dataset."""
+    parser.add_argument(
+        "--shard-mb",
+        type=_positive_float,
+        default=DEFAULT_SHARD_MB,
+        metavar="MB",
+        help=_SHARD_MB_HELP,
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a dataset already at --out"
+    )
+
+
+def _wrote(out: str, manifest: Manifest) -> int:
+    """Say what a command wrote (its summary) and return exit code 0."""
+    print(f"wrote {out}")
+    print(summary(manifest))
+    return 0
+
+
 def _reports_data_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
     """Turn a DataError or StorageError into a one-line message on stderr and exit code 2."""
 
@@ -171,16 +192,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
         metavar="K",
         help=f"random seed (default: {d.get('seed', 'the generator default')})",
     )
-    synth.add_argument(
-        "--shard-mb",
-        type=_positive_float,
-        default=DEFAULT_SHARD_MB,
-        metavar="MB",
-        help=_SHARD_MB_HELP,
-    )
-    synth.add_argument(
-        "--overwrite", action="store_true", help="replace a dataset already at --out"
-    )
+    _add_write_options(synth)
     synth.set_defaults(func=cmd_synth)
 
     imp = commands.add_parser(
@@ -217,14 +229,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
         metavar="K",
         help="seed of the validation slice (default: %(default)s)",
     )
-    imp.add_argument(
-        "--shard-mb",
-        type=_positive_float,
-        default=DEFAULT_SHARD_MB,
-        metavar="MB",
-        help=_SHARD_MB_HELP,
-    )
-    imp.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    _add_write_options(imp)
     imp.set_defaults(func=cmd_import)
 
     nyu = commands.add_parser(
@@ -258,14 +263,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help="official .mat only: .npy or .json array of 895 integers, raw class -> class "
         "0..K (0 = unlabelled)",
     )
-    nyu.add_argument(
-        "--shard-mb",
-        type=_positive_float,
-        default=DEFAULT_SHARD_MB,
-        metavar="MB",
-        help=_SHARD_MB_HELP,
-    )
-    nyu.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    _add_write_options(nyu)
     nyu.set_defaults(func=cmd_import_nyuv2)
 
     check = commands.add_parser(
@@ -333,9 +331,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     manifest = write_synth_dataset(
         args.out, overwrite=args.overwrite, shard_mb=args.shard_mb, **params
     )
-    print(f"wrote {args.out}")
-    print(summary(manifest))
-    return 0
+    return _wrote(args.out, manifest)
 
 
 @_reports_data_errors
@@ -355,9 +351,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         target_shard_bytes=shard_bytes(args.shard_mb),
         overwrite=args.overwrite,
     )
-    print(f"wrote {args.out}")
-    print(summary(manifest))
-    return 0
+    return _wrote(args.out, manifest)
 
 
 @_reports_data_errors
@@ -375,9 +369,7 @@ def cmd_import_nyuv2(args: argparse.Namespace) -> int:
         target_shard_bytes=shard_bytes(args.shard_mb),
         overwrite=args.overwrite,
     )
-    print(f"wrote {args.out}")
-    print(summary(manifest))
-    return 0
+    return _wrote(args.out, manifest)
 
 
 @_reports_data_errors

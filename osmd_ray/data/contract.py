@@ -862,6 +862,13 @@ def _prepare_target(fs: fsspec.AbstractFileSystem, base: str, out: str, overwrit
     raise DataError(f"{out} is not empty and holds no {MANIFEST_NAME}; {hint}")
 
 
+def check_target(out: str, overwrite: bool = False) -> None:
+    """Raise the DataError :func:`write_dataset` would raise for an occupied ``out``, before
+    an importer spends minutes reading its source."""
+    fs, base = _url_to_fs(out)
+    _prepare_target(fs, base, out, overwrite)
+
+
 def _swap_in(fs: fsspec.AbstractFileSystem, staging: str, base: str) -> None:
     """Replace ``base`` by the complete dataset at ``staging``; on failure put it back."""
     backup = _sibling(base, "osmd-old")

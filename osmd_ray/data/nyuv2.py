@@ -46,6 +46,7 @@ from osmd_ray.data.contract import (
     DEFAULT_SHARD_MB,
     DataError,
     Manifest,
+    check_target,
     write_dataset,
 )
 from osmd_ray.data.importer import IGNORE_INDEX
@@ -406,14 +407,6 @@ def _bar(items: Sequence[Any], desc: str, enabled: bool) -> Iterable[Any]:
     return tqdm(items, desc=desc, unit="frame")
 
 
-def _check_target(out: str, overwrite: bool) -> None:
-    """Refuse an occupied --out before minutes of reading, as write_dataset would after."""
-    from osmd_ray.data.contract import _prepare_target, _url_to_fs
-
-    fs, base = _url_to_fs(out)
-    _prepare_target(fs, base, out, overwrite)
-
-
 def import_nyuv2(
     src: str | Path,
     out: str,
@@ -435,7 +428,7 @@ def import_nyuv2(
         raise DataError(f"size must be positive, got {h}x{w}")
     src = Path(src)
     layout = detect_layout(src)
-    _check_target(out, overwrite)
+    check_target(out, overwrite)  # an occupied --out fails before the reading
     if layout == "png":
         frames, description = _read_png_layout(src, classes, size, progress)
     else:

@@ -187,27 +187,17 @@ def recalibrate_batchnorm(
         for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
     ]
-    if not layers:
+    batches = list(batches)
+    if not layers or not batches:  # nothing to average: keep the statistics there are
         return 0
     momenta = [m.momentum for m in layers]
-    saved = [
-        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-        for m in layers
-    ]
     for m in layers:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches below
-    seen = 0
     try:
         for batch in batches:
             forward(batch)
-            seen += 1
     finally:
         for m, momentum in zip(layers, momenta, strict=True):
             m.momentum = momentum
-        if seen == 0:  # nothing to average: keep the statistics there were
-            for m, (mean, var, tracked) in zip(layers, saved, strict=True):
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(tracked)
-    return len(layers) if seen else 0
+    return len(layers)
