@@ -124,6 +124,10 @@ class LossConfig:
     Cost against batch size: benchmarks/RESULTS.md."""
     detach_privileged: bool = True
     """Stop gradients from the alignment terms into E_p."""
+    jmmd_pixels: int = 256
+    """Segmentation: pixels drawn per step (from the global RNG, which the workers seed per
+    epoch and rank) for the per-pixel (J)MMD, beside the one on pooled features; bounds
+    its cost whatever the image size."""
 
 
 @dataclass
@@ -546,6 +550,7 @@ def _check_loss(cfg: Config) -> None:
     _one_of(loss.recon_loss, RECON_LOSSES, "loss.recon_loss")
     _one_of(loss.jmmd_estimator, JMMD_ESTIMATORS, "loss.jmmd_estimator")
     _at_least(loss.num_kernels, 1, "loss.num_kernels")
+    _at_least(loss.jmmd_pixels, 2, "loss.jmmd_pixels")
     if not loss.kernel_mul > 1.0:
         raise ConfigError(
             f"config key 'loss.kernel_mul' must be > 1 (the ratio between kernel bandwidths); "

@@ -5,7 +5,8 @@ An export is a folder with two files:
 - ``model.safetensors``: the :class:`~osmd_ray.method.model.DeployNet` state dict, CPU,
   floating tensors in fp32. safetensors holds raw tensors only, so loading executes no code
   (never ``torch.load`` of a pickle);
-- ``meta.json``: format version, package version, method, task, classes, the input modality
+- ``meta.json``: format version, package version, method, task (and for segmentation the
+  ``label_shape`` H x W of the label maps it predicts), classes, the input modality
   specs (for every method but full_multimodal the ordinary modalities only), the model config, the
   inputs' normalisation statistics, the sha256 of ``model.safetensors`` and free-form
   ``extra`` metadata; ``sha256["meta.json"]`` is the digest of meta.json's own content (all
@@ -206,6 +207,11 @@ def export_deploy(
     absent, empty or an earlier export.
     """
     _check_export_args(model, method, ordinary, privileged, num_classes, model_cfg, class_names)
+    if (task == "segmentation") != (model.output_size is not None):
+        raise ValueError(
+            f"export_deploy: task {task!r} but the model was built "
+            + ("for label maps" if model.output_size is not None else "for classification")
+        )
     net = model.deploy_module()
     inputs = list(net.input_modalities)
     # imputation's network normalises privileged-shaped reconstructions: keep their statistics.
@@ -226,6 +232,7 @@ def export_deploy(
         "osmd_ray_version": __version__,
         "method": method,
         "task": task,
+        "label_shape": list(model.output_size or ()),
         "num_classes": num_classes,
         "class_names": list(class_names) if class_names is not None else None,
         "ordinary": [_spec_to_json(s) for s in ordinary],
@@ -274,7 +281,8 @@ def export_deploy(
 
 
 class DeployedModel:
-    """A loaded deployment model: numpy (or tensor) batches in, class probabilities out.
+    """A loaded deployment model: numpy (or tensor) batches in, class probabilities out
+    (per image, or per pixel for segmentation: ``task`` and ``label_shape``).
 
     Attributes: ``net`` (the :class:`DeployNet`, CPU, eval mode), ``meta`` (meta.json) and
     ``input_modalities`` (the ModalitySpecs it needs; other keys of a batch are ignored).
@@ -292,6 +300,15 @@ class DeployedModel:
     @property
     def class_names(self) -> list[str] | None:
         return self.meta.get("class_names")
+
+    @property
+    def task(self) -> str:
+        return str(self.meta.get("task", "classification"))
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        """(H, W) of the predicted label maps for segmentation, () for classification."""
+        return tuple(int(v) for v in self.meta.get("label_shape") or ())
 
     def _inputs(self, batch: Mapping[str, np.ndarray | Tensor]) -> tuple[dict[str, Tensor], int]:
         tensors: dict[str, Tensor] = {}
@@ -323,7 +340,8 @@ class DeployedModel:
     def predict_proba(
         self, batch: Mapping[str, np.ndarray | Tensor], batch_size: int = 256
     ) -> np.ndarray:
-        """Softmax probabilities (N, num_classes) float32, ``batch_size`` rows at a time."""
+        """Softmax probabilities (N, num_classes) float32, or (N, num_classes, H, W) per
+        pixel for segmentation, ``batch_size`` rows at a time."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         inputs, rows = self._inputs(batch)
@@ -333,13 +351,14 @@ class DeployedModel:
                 part = {k: v[start : start + batch_size] for k, v in inputs.items()}
                 chunks.append(torch.softmax(self.net(part).float(), dim=1).numpy())
         if not chunks:
-            return np.zeros((0, self.num_classes), dtype=np.float32)
+            return np.zeros((0, self.num_classes, *self.label_shape), dtype=np.float32)
         return np.concatenate(chunks, axis=0)
 
     def predict(
         self, batch: Mapping[str, np.ndarray | Tensor], batch_size: int = 256
     ) -> np.ndarray:
-        """Predicted class indices, (N,) int64."""
+        """Predicted class indices, (N,) int64, or a label map per image (N, H, W) int64 for
+        segmentation."""
         return self.predict_proba(batch, batch_size).argmax(axis=1).astype(np.int64)
 
 
@@ -415,6 +434,7 @@ def _load_local(path: str) -> DeployedModel:
             int(meta["num_classes"]),
             _model_config(meta["model_config"]),
             meta["normalization"],
+            tuple(meta["label_shape"]) if meta.get("label_shape") else None,
         )
     except KeyError as err:
         raise DeployError(f"{meta_path} lacks the field {err}") from err

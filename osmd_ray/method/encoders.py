@@ -8,6 +8,13 @@ Every encoder maps one modality to a feature vector of size ``ModelConfig.featur
 
 A :class:`RoleEncoder` runs one encoder per modality of a role (ordinary or privileged) and
 projects the concatenation back to ``feature_dim`` when the role has several modalities.
+
+Dense prediction (task ``segmentation``, ``dense=True``): image encoders are encoder-decoders
+that keep a spatial map (:class:`DenseCNN` for small_cnn, :func:`timm_dense_encoder`), and a
+role's features are a *channel-last* map ``(B, h, w, feature_dim)``. Channel-last lets every
+per-feature module (the role's projection, the fusion F, the heads) run unchanged on each
+pixel: a Linear on the last dimension is a 1x1 convolution. Vector and sequence modalities of
+a dense role keep their pooled features, broadcast to every pixel of the role's map.
 """
 
 from __future__ import annotations
@@ -280,6 +287,63 @@ def torchvision_encoder(name: str, in_channels: int, feature_dim: int) -> nn.Seq
     return nn.Sequential(net, nn.Linear(classifier.in_features, feature_dim), nn.ReLU())
 
 
+class DenseCNN(nn.Module):
+    """small_cnn for dense prediction: a :class:`UNetTrunk` of ``depth`` levels (the
+    encoder-decoder), then a 1x1 convolution to ``feature_dim`` and ReLU: (B, C, H, W) ->
+    (B, feature_dim, H, W), at the input's full resolution."""
+
+    def __init__(
+        self, in_channels: int, width: int, depth: int, feature_dim: int, norm: str = "batch"
+    ) -> None:
+        super().__init__()
+        self.trunk = UNetTrunk(in_channels, width, levels=depth, norm=norm)
+        self.head = nn.Sequential(nn.Conv2d(self.trunk.out_channels, feature_dim, 1), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.trunk(x))
+
+
+class FeaturePyramidDecoder(nn.Module):
+    """Merges a backbone's multi-scale maps: each projected to ``feature_dim`` by a 1x1
+    convolution, upsampled to the finest map's size and summed, then a 3x3 convolution and
+    ReLU (a light FPN without the top-down chain)."""
+
+    def __init__(self, channels: Sequence[int], feature_dim: int) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, feature_dim, 1) for c in channels)
+        self.out = nn.Sequential(nn.Conv2d(feature_dim, feature_dim, 3, padding=1), nn.ReLU())
+
+    def forward(self, maps: Sequence[Tensor]) -> Tensor:
+        size = maps[0].shape[2:]
+        merged = self.lateral[0](maps[0])
+        for lateral, fmap in zip(self.lateral[1:], maps[1:], strict=True):
+            merged = merged + nn.functional.interpolate(
+                lateral(fmap), size=size, mode="bilinear", align_corners=False
+            )
+        return self.out(merged)
+
+
+class TimmDenseEncoder(nn.Module):
+    """A timm backbone's feature pyramid (``features_only``, strides 4 to 32, random init)
+    merged by a :class:`FeaturePyramidDecoder`: (B, C, H, W) -> (B, feature_dim, H/4, W/4)."""
+
+    def __init__(self, name: str, in_channels: int, feature_dim: int) -> None:
+        super().__init__()
+        timm = _import_backbone_library("timm")
+        self.backbone = timm.create_model(
+            name, pretrained=False, in_chans=in_channels, features_only=True, out_indices=(1, 2, 3, 4)
+        )
+        self.decoder = FeaturePyramidDecoder(self.backbone.feature_info.channels(), feature_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.backbone(x))
+
+
+def timm_dense_encoder(name: str, in_channels: int, feature_dim: int) -> TimmDenseEncoder:
+    """The dense counterpart of :func:`timm_encoder` (segmentation)."""
+    return TimmDenseEncoder(name, in_channels, feature_dim)
+
+
 class ModalityEncoder(nn.Module):
     """Normalize, then the kind's encoder body: one modality -> (B, feature_dim)."""
 
@@ -301,14 +365,28 @@ def build_modality_encoder(
     cfg: ModelConfig,
     stats: Mapping[str, Sequence[float]],
     shared_stages: Sequence[nn.Module] = (),
+    dense: bool = False,
 ) -> ModalityEncoder:
-    """The encoder for one modality, chosen from its kind (and, for images, the config)."""
+    """The encoder for one modality, chosen from its kind (and, for images, the config);
+    ``dense``: image encoders keep a (B, feature_dim, h, w) map (segmentation)."""
     channels = num_channels(spec)
     normalize = Normalize(spec.kind, stats["mean"], stats["std"])
-    if spec.kind == "image":
+    if spec.kind == "image" and dense:
+        choice = cfg.image_encoder
+        if shared_stages:
+            raise ValueError("model.hallucination_shared_stages > 0 is for classification only")
+        if choice == "small_cnn":
+            body: nn.Module = DenseCNN(channels, cfg.width, cfg.depth, cfg.feature_dim, cfg.norm)
+        elif choice.startswith("timm:"):
+            body = timm_dense_encoder(choice.removeprefix("timm:"), channels, cfg.feature_dim)
+        else:
+            raise ValueError(
+                f"model.image_encoder={choice!r}: segmentation uses small_cnn or timm:<name>"
+            )
+    elif spec.kind == "image":
         choice = cfg.image_encoder
         if choice == "small_cnn":
-            body: nn.Module = SmallCNN(
+            body = SmallCNN(
                 channels, cfg.width, cfg.depth, cfg.feature_dim, shared_stages, norm=cfg.norm
             )
         elif shared_stages:
@@ -345,10 +423,13 @@ class RoleEncoder(nn.Module):
         normalization: Normalization | None,
         share_from: RoleEncoder | None = None,
         shared_stages: int = 0,
+        dense: bool = False,
     ) -> None:
         super().__init__()
         if not specs:
             raise ValueError("a role encoder needs at least one modality")
+        self.dense = dense
+        """Segmentation: features are channel-last maps (see the module docstring)."""
         if shared_stages < 0:
             raise ValueError(f"shared_stages must be >= 0, got {shared_stages}")
         if shared_stages and not any(s.kind == "image" for s in specs):
@@ -377,7 +458,9 @@ class RoleEncoder(nn.Module):
                         f"{len(source.stages)} stages of the small_cnn (model.depth)"
                     )
                 shared = list(source.stages)[:shared_stages]
-            self.encoders[spec.name] = build_modality_encoder(spec, cfg, stats[spec.name], shared)
+            self.encoders[spec.name] = build_modality_encoder(
+                spec, cfg, stats[spec.name], shared, dense=dense
+            )
         self.project: nn.Module = nn.Identity()
         if len(specs) > 1:
             self.project = nn.Sequential(
@@ -385,12 +468,37 @@ class RoleEncoder(nn.Module):
             )
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        if self.dense:
+            return self._dense_forward(batch)
         return self.forward_with_map(batch)[0]
+
+    def _dense_forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """(B, h, w, feature_dim) channel-last, on the first image modality's map size; a
+        role without an image modality gives (B, feature_dim), for the model to broadcast."""
+        maps, vectors = [], []
+        for spec in self.specs:
+            out = self.encoders[spec.name](batch[spec.name])
+            (maps if out.dim() == 4 else vectors).append(out)
+        if not maps:
+            return self.project(vectors[0] if len(vectors) == 1 else torch.cat(vectors, dim=1))
+        size = maps[0].shape[2:]
+        feats = [
+            m if m.shape[2:] == size else nn.functional.interpolate(
+                m, size=size, mode="bilinear", align_corners=False
+            )
+            for m in maps
+        ]
+        feats = [f.permute(0, 2, 3, 1) for f in feats]
+        b, h, w, _ = feats[0].shape
+        feats += [v[:, None, None, :].expand(b, h, w, v.shape[1]) for v in vectors]
+        return self.project(feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1))
 
     @property
     def map_source(self) -> str | None:
         """The first image modality with a small_cnn body: whose feature map
-        :meth:`forward_with_map` returns (None: there is none)."""
+        :meth:`forward_with_map` returns (None: there is none, or the role is dense)."""
+        if self.dense:
+            return None
         for spec in self.specs:
             if isinstance(self.encoders[spec.name].body, SmallCNN):
                 return spec.name
@@ -425,6 +533,8 @@ class RoleEncoder(nn.Module):
         ``stems`` (from :meth:`stems` with ``stem_stages``): start those modalities' small_cnn
         after their first ``stem_stages`` stages, from the given outputs.
         """
+        if self.dense:
+            return self._dense_forward(batch), None
         source, fmap = self.map_source, None
         feats = []
         for spec in self.specs:

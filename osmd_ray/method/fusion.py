@@ -2,6 +2,9 @@
 
 The same module instance serves the teacher path ``F(z_o, z_p)`` and the deployment path
 ``F(z_o, z_h)`` (DESIGN §2), so every fusion takes its two inputs in that order.
+
+Features are the last dimension: (B, d) vectors, or channel-last (B, h, w, d) maps for dense
+prediction, where the cross translation network then runs on every pixel of the feature maps.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class CTNFusion(nn.Module):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         reverse = self.T if self.T2 is None else self.T2
-        return self.merge(torch.cat([a + self.T(b), b + reverse(a)], dim=1))
+        return self.merge(torch.cat([a + self.T(b), b + reverse(a)], dim=-1))
 
 
 class ConcatFusion(nn.Module):
@@ -46,7 +49,7 @@ class ConcatFusion(nn.Module):
         self.merge = _merge(dim)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        return self.merge(torch.cat([a, b], dim=1))
+        return self.merge(torch.cat([a, b], dim=-1))
 
 
 class SumFusion(nn.Module):

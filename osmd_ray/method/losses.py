@@ -8,7 +8,9 @@
 - ``priv``    task_loss(H_p(z_p), y)              rows with the privileged modalities
 - ``jan``     JMMD({z_p, softmax(H_p(z_p))}, {z_h, softmax(H_p(z_h))}) (or MMD(z_p, z_h)),
   over the rows with the privileged modalities; needs at least two of them; quadratic or
-  linear-time estimator (``loss.jmmd_estimator``)
+  linear-time estimator (``loss.jmmd_estimator``). Segmentation: the sum of that term on
+  the spatially pooled features and logits, and on ``loss.jmmd_pixels`` randomly drawn pixels
+  (the same pixels on both sides), so its cost does not grow with the image
 - ``mimic``   mean((z_h - stopgrad(z_p))^2): the mean over rows *and* features, so its weight
   does not scale with ``model.feature_dim``
 - ``recon``   mean((D_h(z_h) - pooled privileged input)^2) (or its mean absolute error,
@@ -79,6 +81,41 @@ def alignment_loss(
     )
 
 
+def dense_alignment_loss(
+    z_p: Tensor,
+    z_h: Tensor,
+    priv_logits: Tensor,
+    priv_logits_h: Tensor,
+    cfg: LossConfig,
+) -> Tensor:
+    """The ``jan`` term of segmentation on already-masked rows: features (B, h, w, d)
+    channel-last, logits (B, K, H, W). Pooled term plus a term on ``cfg.jmmd_pixels`` pixels
+    drawn (with replacement) from all rows, paired across the two sides."""
+    pooled = alignment_loss(
+        z_p.mean(dim=(1, 2)),
+        z_h.mean(dim=(1, 2)),
+        priv_logits.mean(dim=(2, 3)),
+        priv_logits_h.mean(dim=(2, 3)),
+        cfg,
+    )
+    b, height, width = priv_logits.shape[0], priv_logits.shape[2], priv_logits.shape[3]
+    n = cfg.jmmd_pixels
+    device = priv_logits.device
+    rows = torch.randint(b, (n,), device=device)
+    ys = torch.randint(height, (n,), device=device)
+    xs = torch.randint(width, (n,), device=device)
+    # The logits are upsampled to the label map; features stay on the (coarser) feature grid.
+    fy, fx = ys * z_p.shape[1] // height, xs * z_p.shape[2] // width
+    pixels = alignment_loss(
+        z_p[rows, fy, fx],
+        z_h[rows, fy, fx],
+        priv_logits[rows, :, ys, xs],
+        priv_logits_h[rows, :, ys, xs],
+        cfg,
+    )
+    return pooled + pixels
+
+
 def recon_loss(prediction: Tensor, target: Tensor, kind: str = "mse") -> Tensor:
     """The ``recon`` term: mean squared (``mse``) or absolute (``l1``) error, in fp32."""
     if kind == "mse":
@@ -102,13 +139,15 @@ def osmd_weights(cfg: LossConfig) -> dict[str, float]:
 
 
 def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """Hinton et al.'s soft-target term: T^2 KL(p_teacher^T || p_student^T), batch mean; the
-    teacher is detached (it is trained by its own stage, not pulled towards the student)."""
+    """Hinton et al.'s soft-target term: T^2 KL(p_teacher^T || p_student^T), mean over the
+    predictions (rows, or rows x pixels for (B, K, H, W) logits); the teacher is detached (it
+    is trained by its own stage, not pulled towards the student)."""
     t = float(temperature)
     log_student = F.log_softmax(student.float() / t, dim=1)
     log_teacher = F.log_softmax(teacher.detach().float() / t, dim=1)
-    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
-    return kl * t * t
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="sum")
+    predictions = max(student.numel() // max(student.shape[1], 1), 1)
+    return kl / predictions * t * t
 
 
 def compute_losses(
@@ -168,8 +207,9 @@ def compute_losses(
         )
     if weights["jan"] != 0:
         # Distances between fewer than two samples of a side say nothing about a distribution.
+        align = dense_alignment_loss if outputs["z_h"].dim() == 4 else alignment_loss
         terms["jan"] = (
-            alignment_loss(
+            align(
                 rows(outputs["z_p"]),
                 rows(outputs["z_h"]),
                 rows(outputs["priv_logits"]),

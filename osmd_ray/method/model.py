@@ -17,6 +17,11 @@ per-part optimiser groups and the staged baselines use them):
 - ``imputation``: the generator ``G`` (ordinary -> privileged inputs), then ``E_o``, ``E_p``,
   ``F``, ``H`` run on (ordinary, reconstructed).
 
+Dense prediction (segmentation): built with ``output_size`` (the label maps' H x W), the
+encoders keep channel-last feature maps (:mod:`osmd_ray.method.encoders`), F and the heads
+run on every pixel of them (the cross translation network on feature maps), and every
+``*_logits`` output is (B, num_classes, H, W), upsampled bilinearly from the feature map.
+
 Methods: ``ordinary_only`` (E_o + H), ``full_multimodal`` (E_o + E_p + F + H, the upper bound
 that needs the privileged modalities at test time), ``osmd`` (everything, one stage), and the
 staged baselines ``two_stage_hallucination``, ``logit_kd`` and ``imputation`` (their stages:
@@ -78,6 +83,54 @@ def _check_roles(
         raise ValueError(f"modalities {sorted(overlap)} are both ordinary and privileged")
 
 
+def dense_logits(head_out: Tensor, output_size: tuple[int, int] | None) -> Tensor:
+    """A head's output as logits: (B, K) unchanged for classification; for dense prediction
+    the channel-last (B, h, w, K) map as (B, K, H, W) at ``output_size``."""
+    if output_size is None:
+        return head_out
+    logits = head_out.permute(0, 3, 1, 2)
+    if tuple(logits.shape[2:]) != tuple(output_size):
+        logits = nnf.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
+    return logits
+
+
+def as_map_like(z: Tensor, like: Tensor) -> Tensor:
+    """``z`` on the channel-last map grid of ``like`` (dense prediction): a (B, d) feature
+    vector (a role without image modalities) broadcast to every pixel, a map of another size
+    resized bilinearly. Classification features (B, d) pass through."""
+    if like.dim() == 2:
+        return z
+    b, h, w, _ = like.shape
+    if z.dim() == 2:
+        return z[:, None, None, :].expand(b, h, w, z.shape[1])
+    if z.shape[1:3] != like.shape[1:3]:
+        z = nnf.interpolate(z.permute(0, 3, 1, 2), size=(h, w), mode="bilinear")
+        z = z.permute(0, 2, 3, 1)
+    return z
+
+
+def _check_dense(
+    method: str,
+    ordinary: Sequence[ModalitySpec],
+    cfg: ModelConfig,
+    output_size: tuple[int, int] | None,
+) -> None:
+    """What dense prediction supports, said up front instead of failing in a forward."""
+    if output_size is None:
+        return
+    if len(output_size) != 2 or min(output_size) < 1:
+        raise ValueError(f"segmentation needs label maps of shape (H, W), got {output_size}")
+    if not any(s.kind == "image" for s in ordinary):
+        raise ValueError(
+            "segmentation needs an image among the ordinary modalities (data.ordinary) to "
+            f"predict a label map from, got {[(s.name, s.kind) for s in ordinary]}"
+        )
+    if method in HALLUCINATING and cfg.hallucination != "encoder":
+        raise ValueError("segmentation supports model.hallucination=encoder only")
+    if cfg.hallucination_shared_stages:
+        raise ValueError("model.hallucination_shared_stages is for classification only (set 0)")
+
+
 def _deploy_part_names(method: str) -> tuple[str, ...]:
     """What the deployment network of ``method`` holds, in registration order."""
     if method in STUDENT_ONLY:
@@ -103,6 +156,7 @@ def build_hallucination_encoder(
     cfg: ModelConfig,
     normalization: Normalization | None,
     e_o: RoleEncoder,
+    dense: bool = False,
 ) -> nn.Module:
     """E_h of ``model.hallucination``: a role encoder like E_o (``encoder``, optionally
     sharing E_o's first stages) or a U-Net decoder followed by an encoder of its own
@@ -119,6 +173,7 @@ def build_hallucination_encoder(
         normalization,
         share_from=e_o,
         shared_stages=cfg.hallucination_shared_stages,
+        dense=dense,
     )
 
 
@@ -129,15 +184,18 @@ def _deploy_parts(
     num_classes: int,
     cfg: ModelConfig,
     normalization: Normalization | None,
+    dense: bool = False,
 ) -> dict[str, nn.Module]:
     """Build the deployment parts of ``method`` (and nothing else: no E_p for osmd)."""
-    parts: dict[str, nn.Module] = {"E_o": RoleEncoder(ordinary, cfg, normalization)}
+    parts: dict[str, nn.Module] = {"E_o": RoleEncoder(ordinary, cfg, normalization, dense=dense)}
     if method in DEPLOY_NEEDS_PRIVILEGED_SPECS:
         if not privileged:
             raise ValueError(f"{method} needs at least one privileged modality")
-        parts["E_p"] = RoleEncoder(privileged, cfg, normalization)
+        parts["E_p"] = RoleEncoder(privileged, cfg, normalization, dense=dense)
     if method in HALLUCINATING:
-        parts["E_h"] = build_hallucination_encoder(ordinary, cfg, normalization, parts["E_o"])
+        parts["E_h"] = build_hallucination_encoder(
+            ordinary, cfg, normalization, parts["E_o"], dense=dense
+        )
     if method not in STUDENT_ONLY:
         parts["F"] = build_fusion(cfg.fusion, cfg.feature_dim, cfg.shared_translator)
     parts["H"] = nn.Linear(cfg.feature_dim, num_classes)
@@ -160,29 +218,36 @@ class DeployNet(nn.Module):
         parts: Mapping[str, nn.Module],
         input_modalities: Sequence[ModalitySpec],
         dropout: float,
+        output_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         expected = _deploy_part_names(method)
         if tuple(parts) != expected:
             raise ValueError(f"{method} deploys {expected}, got {tuple(parts)}")
         self.method = method
+        self.output_size = None if output_size is None else tuple(output_size)
+        """Segmentation: the (H, W) of the label maps it predicts (None: classification)."""
         self.input_modalities: tuple[ModalitySpec, ...] = tuple(input_modalities)
         for name, module in parts.items():
             self.add_module(name, module)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Logits: (B, K), or (B, K, H, W) for segmentation."""
+        return dense_logits(self.H(self.dropout(self._fused(batch))), self.output_size)
+
+    def _fused(self, batch: Mapping[str, Tensor]) -> Tensor:
         if self.method in HALLUCINATING:
             z_o, z_h, _ = encode_sharing_stages(self.E_o, self.E_h, batch)
-            return self.H(self.dropout(self.F(z_o, z_h)))
+            return self.F(z_o, z_h)
         z_o = self.E_o(batch)
         if self.method in STUDENT_ONLY:
-            return self.H(self.dropout(z_o))
+            return z_o
         if self.method == "imputation":
             other = self.E_p(self.G.to_raw(self.G(batch)))
         else:
             other = self.E_p(batch)
-        return self.H(self.dropout(self.F(z_o, other)))
+        return self.F(z_o, as_map_like(other, z_o))
 
 
 def build_deploy_net(
@@ -192,13 +257,16 @@ def build_deploy_net(
     num_classes: int,
     cfg: ModelConfig,
     normalization: Normalization | None,
+    output_size: tuple[int, int] | None = None,
 ) -> DeployNet:
     """A freshly initialised :class:`DeployNet`; only full_multimodal and imputation build
-    E_p (for the other methods ``privileged`` may be empty)."""
+    E_p (for the other methods ``privileged`` may be empty). ``output_size``: segmentation."""
     _check_roles(method, ordinary, privileged)
+    _check_dense(method, ordinary, cfg, output_size)
     inputs = _deploy_inputs(method, ordinary, privileged)
-    parts = _deploy_parts(method, ordinary, privileged, num_classes, cfg, normalization)
-    return DeployNet(method, parts, inputs, cfg.dropout)
+    dense = output_size is not None
+    parts = _deploy_parts(method, ordinary, privileged, num_classes, cfg, normalization, dense)
+    return DeployNet(method, parts, inputs, cfg.dropout, output_size)
 
 
 class OSMDModel(nn.Module):
@@ -227,40 +295,48 @@ class OSMDModel(nn.Module):
         num_classes: int,
         cfg: ModelConfig,
         normalization: Normalization | None,
+        output_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         _check_roles(method, ordinary, privileged)
+        _check_dense(method, ordinary, cfg, output_size)
         if method != "ordinary_only" and not privileged:
             raise ValueError(f"method {method} needs at least one privileged modality")
         self.method = method
+        self.output_size = None if output_size is None else tuple(output_size)
+        """Segmentation: the label maps' (H, W); None for classification."""
+        dense = self.output_size is not None
         self.ordinary = tuple(ordinary)
         self.privileged = tuple(privileged) if method != "ordinary_only" else ()
         self.num_classes = num_classes
         self.cfg = cfg
         self.normalization = resolve_normalization(self.ordinary + self.privileged, normalization)
         for name, module in _deploy_parts(
-            method, ordinary, privileged, num_classes, cfg, normalization
+            method, ordinary, privileged, num_classes, cfg, normalization, dense
         ).items():
             self.add_module(name, module)
         self.dropout = nn.Dropout(cfg.dropout)
         if method == "logit_kd":
             # The full_multimodal teacher, entirely separate from the student E_o + H.
-            self.T_o = RoleEncoder(ordinary, cfg, normalization)
-            self.E_p = RoleEncoder(privileged, cfg, normalization)
+            self.T_o = RoleEncoder(ordinary, cfg, normalization, dense=dense)
+            self.E_p = RoleEncoder(privileged, cfg, normalization, dense=dense)
             self.F_t = build_fusion(cfg.fusion, cfg.feature_dim, cfg.shared_translator)
             self.H_t = nn.Linear(cfg.feature_dim, num_classes)
         if method in HALLUCINATING:
-            self.E_p = RoleEncoder(privileged, cfg, normalization)
+            self.E_p = RoleEncoder(privileged, cfg, normalization, dense=dense)
             self.H_p = nn.Linear(cfg.feature_dim, num_classes)
             source = self.E_h.map_source
-            self.recon_dense = (
-                cfg.recon_mode == "dense"
-                and source is not None
-                and all(spec.kind == "image" for spec in self.privileged)
-            )
-            if self.recon_dense:
+            all_images = all(spec.kind == "image" for spec in self.privileged)
+            self.recon_dense = cfg.recon_mode == "dense" and source is not None and all_images
+            # Segmentation: z_h is itself a feature map; a per-pixel linear D_h reads the
+            # privileged images off it at its resolution (the same layout as recon_dense).
+            self.recon_per_pixel = dense and cfg.recon_mode == "dense" and all_images
+            if self.recon_per_pixel:
                 channels = sum(spec.shape[0] for spec in self.privileged)
-                self.D_h: nn.Module = nn.Conv2d(self.E_h.map_channels, channels, 1)
+                self.D_h: nn.Module = nn.Linear(cfg.feature_dim, channels)
+            elif self.recon_dense:
+                channels = sum(spec.shape[0] for spec in self.privileged)
+                self.D_h = nn.Conv2d(self.E_h.map_channels, channels, 1)
             else:
                 target_size = sum(_pooled_size(s, cfg.recon_size) for s in self.privileged)
                 self.D_h = nn.Linear(cfg.feature_dim, target_size)
@@ -303,7 +379,7 @@ class OSMDModel(nn.Module):
         # An empty selection still runs E_p (BatchNorm skips empty batches), which keeps every
         # E_p parameter in the graph with a zero gradient: DeepSpeed expects that on all ranks.
         z_valid = self.E_p({s.name: batch[s.name][mask] for s in self.privileged})
-        full = z_valid.new_zeros((mask.shape[0], z_valid.shape[1]))
+        full = z_valid.new_zeros((mask.shape[0], *z_valid.shape[1:]))
         return full.index_copy(0, rows, z_valid)
 
     def forward(
@@ -315,7 +391,7 @@ class OSMDModel(nn.Module):
             z_o = self.E_o(batch)
         out: dict[str, Tensor] = {"z_o": z_o}
         if self.method in STUDENT_ONLY:
-            out["deploy_logits"] = self.H(self.dropout(z_o))
+            out["deploy_logits"] = self._logits(self.H, z_o)
         if self.method == "ordinary_only":
             return out
         mask = self.privileged_mask(batch) if has_privileged is None else has_privileged
@@ -326,26 +402,30 @@ class OSMDModel(nn.Module):
             out["has_privileged"] = mask
         if self.method == "imputation":
             return self._imputation_forward(batch, z_o, mask, out)
-        z_p = self._encode_privileged(batch, mask)
+        z_p = as_map_like(self._encode_privileged(batch, mask), z_o)
         fusion, head = self.teacher_parts
         out["z_p"] = z_p
         if self.method == "logit_kd":
-            out["teacher_logits"] = head(self.dropout(fusion(self.T_o(batch), z_p)))
+            out["teacher_logits"] = self._logits(head, fusion(self.T_o(batch), z_p))
             return out
         z_o_teacher = z_o.detach() if self.cfg.teacher_detach_ordinary else z_o
-        out["teacher_logits"] = head(self.dropout(fusion(z_o_teacher, z_p)))
+        out["teacher_logits"] = self._logits(head, fusion(z_o_teacher, z_p))
         if self.method == "full_multimodal":
             out["deploy_logits"] = out["teacher_logits"]
             return out
         out["z_h"] = z_h
-        out["deploy_logits"] = self.H(self.dropout(self.F(z_o, z_h)))
-        out["priv_logits"] = self.H_p(self.dropout(z_p))
-        out["priv_logits_h"] = self.H_p(self.dropout(z_h))
-        if self.recon_dense:
+        out["deploy_logits"] = self._logits(self.H, self.F(z_o, z_h))
+        out["priv_logits"] = self._logits(self.H_p, z_p)
+        out["priv_logits_h"] = self._logits(self.H_p, z_h)
+        if self.recon_per_pixel:
+            out["recon"] = self.D_h(z_h).permute(0, 3, 1, 2).flatten(1)
+            size = (z_h.shape[1], z_h.shape[2])
+        elif self.recon_dense:
             out["recon"] = self.D_h(h_map).flatten(1)
             size = (h_map.shape[2], h_map.shape[3])
         else:
-            out["recon"], size = self.D_h(z_h), None
+            pooled = z_h if z_h.dim() == 2 else z_h.mean(dim=(1, 2))
+            out["recon"], size = self.D_h(pooled), None
         with torch.no_grad():
             target = self.privileged_target(batch, size)
             # Rows without their privileged inputs may hold anything (NaN); they are masked
@@ -371,17 +451,21 @@ class OSMDModel(nn.Module):
             out["imputed_target"] = (
                 target if mask is None else torch.where(mask[:, None], target, 0)
             )
-        z_p = self.E_p(self.G.to_raw(imputed))
+        z_p = as_map_like(self.E_p(self.G.to_raw(imputed)), z_o)
         out["z_p"] = z_p
-        out["deploy_logits"] = self.H(self.dropout(self.F(z_o, z_p)))
+        out["deploy_logits"] = self._logits(self.H, self.F(z_o, z_p))
         return out
+
+    def _logits(self, head: nn.Module, features: Tensor) -> Tensor:
+        """``head`` on dropped-out features, as logits (:func:`dense_logits`)."""
+        return dense_logits(head(self.dropout(features)), self.output_size)
 
     def deploy_module(self) -> DeployNet:
         """The deployment network around this model's own modules (no copies, no E_p for
         osmd): training it trains the model, and its state dict is what gets exported."""
         parts = {name: getattr(self, name) for name in _deploy_part_names(self.method)}
         inputs = _deploy_inputs(self.method, self.ordinary, self.privileged)
-        return DeployNet(self.method, parts, inputs, self.cfg.dropout)
+        return DeployNet(self.method, parts, inputs, self.cfg.dropout, self.output_size)
 
 
 def _pooled_size(spec: ModalitySpec, size: int) -> int:
@@ -408,7 +492,8 @@ def build_model(cfg: Config, manifest) -> OSMDModel:
     """The model of ``cfg.method`` for a dataset's manifest.
 
     Uses ``manifest.modalities[name]`` (ModalitySpec) for the configured roles,
-    ``manifest.num_classes`` and the ``manifest.normalization`` of the roles' modalities.
+    ``manifest.num_classes``, the ``manifest.normalization`` of the roles' modalities, and
+    ``manifest.task`` with ``manifest.label_shape`` (segmentation: the label maps' H x W).
     ordinary_only ignores (and does not require) the privileged modalities.
     """
     ordinary = _role_specs(manifest, cfg.data.ordinary, "ordinary")
@@ -421,4 +506,7 @@ def build_model(cfg: Config, manifest) -> OSMDModel:
     if stats is not None:
         names = {s.name for s in ordinary + privileged}
         stats = {name: v for name, v in stats.items() if name in names}
-    return OSMDModel(cfg.method, ordinary, privileged, manifest.num_classes, cfg.model, stats)
+    output_size = tuple(manifest.label_shape) if manifest.task == "segmentation" else None
+    return OSMDModel(
+        cfg.method, ordinary, privileged, manifest.num_classes, cfg.model, stats, output_size
+    )

@@ -97,9 +97,11 @@ def batch_losses(
     batch: Mapping[str, torch.Tensor],
     cfg: Config,
     terms: Mapping[str, float] | None = None,
+    ignore_index: int = -100,
 ) -> dict[str, torch.Tensor]:
     """The run's loss terms for one batch (``terms``: the current stage's objective), as the
-    workers compute them; the benchmarks call this too, so they time the same step."""
+    workers compute them; the benchmarks call this too, so they time the same step.
+    ``ignore_index``: the dataset's label of unlabelled pixels (segmentation)."""
     from osmd_ray.method.losses import compute_losses
     from osmd_ray.method.model import privileged_mask
 
@@ -109,6 +111,7 @@ def batch_losses(
         privileged_mask(batch, cfg.data.privileged),
         cfg.method,
         cfg.loss,
+        ignore_index=ignore_index,
         terms=terms,
         kd_temperature=cfg.baselines.kd_temperature,
     )
@@ -167,8 +170,11 @@ def evaluate(
     batches: Iterable[Mapping[str, torch.Tensor]],
     method: str,
     device: torch.device,
+    manifest: Manifest | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Accuracy and mean loss per path over a split, summed across ranks.
+    """Accuracy and mean loss per path over a split, summed across ranks; for segmentation
+    (``manifest.task``) pixel accuracy, mIoU and the loss per labelled pixel, from confusion
+    matrices summed across ranks (:mod:`osmd_ray.metrics`; the ignore index counts nowhere).
 
     Ray Data splits val/test into equal parts (up to workers - 1 rows of a split whose size
     is not a multiple of the worker count are left out), so every rank runs the same number
@@ -178,6 +184,8 @@ def evaluate(
 
     engine.eval()
     paths = EVAL_PATHS[method]
+    if manifest is not None and manifest.task == "segmentation":
+        return _evaluate_segmentation(engine, batches, paths, device, manifest)
     # Per path: correct predictions and summed loss; last entry: rows seen.
     sums = torch.zeros(2 * len(paths) + 1, dtype=torch.float64)
     for raw in batches:
@@ -197,6 +205,43 @@ def evaluate(
         path: {"accuracy": float(sums[2 * i]) / count, "loss": float(sums[2 * i + 1]) / count}
         for i, path in enumerate(paths)
     }
+
+
+def _evaluate_segmentation(
+    engine: Any,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    paths: tuple[str, ...],
+    device: torch.device,
+    manifest: Manifest,
+) -> dict[str, dict[str, float]]:
+    import torch.nn.functional as functional
+
+    from osmd_ray.metrics import confusion_matrix, segmentation_scores
+
+    k, ignore = manifest.num_classes, manifest.ignore_index
+    confusions = torch.zeros((len(paths), k, k), dtype=torch.float64)
+    losses = torch.zeros(len(paths), dtype=torch.float64)
+    for raw in batches:
+        batch = batch_to_device(raw, device)
+        labels = batch["label"].long()
+        outputs = engine(batch)
+        for i, path in enumerate(paths):
+            logits = outputs[f"{path}_logits"].float()
+            confusions[i] += confusion_matrix(logits.argmax(dim=1), labels, k, ignore).cpu()
+            losses[i] += float(
+                functional.cross_entropy(logits, labels, ignore_index=ignore, reduction="sum")
+            )
+    sums = _all_reduce_sum(torch.cat([confusions.flatten(), losses]).to(device)).cpu()
+    confusions = sums[: confusions.numel()].reshape(confusions.shape)
+    results = {}
+    for i, path in enumerate(paths):
+        try:
+            scores = segmentation_scores(confusions[i])
+        except ValueError:
+            raise RuntimeError("evaluation split has no labelled pixel") from None
+        pixels = scores.pop("pixels")
+        results[path] = {**scores, "loss": float(sums[confusions.numel() + i]) / pixels}
+    return results
 
 
 @torch.no_grad()
@@ -437,7 +482,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             recent.append(raw)
             batch = batch_to_device(raw, device)
             outputs = engine(batch)
-            losses = batch_losses(outputs, batch, cfg, terms=stage.terms)
+            losses = batch_losses(
+                outputs, batch, cfg, terms=stage.terms, ignore_index=manifest.ignore_index
+            )
             bad = nonfinite_terms(losses, device)
             step += 1
             if bad:
@@ -486,7 +533,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
 
         val = evaluate(
-            engine, val_shard.iter_torch_batches(batch_size=eval_size), cfg.method, device
+            engine, val_shard.iter_torch_batches(batch_size=eval_size), cfg.method, device, manifest
         )
         last = epoch + 1 == cfg.train.epochs
         # Test once, after the last epoch, and keep it in that epoch's checkpoint: Ray's
@@ -494,7 +541,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # run reads them back from there.
         test = (
             evaluate(
-                engine, test_shard.iter_torch_batches(batch_size=eval_size), cfg.method, device
+                engine,
+                test_shard.iter_torch_batches(batch_size=eval_size),
+                cfg.method,
+                device,
+                manifest,
             )
             if last
             else None

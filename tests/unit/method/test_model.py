@@ -316,6 +316,8 @@ def _manifest():
         modalities={"rgb": RGB, "depth": DEPTH, "meta": META},
         num_classes=NUM_CLASSES,
         normalization=stats,
+        task="classification",
+        label_shape=(),
     )
 
 
