@@ -56,6 +56,8 @@ def _metrics_line(metrics: dict) -> str:
     for split in ("val", "test"):
         for path, values in metrics.get(split, {}).items():
             parts.append(f"{split}.{path}.accuracy={values['accuracy']:.4f}")
+            if "miou" in values:  # segmentation: accuracy is the pixel accuracy
+                parts.append(f"{split}.{path}.miou={values['miou']:.4f}")
     parts.append(f"train_time_s={metrics['train_time_s']:.1f}")
     return "  ".join(parts)
 
@@ -67,7 +69,10 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Load RUN/deploy (safetensors + meta.json, no code executed), read the ordinary "
             "modalities of one split of a dataset, and write sample_id, prediction and class "
-            "probabilities (and the label, when the data has one) to a Parquet file."
+            "probabilities (and the label, when the data has one) to a Parquet file. "
+            "Segmentation models write a label map per image (H x W int16, no probabilities) "
+            "and print pixel accuracy and mIoU; --viz DIR draws RGB | depth | ground truth | "
+            "prediction for the first images."
         ),
     )
     p.add_argument("--model", required=True, help="deployment model folder (RUN/deploy)")
@@ -75,13 +80,33 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="split to predict (default: test)")
     p.add_argument("--out", required=True, help="output Parquet file")
     p.add_argument("--batch-size", type=int, default=256, help="rows per forward (default 256)")
+    p.add_argument(
+        "--viz",
+        metavar="DIR",
+        help="segmentation: write PNG pictures (RGB | depth | ground truth | prediction) here",
+    )
+    p.add_argument(
+        "--viz-count",
+        type=int,
+        default=8,
+        metavar="N",
+        help="how many images --viz draws, the split's first (default: %(default)s)",
+    )
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from osmd_ray.predict import predict_split
 
-    summary = predict_split(args.model, args.data, args.split, args.out, args.batch_size)
+    summary = predict_split(
+        args.model,
+        args.data,
+        args.split,
+        args.out,
+        args.batch_size,
+        viz_dir=args.viz,
+        viz_count=args.viz_count,
+    )
     print(summary)
     return 0
 

@@ -70,6 +70,8 @@ CSV_COLUMNS = (
     "seed",
     "test_deploy_accuracy",
     "test_teacher_accuracy",
+    "test_deploy_miou",
+    "test_teacher_miou",
     "train_time_s",
     "wall_time_s",
     "deploy_params",
@@ -618,6 +620,9 @@ def collect_rows(
             "seed": run.seed,
             "test_deploy_accuracy": test["deploy"]["accuracy"],
             "test_teacher_accuracy": test.get("teacher", {}).get("accuracy"),
+            # Segmentation runs: accuracy is the pixel accuracy, mIoU the deployment metric.
+            "test_deploy_miou": test["deploy"].get("miou"),
+            "test_teacher_miou": test.get("teacher", {}).get("miou"),
             "train_time_s": metrics.get("train_time_s"),
             "wall_time_s": metrics.get("wall_time_s"),
             "deploy_params": None,
@@ -661,18 +666,31 @@ class Stat:
         return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
 
+def metric_key(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The deployment metric of a dataset's rows: ``test_deploy_miou`` when every run has a
+    mIoU (segmentation), else ``test_deploy_accuracy``."""
+    if rows and all(r.get("test_deploy_miou") is not None for r in rows):
+        return "test_deploy_miou"
+    return "test_deploy_accuracy"
+
+
+METRIC_LABELS = {
+    "test_deploy_accuracy": "test accuracy (deploy)",
+    "test_deploy_miou": "test mIoU (deploy)",
+}
+
+
 def gap_closures(
     rows: Sequence[Mapping[str, Any]], dataset: str, variant: str, lower: str, upper: str
 ) -> list[float]:
-    """Gap closure of ``variant`` per seed: seed k against seed k of lower and upper.
+    """Gap closure of ``variant`` per seed: seed k against seed k of lower and upper, on the
+    dataset's :func:`metric_key`.
 
     Seeds missing from any of the three are left out, as are seeds where upper == lower.
     """
-    acc = {
-        (r["variant"], r["seed"]): float(r["test_deploy_accuracy"])
-        for r in rows
-        if r["dataset"] == dataset
-    }
+    mine = [r for r in rows if r["dataset"] == dataset]
+    key = metric_key(mine)
+    acc = {(r["variant"], r["seed"]): float(r[key]) for r in mine}
     values = []
     for (name, seed), value in sorted(acc.items(), key=lambda kv: kv[0][1]):
         if name != variant or (lower, seed) not in acc or (upper, seed) not in acc:
@@ -698,9 +716,9 @@ def summarize(
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     for dataset in datasets:
         mine = [r for r in rows if r["dataset"] == dataset]
+        key = metric_key(mine)
         accuracy = {
-            v.name: Stat.of(r["test_deploy_accuracy"] for r in mine if r["variant"] == v.name)
-            for v in spec.variants
+            v.name: Stat.of(r[key] for r in mine if r["variant"] == v.name) for v in spec.variants
         }
         entries = []
         for v in spec.variants:
@@ -708,6 +726,7 @@ def summarize(
             entry: dict[str, Any] = {
                 "variant": v.name,
                 "method": runs[0]["method"] if runs else "",
+                "metric": key,
                 "accuracy": accuracy[v.name],
                 "gap_closure": None,
                 "vs_target": None,
@@ -747,7 +766,8 @@ def format_summary(
         f"Base config `{spec.base}`; spec overrides: {_code(spec.overrides)}; command-line "
         f"overrides: {_code(overrides)}; seeds: {', '.join(map(str, spec.seeds))}.",
         "",
-        "Deployment metric: test accuracy of the deployment path (ordinary modalities only; "
+        "Deployment metric: test accuracy of the deployment path, or its test mIoU for "
+        "segmentation datasets (ordinary modalities only; "
         "`full_multimodal` also reads the privileged ones at test). Mean ± sample standard "
         "deviation over seeds; n = number of finished seeds. Latency: median of 7 calls of "
         "the deployed model (RUN/deploy) on a random batch of 1 or 64, one CPU thread.",
@@ -763,7 +783,8 @@ def format_summary(
         lines += ["", f"Versus `{spec.target}`: {NOISE_RULE}."]
     for dataset, entries in summarize(spec, rows).items():
         lines += ["", f"## {dataset}", ""]
-        header = ["variant", "method", "n", "test accuracy (deploy)"]
+        metric = entries[0]["metric"] if entries else "test_deploy_accuracy"
+        header = ["variant", "method", "n", METRIC_LABELS[metric]]
         if spec.lower and spec.upper:
             header.append("gap closure")
         if spec.target:
@@ -838,7 +859,8 @@ def plot_summary(spec: CompareSpec, rows: Sequence[Mapping[str, Any]], path: str
     for col, (dataset, entries) in enumerate(summary.items() or [("no runs", [])]):
         names = [e["variant"] for e in entries]
         xs = range(len(names))
-        plots = [("accuracy", "test accuracy (deploy)")]
+        metric = entries[0]["metric"] if entries else "test_deploy_accuracy"
+        plots = [("accuracy", METRIC_LABELS[metric])]
         if panels == 2:
             plots.append(("gap_closure", "gap closure"))
         for row, (key, label) in enumerate(plots):

@@ -337,11 +337,10 @@ class DeployedModel:
             tensors[spec.name] = tensor
         return tensors, int(rows or 0)
 
-    def predict_proba(
-        self, batch: Mapping[str, np.ndarray | Tensor], batch_size: int = 256
-    ) -> np.ndarray:
-        """Softmax probabilities (N, num_classes) float32, or (N, num_classes, H, W) per
-        pixel for segmentation, ``batch_size`` rows at a time."""
+    def _per_chunk(
+        self, batch: Mapping[str, np.ndarray | Tensor], batch_size: int, fn: Any
+    ) -> list[np.ndarray]:
+        """``fn(logits)`` of every ``batch_size`` rows, as numpy arrays."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         inputs, rows = self._inputs(batch)
@@ -349,7 +348,15 @@ class DeployedModel:
         with torch.inference_mode():
             for start in range(0, rows, batch_size):
                 part = {k: v[start : start + batch_size] for k, v in inputs.items()}
-                chunks.append(torch.softmax(self.net(part).float(), dim=1).numpy())
+                chunks.append(fn(self.net(part).float()).numpy())
+        return chunks
+
+    def predict_proba(
+        self, batch: Mapping[str, np.ndarray | Tensor], batch_size: int = 256
+    ) -> np.ndarray:
+        """Softmax probabilities (N, num_classes) float32, or (N, num_classes, H, W) per
+        pixel for segmentation, ``batch_size`` rows at a time."""
+        chunks = self._per_chunk(batch, batch_size, lambda logits: torch.softmax(logits, dim=1))
         if not chunks:
             return np.zeros((0, self.num_classes, *self.label_shape), dtype=np.float32)
         return np.concatenate(chunks, axis=0)
@@ -358,8 +365,11 @@ class DeployedModel:
         self, batch: Mapping[str, np.ndarray | Tensor], batch_size: int = 256
     ) -> np.ndarray:
         """Predicted class indices, (N,) int64, or a label map per image (N, H, W) int64 for
-        segmentation."""
-        return self.predict_proba(batch, batch_size).argmax(axis=1).astype(np.int64)
+        segmentation (computed per chunk: the per-pixel probabilities are never all held)."""
+        chunks = self._per_chunk(batch, batch_size, lambda logits: logits.argmax(dim=1))
+        if not chunks:
+            return np.zeros((0, *self.label_shape), dtype=np.int64)
+        return np.concatenate(chunks, axis=0).astype(np.int64)
 
 
 def _model_config(data: Mapping[str, Any]) -> ModelConfig:

@@ -561,7 +561,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         history.append(record)
         if rank == 0:
-            val_text = "  ".join(f"val.{p}.accuracy={m['accuracy']:.3f}" for p, m in val.items())
+            val_text = "  ".join(
+                f"val.{p}.{k}={m[k]:.3f}"
+                for p, m in val.items()
+                for k in ("accuracy", "miou")
+                if k in m
+            )
             total = train_losses.get("total", math.nan)
             stage_text = f" [{stage.name}]" if len(stages) > 1 else ""
             say(
