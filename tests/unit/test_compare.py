@@ -23,10 +23,13 @@ from osmd_ray.compare import (
     DeployStats,
     SpecError,
     Stat,
+    format_summary,
     gap_closures,
     load_spec,
+    metric_key,
     plan_runs,
     run_compare,
+    summarize,
     within_noise,
 )
 from osmd_ray.config import ConfigError, dump_yaml, load_config
@@ -237,6 +240,32 @@ def test_gap_closure_pairs_seeds():
     assert gap_closures(rows, "d", "m", "lo", "hi") == pytest.approx([0.5, 1.0])
     # Pairing matters: the closure of the means would be (0.75-0.55)/(0.85-0.55) = 0.667.
     assert gap_closures(rows, "d", "lo", "lo", "hi") == pytest.approx([0.0, 0.0])
+
+
+def test_segmentation_rows_are_ranked_and_closed_on_miou(tmp_path):
+    rows = [
+        {**_row("lo", 0, 0.9), "test_deploy_miou": 0.3},
+        {**_row("hi", 0, 0.95), "test_deploy_miou": 0.7},
+        {**_row("m", 0, 0.1), "test_deploy_miou": 0.6},  # pixel accuracy would give < 0
+    ]
+    assert metric_key(rows) == "test_deploy_miou"
+    assert gap_closures(rows, "d", "m", "lo", "hi") == pytest.approx([0.75])
+    # Classification rows (no mIoU) keep accuracy.
+    assert metric_key([_row("lo", 0, 0.5)]) == "test_deploy_accuracy"
+    for row in rows:
+        row.update(method="osmd", deploy_params=None, latency_ms_b1=None, latency_ms_b64=None)
+        row["train_time_s"] = 1.0
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            variants=[{"name": n, "overrides": []} for n in ("lo", "hi", "m")],
+            reference={"lower": "lo", "upper": "hi"},
+            target="m",
+        )
+    )
+    entries = summarize(spec, rows)["d"]
+    assert [e["accuracy"].mean for e in entries] == pytest.approx([0.3, 0.7, 0.6])
+    assert "test mIoU (deploy)" in format_summary(spec, [], rows, {})
 
 
 def test_within_noise_rule():
