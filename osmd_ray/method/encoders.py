@@ -331,7 +331,11 @@ class TimmDenseEncoder(nn.Module):
         super().__init__()
         timm = _import_backbone_library("timm")
         self.backbone = timm.create_model(
-            name, pretrained=False, in_chans=in_channels, features_only=True, out_indices=(1, 2, 3, 4)
+            name,
+            pretrained=False,
+            in_chans=in_channels,
+            features_only=True,
+            out_indices=(1, 2, 3, 4),
         )
         self.decoder = FeaturePyramidDecoder(self.backbone.feature_info.channels(), feature_dim)
 
@@ -483,9 +487,9 @@ class RoleEncoder(nn.Module):
             return self.project(vectors[0] if len(vectors) == 1 else torch.cat(vectors, dim=1))
         size = maps[0].shape[2:]
         feats = [
-            m if m.shape[2:] == size else nn.functional.interpolate(
-                m, size=size, mode="bilinear", align_corners=False
-            )
+            m
+            if m.shape[2:] == size
+            else nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False)
             for m in maps
         ]
         feats = [f.permute(0, 2, 3, 1) for f in feats]

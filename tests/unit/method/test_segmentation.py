@@ -173,7 +173,10 @@ class _TinyPyramid(nn.Module):
     def __init__(self, in_chans: int) -> None:
         super().__init__()
         self.convs = nn.ModuleList(
-            [nn.Conv2d(in_chans, 3, 3, stride=4, padding=1), nn.Conv2d(3, 5, 3, stride=2, padding=1)]
+            [
+                nn.Conv2d(in_chans, 3, 3, stride=4, padding=1),
+                nn.Conv2d(3, 5, 3, stride=2, padding=1),
+            ]
         )
         self.feature_info = types.SimpleNamespace(channels=lambda: [3, 5])
 
