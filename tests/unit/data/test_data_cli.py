@@ -59,10 +59,19 @@ def test_synth_then_check(tmp_path, capsys, synth_generator):
     assert main([*argv, "--size", "8", "--overwrite"]) == 0
 
 
-def test_synth_segmentation_is_not_available_yet(tmp_path, capsys):
-    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--task", "segmentation"]) == 2
-    assert "segmentation data are not available yet" in capsys.readouterr().err
-    assert not (tmp_path / "s").exists()
+def test_synth_segmentation_writes_label_maps(tmp_path, capsys):
+    from osmd_ray.data.contract import read_manifest
+
+    out = tmp_path / "s"
+    argv = ["data", "synth", "--task", "segmentation", "--out", str(out)]
+    assert main([*argv, "--train", "8", "--val", "4", "--test", "4", "--size", "16"]) == 0
+    manifest = read_manifest(str(out))
+    assert manifest.task == "segmentation" and tuple(manifest.label_shape) == (16, 16)
+    assert manifest.class_names == ["background", "near", "mid", "far"]
+    assert manifest.num_rows("test") == 4
+    # The generator's own limit is a clear error, and nothing is written.
+    assert main([*argv, "--size", "8", "--overwrite"]) == 2
+    assert "size must be >= 16" in capsys.readouterr().err
 
 
 def test_check_reports_every_problem_with_exit_1(tmp_path, capsys, synth_generator):
