@@ -174,7 +174,9 @@ def test_command_line_may_not_set_what_the_grid_sets(tmp_path):
         plan_runs(spec, "OUT", ["method=osmd"])
 
 
-@pytest.mark.parametrize("name", ["compare_synth.yaml", "ablate_synth.yaml"])
+@pytest.mark.parametrize(
+    "name", ["compare_synth.yaml", "ablate_synth.yaml", "compare_synth_seg.yaml"]
+)
 def test_shipped_compare_specs_validate(name):
     spec = load_spec(REPO / "configs" / name)
     runs = plan_runs(spec, "OUT")  # every variant's overrides through load_config
