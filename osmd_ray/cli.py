@@ -141,8 +141,9 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train every (dataset, variant, seed) of a compare spec as a normal run under "
             "OUT/runs/<dataset>/<variant>/seed<k>, then write OUT/results.csv (one row per run: "
-            "deployment accuracy, teacher accuracy, train time, deployment parameters and CPU "
-            "latency), OUT/summary.md (per variant mean ± std over seeds, gap closure, and "
+            "deployment and teacher accuracy, and mIoU for segmentation, train time, "
+            "deployment parameters and CPU latency), OUT/summary.md (per variant the "
+            "deployment metric, mIoU for segmentation, as mean ± std over seeds, gap closure, and "
             "which differences from the target are within seed noise) and OUT/summary.png. "
             "The spec and every run's config are checked before the first run starts. "
             "Rerunning the same command skips finished runs and completes the rest; a failed "
