@@ -15,6 +15,7 @@ from osmd_ray.config import ConfigError, load_config
 from osmd_ray.sweep import (
     SweepSpecError,
     base_config,
+    check_space,
     format_value,
     load_sweep_spec,
     param_overrides,
@@ -221,3 +222,13 @@ def test_an_object_store_output_that_does_not_answer_fails_in_seconds(monkeypatc
     err = capsys.readouterr().err
     assert "bucket 'osmd-gone'" in err and "did not answer" in err, err
     assert time.monotonic() - started < 20
+
+
+def test_the_shipped_gpu_spec_asks_for_gpu_workers(tmp_path):
+    spec = load_sweep_spec(REPO / "configs" / "sweep_synth_gpu.yaml")
+    assert spec.num_samples == 32 and spec.max_concurrent_trials == 8
+    cfg = base_config(spec, str(tmp_path / "sweep"), ["data.root=/shared/data/synth_cls"])
+    check_space(spec, cfg)
+    assert cfg.scaling.use_gpu is True and cfg.scaling.num_workers == 2
+    assert cfg.scaling.cpus_per_worker == 4 and cfg.train.epochs == 10
+    assert cfg.data.root == "/shared/data/synth_cls"
