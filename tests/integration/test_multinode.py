@@ -20,7 +20,9 @@ they all run on this machine, not in network namespaces, which would need root.
 
 Needs ray[default] (`pip install -e ".[cluster]"`) and skips without it, so `make test` (CI)
 does not run it: it passed standalone (111 s, idle machine, 2026-12-03) and once in a full
-suite under load, but failed in a full suite on an idle machine, cause not yet known (issue 7).
+suite under load, but failed in a full suite on an idle machine: the progress Queue actor of
+osmd_ray/train/runner.py (num_cpus 0, placed on any node) was on the killed node, and the
+restarted workers died on it (to fix: pin it to the driver's node; issue 7).
 
 The cluster is stopped in a finally by `cluster/local.sh stop`, which ends only the process
 groups this test started (never `ray stop`, which would end every Ray instance on the machine).
