@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from osmd_ray import load_deploy
+from osmd_ray.data.contract import read_manifest
 from osmd_ray.data.reading import read_split_numpy
 from osmd_ray.metrics import confusion_matrix, per_class_iou
 
@@ -32,11 +33,13 @@ def main() -> None:
     runs = sorted(p.parent for p in Path(args.compare_dir).glob("runs/*/*/seed*/metrics.json"))
     if not runs:
         raise SystemExit(f"{args.compare_dir}: no finished run under runs/*/*/seed*")
+    # Read once: every run predicts the same split, from the ordinary modalities (and the
+    # privileged ones for full_multimodal), so read them all.
+    manifest = read_manifest(args.data)
+    arrays = read_split_numpy(args.data, args.split, [*manifest.modalities, "label"], manifest)
     for run in runs:
         model = load_deploy(str(run / "deploy"))
-        names = [spec.name for spec in model.input_modalities]
-        arrays = read_split_numpy(args.data, args.split, [*names, "label"])
-        pred = model.predict({name: arrays[name] for name in names})
+        pred = model.predict({spec.name: arrays[spec.name] for spec in model.input_modalities})
         confusion = confusion_matrix(
             torch.as_tensor(pred), torch.as_tensor(arrays["label"]), model.num_classes
         )

@@ -91,21 +91,27 @@ class Cluster:
 
         return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
 
-    def train_worker_nodes(self) -> dict[str, int]:
-        """Node name (worker1, ...) -> how many live Ray Train workers it hosts now.
+    def train_worker_logs(self, node: str = "*") -> set[Path]:
+        """The logs of the Ray Train workers that ran on ``node`` (a glob: all by default).
 
-        A worker's log, <node>/session_*/logs/worker-<id>-<job>-<pid>.out, names its actor;
-        the pid says whether it is still alive (those of an earlier job are gone)."""
+        A worker's log, <node>/session_*/logs/worker-<id>-<job>-<pid>.out, names its actor."""
+        return {
+            log
+            for log in Path(self.state).glob(f"{node}/session_*/logs/worker-*.out")
+            if ":actor_name:RayTrainWorker" in log.read_text(errors="replace")
+        }
+
+    def train_worker_nodes(self) -> dict[str, int]:
+        """Node name (worker1, ...) -> how many live Ray Train workers it hosts now; the pid in
+        a worker log's name says whether it is still alive (those of an earlier job are gone)."""
         nodes: dict[str, int] = {}
-        for log in Path(self.state).glob("*/session_*/logs/worker-*.out"):
-            pid = int(log.stem.rsplit("-", 1)[1])
+        for log in self.train_worker_logs():
             try:
-                os.kill(pid, 0)
+                os.kill(int(log.stem.rsplit("-", 1)[1]), 0)
             except OSError:
                 continue
-            if ":actor_name:RayTrainWorker" in log.read_text(errors="replace"):
-                node = log.relative_to(self.state).parts[0]
-                nodes[node] = nodes.get(node, 0) + 1
+            node = log.relative_to(self.state).parts[0]
+            nodes[node] = nodes.get(node, 0) + 1
         return nodes
 
 
@@ -160,13 +166,17 @@ def wait_for_job(client, job_id: str, deadline: float):
     return status
 
 
-def registered_checkpoints(run_dir: Path) -> list[dict]:
-    """The checkpoints Ray Train's controller has registered (its snapshot lists them)."""
+def registered_checkpoints(run_dir: Path) -> int:
+    """How many checkpoints Ray Train's controller has registered (its snapshot lists them).
+
+    The same as test_reliability_runs._registered, which stays there: it runs inside the
+    training workers, where that module's own functions arrive pickled by value but a module
+    beside it cannot be imported (ModuleNotFoundError, tried)."""
     try:
         snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        return snapshot["checkpoint_results"]
+        return len(snapshot["checkpoint_results"])
     except (OSError, ValueError, KeyError):
-        return []
+        return 0
 
 
 def checkpoint_states(run_dir: Path) -> dict[int, dict]:
@@ -203,7 +213,7 @@ def test_train_job_on_two_nodes_survives_losing_a_worker_node(cluster, tiny_synt
 
     # Until Ray Train has registered the checkpoint of epoch KILL_AFTER_CHECKPOINTS.
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while len(registered_checkpoints(run_dir)) < KILL_AFTER_CHECKPOINTS:
+    while registered_checkpoints(run_dir) < KILL_AFTER_CHECKPOINTS:
         if client.get_job_status(job_id).is_terminal() or time.monotonic() > deadline:
             pytest.fail(job_failure(f"no {KILL_AFTER_CHECKPOINTS} checkpoints registered"))
         time.sleep(0.5)
@@ -213,17 +223,10 @@ def test_train_job_on_two_nodes_survives_losing_a_worker_node(cluster, tiny_synt
     spare = ({"worker1", "worker2"} - {victim}).pop()
     # Only registered checkpoints count: a checkpoint_* folder can hold the state.json of an
     # epoch whose checkpoint Ray has not registered yet, and the run never resumes from that.
-    registered = len(registered_checkpoints(run_dir))
+    registered = registered_checkpoints(run_dir)
     assert registered < EPOCHS, "the run finished before the kill: raise EPOCHS"
 
-    def spare_train_logs() -> set[Path]:
-        return {
-            log
-            for log in Path(cluster.state, spare).glob("session_*/logs/worker-*.out")
-            if ":actor_name:RayTrainWorker" in log.read_text(errors="replace")
-        }
-
-    before = spare_train_logs()
+    before = cluster.train_worker_logs(spare)
     # What each checkpoint holds now, read just before the kill (Ray deletes old checkpoints
     # later: it keeps 2): the one the run resumes from must be among them.
     held = checkpoint_states(run_dir)
@@ -257,5 +260,7 @@ def test_train_job_on_two_nodes_survives_losing_a_worker_node(cluster, tiny_synt
     assert 0.0 <= metrics["test"]["deploy"]["accuracy"] <= 1.0
     assert Path(run_dir, "deploy", "meta.json").is_file()
     # The restarted workers ran on the spare node.
-    assert spare_train_logs() - before, f"no Ray Train worker started on {spare} after the kill"
+    assert cluster.train_worker_logs(spare) - before, (
+        f"no Ray Train worker started on {spare} after the kill"
+    )
     print(f"{victim} killed; job SUCCEEDED {after_kill_s:.0f} s later, resumed at {resumed}")
