@@ -616,10 +616,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def _progress_reporter(queue: Any) -> Any:
     """Progress lines go to the driver's queue (clean console), or to stdout without one."""
 
+    from ray.exceptions import RayActorError
+
     def say(line: str) -> None:
+        nonlocal queue
         if queue is not None:
-            queue.put(line)
-        else:
-            print(f"[osmd] {line}", flush=True)
+            try:
+                queue.put(line)
+                return
+            except RayActorError:
+                # The queue went with its node or its driver: progress is not worth a
+                # failed worker, so the lines go to the worker's log from here on.
+                queue = None
+        print(f"[osmd] {line}", flush=True)
 
     return say

@@ -264,9 +264,16 @@ class ProgressPrinter:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> ProgressPrinter:
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node, not wherever Ray likes: a queue on a worker node dies with
+        # that node, and the restarted workers' next put would then fail the whole run.
+        driver_node = NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False
+        )
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": driver_node})
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self._thread.start()
         return self

@@ -18,11 +18,11 @@ One job instead of a plain run and a killed one saves about 90 s of CI. The node
 separate Ray nodes (a head and two worker nodes with 2 CPUs each), not separate machines:
 they all run on this machine, not in network namespaces, which would need root.
 
-Needs ray[default] (`pip install -e ".[cluster]"`) and skips without it, so `make test` (CI)
-does not run it: it passed standalone (111 s, idle machine, 2026-12-03) and once in a full
-suite under load, but failed in a full suite on an idle machine: the progress Queue actor of
-osmd_ray/train/runner.py (num_cpus 0, placed on any node) was on the killed node, and the
-restarted workers died on it (to fix: pin it to the driver's node; issue 7).
+Needs ray[default] (in the `dev` extra, so `make test` runs it; it skips without it). It once
+failed in a full suite: the progress Queue actor of osmd_ray/train/runner.py (num_cpus 0,
+placed on any node) was on the killed node and the restarted workers died on their next put.
+The queue is now pinned to the driver's node, and a worker whose queue is gone writes its
+progress to its own log instead (tests/unit/train/test_runner.py, test_loop.py).
 
 The cluster is stopped in a finally by `cluster/local.sh stop`, which ends only the process
 groups this test started (never `ray stop`, which would end every Ray instance on the machine).

@@ -103,3 +103,23 @@ def test_prefetch_errors_reach_the_training_loop():
 
 def test_prefetch_of_an_empty_epoch_yields_nothing():
     assert list(WaitTimer(PrefetchedBatches(lambda: iter([])))) == []
+
+
+def test_progress_goes_to_the_workers_log_once_the_queue_is_gone(capsys):
+    """A dead progress queue (its node died) must not fail the training worker."""
+    from ray.exceptions import RayActorError
+
+    from osmd_ray.train.loop import _progress_reporter
+
+    class DeadQueue:
+        puts = 0
+
+        def put(self, line: str) -> None:
+            DeadQueue.puts += 1
+            raise RayActorError()
+
+    say = _progress_reporter(DeadQueue())
+    say("epoch 1")
+    say("epoch 2")
+    assert DeadQueue.puts == 1  # given up after the first failure
+    assert capsys.readouterr().out.splitlines() == ["[osmd] epoch 1", "[osmd] epoch 2"]

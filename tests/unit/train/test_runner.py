@@ -121,3 +121,29 @@ def test_wait_for_bucket_polls_until_the_store_answers_then_gives_up_after_its_t
     assert answers == []
     with pytest.raises(storage.StorageError, match="still down"):
         storage.wait_for_bucket("s3://b/x", timeout_s=0.05)
+
+
+def test_progress_queue_is_pinned_to_the_drivers_node(monkeypatch, ray_local):
+    """A queue on a worker node would die with it, and fail the restarted workers' puts."""
+    import ray.util.queue
+
+    made: list[dict] = []
+
+    class RecordingQueue:
+        def __init__(self, actor_options: dict) -> None:
+            made.append(actor_options)
+
+        def get(self, timeout: float) -> str:
+            raise ray.util.queue.Empty
+
+        def shutdown(self) -> None:
+            pass
+
+    monkeypatch.setattr(ray.util.queue, "Queue", RecordingQueue)
+    with runner.ProgressPrinter("[test] "):
+        pass
+    (options,) = made
+    strategy = options["scheduling_strategy"]
+    assert strategy.node_id == ray_local.get_runtime_context().get_node_id()
+    assert strategy.soft is False
+    assert options["num_cpus"] == 0
