@@ -19,7 +19,8 @@ ones too.
 Targets: the osmd deployment model at most 1.5x the latency of ordinary_only, and below
 full_multimodal's. Besides the default config, the table shows osmd with
 ``model.hallucination_shared_stages`` = 1..depth: E_h reuses E_o's first stages, and the
-deployment network computes them once for both (``encode_sharing_stages``).
+deployment network computes them once for both (``encode_sharing_stages``); and with
+``model.hallucination_width`` in ``--widths``: a narrower E_h (its channels scaled).
 
 Usage::
 
@@ -111,7 +112,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-variants",
         action="store_true",
-        help="skip the hallucination_shared_stages variants",
+        help="skip the hallucination_shared_stages and hallucination_width variants",
+    )
+    parser.add_argument(
+        "--widths",
+        type=float,
+        nargs="*",
+        default=[0.5, 0.75],
+        help="model.hallucination_width values timed as osmd variants (default: 0.5 0.75)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument(
@@ -146,12 +154,19 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(1, depth + 1):
             if k == shared_default:
                 continue
-            cfg = load_cfg(
-                args.config, [*args.set, "method=osmd", f"model.hallucination_shared_stages={k}"]
-            )
+            variant = [f"model.hallucination_shared_stages={k}", "model.hallucination_width=1.0"]
+            cfg = load_cfg(args.config, [*args.set, "method=osmd", *variant])
             net = exported_net(cfg, manifest, workdir)
             names = [s.name for s in net.input_modalities]
             models[f"osmd shared_stages={k}"] = (net, names)
+        for width in args.widths:
+            if width == base.model.hallucination_width:
+                continue
+            variant = ["model.hallucination_shared_stages=0", f"model.hallucination_width={width}"]
+            cfg = load_cfg(args.config, [*args.set, "method=osmd", *variant])
+            net = exported_net(cfg, manifest, workdir)
+            names = [s.name for s in net.input_modalities]
+            models[f"osmd hallucination_width={width:g}"] = (net, names)
 
     inputs = {
         b: random_batch(manifest, [*base.data.ordinary, *base.data.privileged], b, seed=b)

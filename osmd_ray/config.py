@@ -65,6 +65,10 @@ class ModelConfig:
     """Teacher and deployment paths share F and H (False: separate copies, an ablation)."""
     hallucination_shared_stages: int = 0
     """Image small_cnn only: how many first stages E_h shares with E_o."""
+    hallucination_width: float = 1.0
+    """E_h's channels (small_cnn, 1-D CNN and MLP widths) relative to ``width``: below 1 makes
+    the deployment network cheaper (E_h runs next to E_o there). Needs
+    hallucination_shared_stages=0 and no timm/torchvision image encoder when it is not 1."""
     hallucination_lr_scale: float = 1.0
     """osmd: learning-rate multiplier of E_h and D_h (the parts the dense reconstruction
     trains) relative to train.lr; the other parts keep train.lr."""
@@ -523,6 +527,24 @@ def _check_model(model: ModelConfig) -> None:
             "config key 'model.hallucination_lr_scale' must be a finite number > 0; "
             f"got {model.hallucination_lr_scale}",
             "model.hallucination_lr_scale",
+        )
+    key = "model.hallucination_width"
+    if not (math.isfinite(model.hallucination_width) and model.hallucination_width > 0):
+        raise ConfigError(
+            f"config key {key!r} must be a finite number > 0; got {model.hallucination_width}",
+            key,
+        )
+    if model.hallucination_width != 1.0 and model.hallucination_shared_stages:
+        raise ConfigError(
+            f"config key {key!r} must be 1 when model.hallucination_shared_stages > 0 (shared "
+            f"stages have E_o's width); got {model.hallucination_width}",
+            key,
+        )
+    if model.hallucination_width != 1.0 and encoder != "small_cnn":
+        raise ConfigError(
+            f"config key {key!r} scales small_cnn widths; {encoder!r} has none of its own. "
+            "Set it to 1",
+            key,
         )
     if model.hallucination == "unet" and model.hallucination_shared_stages:
         raise ConfigError(

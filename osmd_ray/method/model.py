@@ -30,6 +30,7 @@ staged baselines ``two_stage_hallucination``, ``logit_kd`` and ``imputation`` (t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -151,6 +152,11 @@ def _deploy_inputs(
     return list(ordinary) + (list(privileged) if method == "full_multimodal" else [])
 
 
+def hallucination_channels(cfg: ModelConfig) -> int:
+    """E_h's ``width``: ``model.width`` scaled by ``model.hallucination_width`` (at least 1)."""
+    return max(1, round(cfg.width * cfg.hallucination_width))
+
+
 def build_hallucination_encoder(
     ordinary: Sequence[ModalitySpec],
     cfg: ModelConfig,
@@ -161,6 +167,11 @@ def build_hallucination_encoder(
     """E_h of ``model.hallucination``: a role encoder like E_o (``encoder``, optionally
     sharing E_o's first stages) or a U-Net decoder followed by an encoder of its own
     (``unet``, :class:`osmd_ray.method.encoders.DecoderEncoder`)."""
+    if cfg.hallucination_width != 1.0:
+        if cfg.hallucination_shared_stages:
+            raise ValueError("model.hallucination_width != 1 needs hallucination_shared_stages=0")
+        # E_h is the only part built from this copy: E_o, E_p, F and H keep model.width.
+        cfg = dataclasses.replace(cfg, width=hallucination_channels(cfg))
     if cfg.hallucination == "unet":
         if cfg.hallucination_shared_stages:
             raise ValueError("model.hallucination=unet shares no stages with E_o")

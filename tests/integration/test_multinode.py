@@ -16,7 +16,9 @@ FailureConfig), checked twice over:
   kill (their timings too, so they were not trained again).
 One job instead of a plain run and a killed one saves about 90 s of CI. The nodes are
 separate Ray nodes (a head and two worker nodes with 2 CPUs each), not separate machines:
-they all run on this machine, not in network namespaces, which would need root.
+they all run on this machine, on 127.0.0.1, not in network namespaces of their own (not done:
+`ip netns` needs CAP_NET_ADMIN, which a CI container need not grant, so the test would need a
+loopback fallback anyway).
 
 Needs ray[default] (in the `dev` extra, so `make test` runs it; it skips without it). It once
 failed in a full suite: the progress Queue actor of osmd_ray/train/runner.py (num_cpus 0,

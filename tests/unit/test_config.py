@@ -294,6 +294,17 @@ def test_validate_checks_types_of_hand_built_configs():
         (["loss.recon_loss=huber"], "loss.recon_loss", "l1"),
         (["model.hallucination_lr_scale=0"], "model.hallucination_lr_scale", "> 0"),
         (["model.hallucination=decoder"], "model.hallucination", "unet"),
+        (["model.hallucination_width=0"], "model.hallucination_width", "> 0"),
+        (
+            ["model.hallucination_width=0.5", "model.hallucination_shared_stages=1"],
+            "model.hallucination_width",
+            "hallucination_shared_stages",
+        ),
+        (
+            ["model.image_encoder=timm:resnet18", "model.hallucination_width=0.5"],
+            "model.hallucination_width",
+            "small_cnn",
+        ),
         (
             ["model.hallucination=unet", "model.hallucination_shared_stages=1"],
             "model.hallucination_shared_stages",

@@ -237,6 +237,11 @@ def test_deploy_module_of_each_baseline():
             (RGB, META),
         ),
         ("osmd", ModelConfig(width=4, depth=2, feature_dim=8, shared_translator=False), (META,)),
+        (
+            "osmd",
+            ModelConfig(width=4, depth=2, feature_dim=8, hallucination_width=0.5),
+            (RGB, META),
+        ),
         ("ordinary_only", CFG, (RGB,)),
         ("full_multimodal", CFG, (RGB,)),
         ("two_stage_hallucination", CFG, (RGB,)),
@@ -265,6 +270,26 @@ def test_hallucination_shared_stages_share_modules():
     fresh = build_deploy_net("osmd", [RGB], [], NUM_CLASSES, cfg, None)
     fo, fh = fresh.E_o.encoders["rgb"].body.stages, fresh.E_h.encoders["rgb"].body.stages
     assert fo[1] is fh[1] and fo[2] is not fh[2]
+
+
+def test_hallucination_width_narrows_only_E_h_and_its_decoder():
+    cfg = ModelConfig(width=8, depth=2, feature_dim=8, hallucination_width=0.5)
+    model = make_model("osmd", cfg, ordinary=(RGB, META))
+    wide = make_model("osmd", ModelConfig(width=8, depth=2, feature_dim=8), (RGB, META))
+    o, h = model.E_o.encoders["rgb"].body, model.E_h.encoders["rgb"].body
+    assert [s[0].out_channels for s in o.stages] == [8, 16]
+    assert [s[0].out_channels for s in h.stages] == [4, 8]
+    assert model.D_h.in_channels == 8  # dense reconstruction reads E_h's narrower map
+    assert model.E_h.encoders["meta"].body[0].out_features == 4  # the MLP narrows too
+    for part in ("E_o", "E_p", "F", "H"):
+        assert sum(p.numel() for p in getattr(model, part).parameters()) == sum(
+            p.numel() for p in getattr(wide, part).parameters()
+        ), part
+    deploy = lambda m: sum(p.numel() for p in m.deploy_module().parameters())  # noqa: E731
+    assert deploy(model) < deploy(wide)
+    out = model(make_batch([RGB, META, DEPTH]))
+    assert out["z_h"].shape == out["z_o"].shape == (4, 8)
+    assert out["recon"].shape == out["recon_target"].shape
 
 
 def test_privileged_rows_missing_are_kept_out_of_the_privileged_encoder():

@@ -201,3 +201,15 @@ def test_timm_dense_encoder_merges_the_feature_pyramid(monkeypatch):
     assert out["z_o"].shape == (4, H // 4, W // 4, 8)  # stride 4
     assert out["deploy_logits"].shape == (4, K, H, W)  # upsampled to the label map
     F.cross_entropy(out["deploy_logits"], torch.zeros(4, H, W, dtype=torch.long)).backward()
+
+
+def test_a_narrower_hallucination_encoder_predicts_the_same_label_maps_shape():
+    cfg = ModelConfig(width=8, depth=2, feature_dim=8, hallucination_width=0.5)
+    model = seg_model("osmd", cfg=cfg)
+    assert model.E_h.encoders["rgb"].body.trunk.out_channels == 4
+    assert model.E_o.encoders["rgb"].body.trunk.out_channels == 8
+    out = model(batch())
+    assert out["z_h"].shape == out["z_o"].shape == (4, H, W, 8)
+    deploy = build_deploy_net("osmd", [RGB], [], K, cfg, None, (H, W)).eval()
+    deploy.load_state_dict(model.deploy_module().state_dict(), strict=True)
+    assert deploy({"rgb": batch()["rgb"]}).shape == (4, K, H, W)
