@@ -19,8 +19,9 @@ ones too.
 Targets: the osmd deployment model at most 1.5x the latency of ordinary_only, and below
 full_multimodal's. Besides the default config, the table shows osmd with
 ``model.hallucination_shared_stages`` = 1..depth: E_h reuses E_o's first stages, and the
-deployment network computes them once for both (``encode_sharing_stages``); and with
-``model.hallucination_width`` in ``--widths``: a narrower E_h (its channels scaled).
+deployment network computes them once for both (``encode_sharing_stages``); and other E_h
+shapes (``--e-h``: ``model.hallucination_width`` and ``model.hallucination_depth``), the
+full-size E_h of E_o's width and depth among them.
 
 Usage::
 
@@ -115,11 +116,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip the hallucination_shared_stages and hallucination_width variants",
     )
     parser.add_argument(
-        "--widths",
-        type=float,
+        "--e-h",
         nargs="*",
-        default=[0.5, 0.75],
-        help="model.hallucination_width values timed as osmd variants (default: 0.5 0.75)",
+        default=["1:0", "0.25:0", "1:1"],  # E_o's shape, narrow only, shallow only
+        metavar="WIDTH:DEPTH",
+        help=(
+            "E_h shapes timed as osmd variants: model.hallucination_width:"
+            "model.hallucination_depth (0: model.depth); default 1:0 0.25:0 1:1"
+        ),
     )
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument(
@@ -154,19 +158,29 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(1, depth + 1):
             if k == shared_default:
                 continue
-            variant = [f"model.hallucination_shared_stages={k}", "model.hallucination_width=1.0"]
+            variant = [
+                f"model.hallucination_shared_stages={k}",
+                "model.hallucination_width=1",
+                "model.hallucination_depth=0",
+            ]
             cfg = load_cfg(args.config, [*args.set, "method=osmd", *variant])
             net = exported_net(cfg, manifest, workdir)
             names = [s.name for s in net.input_modalities]
             models[f"osmd shared_stages={k}"] = (net, names)
-        for width in args.widths:
-            if width == base.model.hallucination_width:
-                continue
-            variant = ["model.hallucination_shared_stages=0", f"model.hallucination_width={width}"]
+        for shape in args.e_h:
+            width, _, e_h_depth = shape.partition(":")
+            variant = [
+                "model.hallucination_shared_stages=0",
+                f"model.hallucination_width={width}",
+                f"model.hallucination_depth={e_h_depth or 0}",
+            ]
             cfg = load_cfg(args.config, [*args.set, "method=osmd", *variant])
+            if cfg.model == base.model:
+                continue  # the "osmd" row already
             net = exported_net(cfg, manifest, workdir)
             names = [s.name for s in net.input_modalities]
-            models[f"osmd hallucination_width={width:g}"] = (net, names)
+            e_h_depth = cfg.model.hallucination_depth or cfg.model.depth
+            models[f"osmd E_h width x{float(width):g}, {e_h_depth} stages"] = (net, names)
 
     inputs = {
         b: random_batch(manifest, [*base.data.ordinary, *base.data.privileged], b, seed=b)

@@ -95,6 +95,11 @@ def run_config(args: argparse.Namespace, zero_stage: int) -> Config:
             f"model.image_encoder={args.encoder}",
             # Dense depth decoding needs a small_cnn feature map; timm encoders use pooled.
             "model.recon_mode=" + ("dense" if args.encoder == "small_cnn" else "pooled"),
+            *(
+                []
+                if args.encoder == "small_cnn"
+                else ["model.hallucination_width=1", "model.hallucination_depth=0"]
+            ),
             f"data.batch_size={args.batch}",
             f"train.zero_stage={zero_stage}",
             f"train.precision={'bf16' if args.device == 'cuda' else 'fp32'}",

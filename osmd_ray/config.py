@@ -65,10 +65,17 @@ class ModelConfig:
     """Teacher and deployment paths share F and H (False: separate copies, an ablation)."""
     hallucination_shared_stages: int = 0
     """Image small_cnn only: how many first stages E_h shares with E_o."""
-    hallucination_width: float = 1.0
-    """E_h's channels (small_cnn, 1-D CNN and MLP widths) relative to ``width``: below 1 makes
-    the deployment network cheaper (E_h runs next to E_o there). Needs
-    hallucination_shared_stages=0 and no timm/torchvision image encoder when it is not 1."""
+    hallucination_width: float = 0.25
+    """E_h's channels (small_cnn, 1-D CNN and MLP widths) relative to ``width``."""
+    hallucination_depth: int = 1
+    """E_h's ``depth`` (small_cnn stages, 1-D CNN blocks or MLP hidden layers); 0: ``depth``.
+
+    E_h runs next to E_o in the deployment network, so a small one keeps deployment cheap: on
+    the synthetic set one stage at a quarter of the width held the accuracy of an E_h shaped
+    like E_o (5 seeds) at 1.03x ordinary_only's FLOPs instead of 2.0x, and batch-1 latency
+    pays for the number of operations as much as for FLOPs (benchmarks/RESULTS.md, section
+    2). Set hallucination_width=1 and hallucination_depth=0 with hallucination_shared_stages
+    > 0 or a timm/torchvision image encoder (they have no width or stages to change)."""
     hallucination_lr_scale: float = 1.0
     """osmd: learning-rate multiplier of E_h and D_h (the parts the dense reconstruction
     trains) relative to train.lr; the other parts keep train.lr."""
@@ -528,6 +535,12 @@ def _check_model(model: ModelConfig) -> None:
             f"got {model.hallucination_lr_scale}",
             "model.hallucination_lr_scale",
         )
+    if model.hallucination == "unet" and model.hallucination_shared_stages:
+        raise ConfigError(
+            "config key 'model.hallucination_shared_stages' must be 0 with "
+            "model.hallucination=unet (its E_h shares no stages with E_o)",
+            "model.hallucination_shared_stages",
+        )
     key = "model.hallucination_width"
     if not (math.isfinite(model.hallucination_width) and model.hallucination_width > 0):
         raise ConfigError(
@@ -537,20 +550,34 @@ def _check_model(model: ModelConfig) -> None:
     if model.hallucination_width != 1.0 and model.hallucination_shared_stages:
         raise ConfigError(
             f"config key {key!r} must be 1 when model.hallucination_shared_stages > 0 (shared "
-            f"stages have E_o's width); got {model.hallucination_width}",
+            f"stages have E_o's width); got {model.hallucination_width}. Add "
+            "model.hallucination_width=1",
             key,
         )
     if model.hallucination_width != 1.0 and encoder != "small_cnn":
         raise ConfigError(
             f"config key {key!r} scales small_cnn widths; {encoder!r} has none of its own. "
-            "Set it to 1",
+            "Add model.hallucination_width=1",
             key,
         )
-    if model.hallucination == "unet" and model.hallucination_shared_stages:
+    key = "model.hallucination_depth"
+    if model.hallucination_depth < 0:
         raise ConfigError(
-            "config key 'model.hallucination_shared_stages' must be 0 with "
-            "model.hallucination=unet (its E_h shares no stages with E_o)",
-            "model.hallucination_shared_stages",
+            f"config key {key!r} must be >= 0 (0: model.depth); got {model.hallucination_depth}",
+            key,
+        )
+    if model.hallucination_depth and model.hallucination_shared_stages:
+        raise ConfigError(
+            f"config key {key!r} must be 0 when model.hallucination_shared_stages > 0 (E_h "
+            f"then has E_o's stages); got {model.hallucination_depth}. Add "
+            "model.hallucination_depth=0",
+            key,
+        )
+    if model.hallucination_depth and encoder != "small_cnn":
+        raise ConfigError(
+            f"config key {key!r} sets small_cnn stages; {encoder!r} has its own. Add "
+            "model.hallucination_depth=0",
+            key,
         )
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(

@@ -167,14 +167,21 @@ def build_hallucination_encoder(
     """E_h of ``model.hallucination``: a role encoder like E_o (``encoder``, optionally
     sharing E_o's first stages) or a U-Net decoder followed by an encoder of its own
     (``unet``, :class:`osmd_ray.method.encoders.DecoderEncoder`)."""
+    if cfg.hallucination == "unet" and cfg.hallucination_shared_stages:
+        raise ValueError("model.hallucination=unet shares no stages with E_o")
     if cfg.hallucination_width != 1.0:
         if cfg.hallucination_shared_stages:
-            raise ValueError("model.hallucination_width != 1 needs hallucination_shared_stages=0")
+            raise ValueError(
+                "model.hallucination_shared_stages > 0 needs model.hallucination_width=1 (the "
+                "shared stages have E_o's width)"
+            )
         # E_h is the only part built from this copy: E_o, E_p, F and H keep model.width.
         cfg = dataclasses.replace(cfg, width=hallucination_channels(cfg))
-    if cfg.hallucination == "unet":
+    if cfg.hallucination_depth:
         if cfg.hallucination_shared_stages:
-            raise ValueError("model.hallucination=unet shares no stages with E_o")
+            raise ValueError("model.hallucination_depth needs hallucination_shared_stages=0")
+        cfg = dataclasses.replace(cfg, depth=cfg.hallucination_depth)
+    if cfg.hallucination == "unet":
         return DecoderEncoder(ordinary, cfg, normalization)
     if cfg.hallucination != "encoder":
         raise ValueError(f"model.hallucination={cfg.hallucination!r}: use encoder or unet")

@@ -175,7 +175,8 @@ def test_command_line_may_not_set_what_the_grid_sets(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["compare_synth.yaml", "ablate_synth.yaml", "compare_synth_seg.yaml"]
+    "name",
+    ["compare_synth.yaml", "ablate_synth.yaml", "compare_synth_seg.yaml", "compare_e_h_synth.yaml"],
 )
 def test_shipped_compare_specs_validate(name):
     spec = load_spec(REPO / "configs" / name)
@@ -185,6 +186,16 @@ def test_shipped_compare_specs_validate(name):
     assert spec.target == "osmd"
     methods = {r.variant: r.cfg.method for r in runs}
     assert methods["osmd"] == "osmd" and methods["ordinary_only"] == "ordinary_only"
+
+
+def test_e_h_sizes_change_only_the_hallucination_encoder():
+    runs = plan_runs(load_spec(REPO / "configs/compare_e_h_synth.yaml"), "O")
+    shapes = {
+        r.variant: (r.cfg.model.hallucination_width, r.cfg.model.hallucination_depth)
+        for r in runs
+        if r.cfg.method == "osmd"
+    }
+    assert shapes == {"osmd_e_h_like_e_o": (1, 0), "osmd_e_h_narrow": (0.25, 0), "osmd": (0.25, 1)}
 
 
 def test_ablations_change_exactly_their_piece():

@@ -295,8 +295,31 @@ def test_validate_checks_types_of_hand_built_configs():
         (["model.hallucination_lr_scale=0"], "model.hallucination_lr_scale", "> 0"),
         (["model.hallucination=decoder"], "model.hallucination", "unet"),
         (["model.hallucination_width=0"], "model.hallucination_width", "> 0"),
+        (["model.hallucination_depth=-1"], "model.hallucination_depth", ">= 0"),
         (
-            ["model.hallucination_width=0.5", "model.hallucination_shared_stages=1"],
+            [
+                "model.hallucination_width=1",
+                "model.hallucination_depth=2",
+                "model.hallucination_shared_stages=1",
+            ],
+            "model.hallucination_depth",
+            "hallucination_depth=0",
+        ),
+        (
+            [
+                "model.image_encoder=timm:resnet18",
+                "model.hallucination_width=1",
+                "model.hallucination_depth=2",
+            ],
+            "model.hallucination_depth",
+            "small_cnn",
+        ),
+        (
+            [
+                "model.hallucination_width=0.5",
+                "model.hallucination_depth=0",
+                "model.hallucination_shared_stages=1",
+            ],
             "model.hallucination_width",
             "hallucination_shared_stages",
         ),
@@ -341,8 +364,18 @@ def test_bad_values_and_contradictions_name_the_key(overrides, key, fragment):
         ["train.precision=bf16", "scaling.use_gpu=true"],
         ["method=ordinary_only", "data.privileged=[]"],
         ["method=ordinary_only"] + [f"loss.{w}=0" for w in ("w_deploy", "w_jan", "w_priv")],
-        ["model.hallucination_shared_stages=3", "model.dropout=0.99"],
-        ["model.image_encoder=torchvision:resnet18", "loss.kernel_mul=1.01"],
+        [
+            "model.hallucination_shared_stages=3",
+            "model.hallucination_width=1",
+            "model.hallucination_depth=0",
+            "model.dropout=0.99",
+        ],
+        [
+            "model.image_encoder=torchvision:resnet18",
+            "model.hallucination_width=1",
+            "model.hallucination_depth=0",
+        ],
+        ["loss.kernel_mul=1.01"],
         ["loss.w_deploy=0", "loss.w_teacher=0", "loss.w_priv=0", "loss.w_jan=0", "loss.w_mimic=1"],
         ["tracking.wandb=false", "tracking.project=", "scaling.cpus_per_worker=0.5"],
     ],

@@ -74,7 +74,14 @@ CASES = [
     (
         "osmd",
         [RGB, META],
-        ModelConfig(width=4, depth=2, feature_dim=8, hallucination_shared_stages=1),
+        ModelConfig(
+            width=4,
+            depth=2,
+            feature_dim=8,
+            hallucination_shared_stages=1,
+            hallucination_width=1,
+            hallucination_depth=0,
+        ),
     ),
     ("two_stage_hallucination", [RGB], CFG),
     ("logit_kd", [RGB], CFG),

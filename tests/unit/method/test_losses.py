@@ -240,7 +240,12 @@ def test_mask_from_the_model_is_used_and_must_agree():
 def test_training_steps_decrease_the_osmd_loss():
     """A real learning check: AdamW on one random batch lowers the objective and the
     deployment path's task loss."""
-    model = _small_model(ModelConfig(width=8, depth=2, feature_dim=16)).train()
+    # Full-width E_h: at width 8 the default quarter-width E_h (2 channels) fits one random
+    # batch too slowly for this check.
+    cfg = ModelConfig(
+        width=8, depth=2, feature_dim=16, hallucination_width=1, hallucination_depth=0
+    )
+    model = _small_model(cfg).train()
     batch, labels = _random_batch(16, seed=1), torch.randint(0, NUM_CLASSES, (16,))
     batch["has_depth"] = torch.tensor([True] * 12 + [False] * 4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -64,7 +64,10 @@ def test_forward_keys_and_shapes(method):
     model = make_model(method)
     out = model(make_batch([RGB, DEPTH]))
     assert set(out) == EXPECTED_KEYS[method]
-    recon_width = 1 * CFG.recon_size**2  # one depth channel pooled to recon_size^2
+    # Dense reconstruction: one depth channel at the resolution of E_h's last map (12x12
+    # halved at every stage after the first).
+    e_h_stages = CFG.hallucination_depth or CFG.depth
+    recon_width = (DEPTH.shape[1] // 2 ** (e_h_stages - 1)) ** 2
     for key, value in out.items():
         width = CFG.feature_dim if key.startswith("z_") else NUM_CLASSES
         width = recon_width if key.startswith("recon") else width
@@ -166,7 +169,8 @@ def test_imputation_deploys_on_the_reconstruction_and_never_reads_real_privilege
 
 
 def test_dense_recon_decodes_depth_from_the_hallucination_feature_map():
-    cfg = ModelConfig(width=4, depth=3, feature_dim=8)  # 12x12 -> a 3x3 last-stage map
+    # An E_h of three stages: 12x12 -> a 3x3 last-stage map.
+    cfg = ModelConfig(width=4, depth=3, feature_dim=8, hallucination_depth=3)
     model = make_model("osmd", cfg)
     assert model.recon_dense and isinstance(model.D_h, torch.nn.Conv2d)
     batch = make_batch([RGB, DEPTH])
@@ -233,7 +237,14 @@ def test_deploy_module_of_each_baseline():
         ("osmd", CFG, (RGB,)),
         (
             "osmd",
-            ModelConfig(width=4, depth=2, feature_dim=8, hallucination_shared_stages=1),
+            ModelConfig(
+                width=4,
+                depth=2,
+                feature_dim=8,
+                hallucination_shared_stages=1,
+                hallucination_width=1,
+                hallucination_depth=0,
+            ),
             (RGB, META),
         ),
         ("osmd", ModelConfig(width=4, depth=2, feature_dim=8, shared_translator=False), (META,)),
@@ -263,7 +274,14 @@ def test_fresh_deploy_net_loads_the_models_weights_strictly(method, cfg, ordinar
 
 
 def test_hallucination_shared_stages_share_modules():
-    cfg = ModelConfig(width=4, depth=3, feature_dim=8, hallucination_shared_stages=2)
+    cfg = ModelConfig(
+        width=4,
+        depth=3,
+        feature_dim=8,
+        hallucination_shared_stages=2,
+        hallucination_width=1,
+        hallucination_depth=0,
+    )
     model = make_model("osmd", cfg)
     o, h = model.E_o.encoders["rgb"].body.stages, model.E_h.encoders["rgb"].body.stages
     assert o[0] is h[0] and o[1] is h[1] and o[2] is not h[2]
@@ -272,15 +290,26 @@ def test_hallucination_shared_stages_share_modules():
     assert fo[1] is fh[1] and fo[2] is not fh[2]
 
 
-def test_hallucination_width_narrows_only_E_h_and_its_decoder():
-    cfg = ModelConfig(width=8, depth=2, feature_dim=8, hallucination_width=0.5)
+@pytest.mark.parametrize(
+    "e_h_depth,stages,hidden_layers", [(0, [4, 8], 2), (1, [4], 1)], ids=["depth0", "depth1"]
+)
+def test_hallucination_width_and_depth_shrink_only_E_h_and_its_decoder(
+    e_h_depth, stages, hidden_layers
+):
+    cfg = ModelConfig(
+        width=8, depth=2, feature_dim=8, hallucination_width=0.5, hallucination_depth=e_h_depth
+    )
     model = make_model("osmd", cfg, ordinary=(RGB, META))
-    wide = make_model("osmd", ModelConfig(width=8, depth=2, feature_dim=8), (RGB, META))
+    full = ModelConfig(
+        width=8, depth=2, feature_dim=8, hallucination_width=1, hallucination_depth=0
+    )
+    wide = make_model("osmd", full, (RGB, META))
     o, h = model.E_o.encoders["rgb"].body, model.E_h.encoders["rgb"].body
     assert [s[0].out_channels for s in o.stages] == [8, 16]
-    assert [s[0].out_channels for s in h.stages] == [4, 8]
-    assert model.D_h.in_channels == 8  # dense reconstruction reads E_h's narrower map
-    assert model.E_h.encoders["meta"].body[0].out_features == 4  # the MLP narrows too
+    assert [s[0].out_channels for s in h.stages] == stages
+    assert model.D_h.in_channels == stages[-1]  # dense reconstruction reads E_h's last map
+    mlp = [m for m in model.E_h.encoders["meta"].body if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in mlp] == [4] * hidden_layers + [8]  # the MLP shrinks too
     for part in ("E_o", "E_p", "F", "H"):
         assert sum(p.numel() for p in getattr(model, part).parameters()) == sum(
             p.numel() for p in getattr(wide, part).parameters()

@@ -64,7 +64,7 @@ def test_shared_stages_get_the_gradients_of_both_paths():
 
 
 def test_deploy_net_with_shared_stages_costs_less_and_matches_the_model():
-    base = dict(width=8, depth=3, feature_dim=16)
+    base = dict(width=8, depth=3, feature_dim=16, hallucination_width=1, hallucination_depth=0)
     torch.manual_seed(0)
     batch = _batch()
     flops = {}
