@@ -95,6 +95,17 @@ def count_flops(net: nn.Module, batch: Mapping[str, Tensor]) -> int:
     return int(counter.get_total_flops())
 
 
+def profile_table(net: nn.Module, batch: Mapping[str, Tensor], calls: int) -> str:
+    """torch.profiler's operator table of ``calls`` forward passes, by self CPU time: which
+    operators the latency goes to (at batch 1, mostly the number of them, not their FLOPs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            net(batch)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(
@@ -124,6 +135,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "E_h shapes timed as osmd variants: model.hallucination_width:"
             "model.hallucination_depth (0: model.depth); default 1:0 0.25:0 1:1"
         ),
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="CALLS",
+        help="after timing, profile CALLS batch-1 calls of each model (torch.profiler tables "
+        "by self CPU time, printed and in the JSON)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument(
@@ -220,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     for s in stats.values():
         for b in BATCHES:
             s[f"median_ms_b{b}"] = median(s[f"latency_ms_b{b}"])
+    if args.profile:
+        for name, (net, names) in models.items():
+            stats[name]["profile_b1"] = profile_table(net, feed(names, 1), args.profile)
+            print(f"\n{name}, batch 1, {args.profile} calls:\n{stats[name]['profile_b1']}")
     ref, full = stats["ordinary_only"], stats["full_multimodal"]
     rows = []
     for name, s in stats.items():
