@@ -16,6 +16,8 @@ RGB = ModalitySpec("rgb", "image", (3, 12, 12), "uint8")
 DEPTH = ModalitySpec("depth", "image", (1, 12, 12), "float32")
 META = ModalitySpec("meta", "vector", (5,), "float32")
 CFG = ModelConfig(width=4, depth=2, feature_dim=8)
+E_O_SHAPED = {"hallucination_width": 1, "hallucination_depth": 0}
+"""An E_h of E_o's width and depth: what sharing stages with E_o needs."""
 NUM_CLASSES = 3
 
 
@@ -238,12 +240,7 @@ def test_deploy_module_of_each_baseline():
         (
             "osmd",
             ModelConfig(
-                width=4,
-                depth=2,
-                feature_dim=8,
-                hallucination_shared_stages=1,
-                hallucination_width=1,
-                hallucination_depth=0,
+                width=4, depth=2, feature_dim=8, hallucination_shared_stages=1, **E_O_SHAPED
             ),
             (RGB, META),
         ),
@@ -274,14 +271,7 @@ def test_fresh_deploy_net_loads_the_models_weights_strictly(method, cfg, ordinar
 
 
 def test_hallucination_shared_stages_share_modules():
-    cfg = ModelConfig(
-        width=4,
-        depth=3,
-        feature_dim=8,
-        hallucination_shared_stages=2,
-        hallucination_width=1,
-        hallucination_depth=0,
-    )
+    cfg = ModelConfig(width=4, depth=3, feature_dim=8, hallucination_shared_stages=2, **E_O_SHAPED)
     model = make_model("osmd", cfg)
     o, h = model.E_o.encoders["rgb"].body.stages, model.E_h.encoders["rgb"].body.stages
     assert o[0] is h[0] and o[1] is h[1] and o[2] is not h[2]
@@ -300,9 +290,7 @@ def test_hallucination_width_and_depth_shrink_only_E_h_and_its_decoder(
         width=8, depth=2, feature_dim=8, hallucination_width=0.5, hallucination_depth=e_h_depth
     )
     model = make_model("osmd", cfg, ordinary=(RGB, META))
-    full = ModelConfig(
-        width=8, depth=2, feature_dim=8, hallucination_width=1, hallucination_depth=0
-    )
+    full = ModelConfig(width=8, depth=2, feature_dim=8, **E_O_SHAPED)
     wide = make_model("osmd", full, (RGB, META))
     o, h = model.E_o.encoders["rgb"].body, model.E_h.encoders["rgb"].body
     assert [s[0].out_channels for s in o.stages] == [8, 16]
