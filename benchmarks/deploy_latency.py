@@ -124,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-variants",
         action="store_true",
-        help="skip the hallucination_shared_stages and hallucination_width variants",
+        help="skip the hallucination_shared_stages and --e-h variants",
     )
     parser.add_argument(
         "--e-h",
@@ -168,38 +168,34 @@ def main(argv: list[str] | None = None) -> int:
 
     # name -> (network, inputs it reads)
     models: dict[str, tuple[nn.Module, list[str]]] = {}
-    for method in ("ordinary_only", "osmd", "full_multimodal"):
-        cfg = load_cfg(args.config, [*args.set, f"method={method}"])
+    osmd_model = load_cfg(args.config, [*args.set, "method=osmd"]).model
+
+    def add(name: str, overrides: list[str]) -> None:
+        cfg = load_cfg(args.config, [*args.set, *overrides])
+        if name != "osmd" and cfg.method == "osmd" and cfg.model == osmd_model:
+            return  # the same network as the "osmd" row
         net = exported_net(cfg, manifest, workdir)
-        models[method] = (net, [s.name for s in net.input_modalities])
-    shared_default = base.model.hallucination_shared_stages
+        models[name] = (net, [s.name for s in net.input_modalities])
+
+    for method in ("ordinary_only", "osmd", "full_multimodal"):
+        add(method, [f"method={method}"])
     if not args.no_variants and base.model.image_encoder == "small_cnn":
         for k in range(1, depth + 1):
-            if k == shared_default:
-                continue
-            variant = [
-                f"model.hallucination_shared_stages={k}",
-                "model.hallucination_width=1",
-                "model.hallucination_depth=0",
-            ]
-            cfg = load_cfg(args.config, [*args.set, "method=osmd", *variant])
-            net = exported_net(cfg, manifest, workdir)
-            names = [s.name for s in net.input_modalities]
-            models[f"osmd shared_stages={k}"] = (net, names)
+            e_o_shaped = ["model.hallucination_width=1", "model.hallucination_depth=0"]
+            shared = [f"model.hallucination_shared_stages={k}", *e_o_shaped]
+            add(f"osmd shared_stages={k}", ["method=osmd", *shared])
         for shape in args.e_h:
             width, _, e_h_depth = shape.partition(":")
-            variant = [
+            stages = int(e_h_depth or 0) or depth
+            shape_overrides = [
                 "model.hallucination_shared_stages=0",
                 f"model.hallucination_width={width}",
                 f"model.hallucination_depth={e_h_depth or 0}",
             ]
-            cfg = load_cfg(args.config, [*args.set, "method=osmd", *variant])
-            if cfg.model == base.model:
-                continue  # the "osmd" row already
-            net = exported_net(cfg, manifest, workdir)
-            names = [s.name for s in net.input_modalities]
-            e_h_depth = cfg.model.hallucination_depth or cfg.model.depth
-            models[f"osmd E_h width x{float(width):g}, {e_h_depth} stages"] = (net, names)
+            add(
+                f"osmd E_h width x{float(width):g}, {stages} stages",
+                ["method=osmd", *shape_overrides],
+            )
 
     inputs = {
         b: random_batch(manifest, [*base.data.ordinary, *base.data.privileged], b, seed=b)

@@ -529,56 +529,32 @@ def _check_model(model: ModelConfig) -> None:
     _at_least(model.recon_size, 1, "model.recon_size")
     _one_of(model.recon_mode, RECON_MODES, "model.recon_mode")
     _one_of(model.hallucination, HALLUCINATIONS, "model.hallucination")
-    if not (math.isfinite(model.hallucination_lr_scale) and model.hallucination_lr_scale > 0):
-        raise ConfigError(
-            "config key 'model.hallucination_lr_scale' must be a finite number > 0; "
-            f"got {model.hallucination_lr_scale}",
-            "model.hallucination_lr_scale",
-        )
+    _positive(model.hallucination_lr_scale, "model.hallucination_lr_scale")
     if model.hallucination == "unet" and model.hallucination_shared_stages:
         raise ConfigError(
             "config key 'model.hallucination_shared_stages' must be 0 with "
             "model.hallucination=unet (its E_h shares no stages with E_o)",
             "model.hallucination_shared_stages",
         )
-    key = "model.hallucination_width"
-    if not (math.isfinite(model.hallucination_width) and model.hallucination_width > 0):
-        raise ConfigError(
-            f"config key {key!r} must be a finite number > 0; got {model.hallucination_width}",
-            key,
-        )
-    if model.hallucination_width != 1.0 and model.hallucination_shared_stages:
-        raise ConfigError(
-            f"config key {key!r} must be 1 when model.hallucination_shared_stages > 0 (shared "
-            f"stages have E_o's width); got {model.hallucination_width}. Add "
-            "model.hallucination_width=1",
-            key,
-        )
-    if model.hallucination_width != 1.0 and encoder != "small_cnn":
-        raise ConfigError(
-            f"config key {key!r} scales small_cnn widths; {encoder!r} has none of its own. "
-            "Add model.hallucination_width=1",
-            key,
-        )
-    key = "model.hallucination_depth"
-    if model.hallucination_depth < 0:
-        raise ConfigError(
-            f"config key {key!r} must be >= 0 (0: model.depth); got {model.hallucination_depth}",
-            key,
-        )
-    if model.hallucination_depth and model.hallucination_shared_stages:
-        raise ConfigError(
-            f"config key {key!r} must be 0 when model.hallucination_shared_stages > 0 (E_h "
-            f"then has E_o's stages); got {model.hallucination_depth}. Add "
-            "model.hallucination_depth=0",
-            key,
-        )
-    if model.hallucination_depth and encoder != "small_cnn":
-        raise ConfigError(
-            f"config key {key!r} sets small_cnn stages; {encoder!r} has its own. Add "
-            "model.hallucination_depth=0",
-            key,
-        )
+    _positive(model.hallucination_width, "model.hallucination_width")
+    _at_least(model.hallucination_depth, 0, "model.hallucination_depth")
+    # Shared stages, and timm/torchvision backbones, have E_o's shape: no width or stages of
+    # E_h's own to change, so both keys must keep their "like E_o" values there.
+    why = ""
+    if model.hallucination_shared_stages:
+        why = "model.hallucination_shared_stages > 0 (E_h's first stages are E_o's)"
+    elif encoder != "small_cnn":
+        why = f"model.image_encoder={encoder!r} (it has no small_cnn width or stages)"
+    for key, value, like_e_o in (
+        ("model.hallucination_width", model.hallucination_width, 1),
+        ("model.hallucination_depth", model.hallucination_depth, 0),
+    ):
+        if why and value != like_e_o:
+            raise ConfigError(
+                f"config key {key!r} must be {like_e_o} with {why}; got {value}. "
+                f"Add {key}={like_e_o}",
+                key,
+            )
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(
             f"config key 'model.dropout' must be in [0, 1); got {model.dropout}", "model.dropout"
@@ -704,6 +680,11 @@ def _one_of(value: Any, choices: Sequence[Any], key: str) -> None:
             f"got {value!r}{hint}",
             key,
         )
+
+
+def _positive(value: float, key: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"config key {key!r} must be a finite number > 0; got {value}", key)
 
 
 def _at_least(value: float, lowest: float, key: str) -> None:

@@ -152,11 +152,6 @@ def _deploy_inputs(
     return list(ordinary) + (list(privileged) if method == "full_multimodal" else [])
 
 
-def hallucination_channels(cfg: ModelConfig) -> int:
-    """E_h's ``width``: ``model.width`` scaled by ``model.hallucination_width`` (at least 1)."""
-    return max(1, round(cfg.width * cfg.hallucination_width))
-
-
 def build_hallucination_encoder(
     ordinary: Sequence[ModalitySpec],
     cfg: ModelConfig,
@@ -169,18 +164,18 @@ def build_hallucination_encoder(
     (``unet``, :class:`osmd_ray.method.encoders.DecoderEncoder`)."""
     if cfg.hallucination == "unet" and cfg.hallucination_shared_stages:
         raise ValueError("model.hallucination=unet shares no stages with E_o")
-    if cfg.hallucination_width != 1.0:
+    if cfg.hallucination_width != 1.0 or cfg.hallucination_depth:
         if cfg.hallucination_shared_stages:
             raise ValueError(
-                "model.hallucination_shared_stages > 0 needs model.hallucination_width=1 (the "
-                "shared stages have E_o's width)"
+                "model.hallucination_shared_stages > 0 needs model.hallucination_width=1 and "
+                "model.hallucination_depth=0 (the shared stages have E_o's shape)"
             )
-        # E_h is the only part built from this copy: E_o, E_p, F and H keep model.width.
-        cfg = dataclasses.replace(cfg, width=hallucination_channels(cfg))
-    if cfg.hallucination_depth:
-        if cfg.hallucination_shared_stages:
-            raise ValueError("model.hallucination_depth needs hallucination_shared_stages=0")
-        cfg = dataclasses.replace(cfg, depth=cfg.hallucination_depth)
+        # E_h is the only part built from this copy: E_o, E_p, F and H keep E_o's shape.
+        cfg = dataclasses.replace(
+            cfg,
+            width=max(1, round(cfg.width * cfg.hallucination_width)),
+            depth=cfg.hallucination_depth or cfg.depth,
+        )
     if cfg.hallucination == "unet":
         return DecoderEncoder(ordinary, cfg, normalization)
     if cfg.hallucination != "encoder":
