@@ -5,7 +5,8 @@ A fast bench for method work (DESIGN §10, issue 3): the same ``build_model`` an
 dataset in memory. One process with global batch ``data.batch_size x scaling.num_workers``
 stands in for the workers' data-parallel steps (the (J)MMD term then sees the whole global
 batch instead of one rank's share, a small difference). Prints the deployment path's (and
-the teacher path's) test accuracy per run as one JSON line.
+the teacher path's) test accuracy per run as one JSON line; for a segmentation dataset, the
+test mIoU (ignore index excluded), as the workers compute it.
 
 Example::
 
@@ -36,6 +37,7 @@ from osmd_ray.method.stages import (
     set_stage_modes,
     stage_at_epoch,
 )
+from osmd_ray.metrics import confusion_matrix, segmentation_scores
 from osmd_ray.train.loop import EVAL_PATHS, lr_schedule
 
 
@@ -44,14 +46,19 @@ def _tensors(split: dict[str, np.ndarray], names: list[str]) -> dict[str, torch.
 
 
 @torch.no_grad()
-def _accuracy(model, data: dict[str, torch.Tensor], path: str, batch: int = 512) -> float:
+def _score(model, data: dict[str, torch.Tensor], path: str, manifest, batch: int = 512) -> float:
+    """Classification: accuracy. Segmentation: mIoU from the summed confusion matrix, as the
+    workers compute it (osmd_ray.metrics), ignore index excluded."""
     model.eval()
-    correct, n = 0, data["label"].shape[0]
-    for i in range(0, n, batch):
+    confusion = torch.zeros(manifest.num_classes, manifest.num_classes, dtype=torch.long)
+    for i in range(0, data["label"].shape[0], batch):
         chunk = {k: v[i : i + batch] for k, v in data.items()}
         logits = model(chunk)[f"{path}_logits"]
-        correct += int((logits.argmax(1) == chunk["label"]).sum())
-    return correct / n
+        confusion += confusion_matrix(
+            logits.argmax(1), chunk["label"], manifest.num_classes, manifest.ignore_index
+        )
+    scores = segmentation_scores(confusion)
+    return scores["miou"] if manifest.task == "segmentation" else scores["accuracy"]
 
 
 def run(config: str, overrides: list[str]) -> dict:
@@ -89,6 +96,7 @@ def run(config: str, overrides: list[str]) -> dict:
                 cfg.loss,
                 terms=stage.terms,
                 kd_temperature=cfg.baselines.kd_temperature,
+                ignore_index=manifest.ignore_index,
             )
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
@@ -110,12 +118,13 @@ def run(config: str, overrides: list[str]) -> dict:
         "overrides": overrides,
         "method": cfg.method,
         "seed": cfg.seed,
-        "test_deploy": _accuracy(model, splits["test"], "deploy"),
-        "val_deploy": _accuracy(model, splits["val"], "deploy"),
+        "metric": "miou" if manifest.task == "segmentation" else "accuracy",
+        "test_deploy": _score(model, splits["test"], "deploy", manifest),
+        "val_deploy": _score(model, splits["val"], "deploy", manifest),
         "train_s": round(time.perf_counter() - started, 1),
     }
     if "teacher" in EVAL_PATHS[cfg.method]:
-        result["test_teacher"] = _accuracy(model, splits["test"], "teacher")
+        result["test_teacher"] = _score(model, splits["test"], "teacher", manifest)
     return result
 
 

@@ -19,9 +19,9 @@
 
 Terms of the staged baselines (:mod:`osmd_ray.method.stages` gives each stage its weights):
 
-- ``kd``      T^2 KL(softmax(teacher / T) || softmax(deploy / T)), teacher detached (logit_kd,
-  and osmd with ``loss.w_kd``: the teacher path's own predictions), rows with the privileged
-  modalities
+- ``kd``      T^2 KL(softmax(teacher / T) || softmax(deploy / T)), teacher detached (logit_kd:
+  its full_multimodal teacher; osmd with ``loss.w_kd``: the privileged head H_p(z_p), or the
+  teacher path with ``loss.kd_source=teacher``), rows with the privileged modalities
 - ``impute``  mean |G(x_o) - x_p| in the normalised privileged space (imputation), same rows
 
 A term with no usable rows is an exact 0 that stays connected to the graph (no NaN, and every
@@ -232,10 +232,12 @@ def compute_losses(
             else _zero(outputs["recon"])
         )
     if weights["kd"] != 0:
+        # osmd distils its privileged head by default (loss.kd_source); logit_kd its teacher.
+        source = "teacher_logits"
+        if method == "osmd" and cfg.kd_source == "privileged":
+            source = "priv_logits"
         terms["kd"] = (
-            distillation_loss(
-                rows(outputs["deploy_logits"]), rows(outputs["teacher_logits"]), kd_temperature
-            )
+            distillation_loss(rows(outputs["deploy_logits"]), rows(outputs[source]), kd_temperature)
             if n_valid
             else _zero(outputs["deploy_logits"])
         )

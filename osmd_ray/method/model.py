@@ -366,14 +366,23 @@ class OSMDModel(nn.Module):
         return self.F, self.H
 
     def privileged_target(
-        self, batch: Mapping[str, Tensor], image_size: tuple[int, int] | None = None
+        self,
+        batch: Mapping[str, Tensor],
+        image_size: tuple[int, int] | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
-        """(B, D) the privileged inputs, normalised as E_p sees them and average-pooled
-        (images to ``image_size``, default recon_size x recon_size; sequences to recon_size
-        steps), flattened and concatenated (images channel-major, as D_h's map output)."""
+        """(B, D) the privileged inputs as ``model.recon_target`` says (normalised as E_p sees
+        them, or their standardised reciprocals, see :func:`standardised_inverse`) and
+        average-pooled (images to ``image_size``, default recon_size x recon_size; sequences
+        to recon_size steps), flattened and concatenated (images channel-major, as D_h's map
+        output). ``mask``: the rows that have their privileged inputs (None: all)."""
         parts = []
         for spec in self.privileged:
-            x = self.E_p.encoders[spec.name].normalize(batch[spec.name].float())
+            raw = batch[spec.name].float()
+            if self.cfg.recon_target == "inverse":
+                x = standardised_inverse(raw, mask)
+            else:
+                x = self.E_p.encoders[spec.name].normalize(raw)
             if spec.kind == "image":
                 x = nnf.adaptive_avg_pool2d(x, image_size or self.cfg.recon_size)
             elif spec.kind == "sequence":
@@ -440,7 +449,7 @@ class OSMDModel(nn.Module):
             pooled = z_h if z_h.dim() == 2 else z_h.mean(dim=(1, 2))
             out["recon"], size = self.D_h(pooled), None
         with torch.no_grad():
-            target = self.privileged_target(batch, size)
+            target = self.privileged_target(batch, size, mask)
             # Rows without their privileged inputs may hold anything (NaN); they are masked
             # out of the loss, and must not carry a NaN into it.
             out["recon_target"] = target if mask is None else torch.where(mask[:, None], target, 0)
@@ -479,6 +488,29 @@ class OSMDModel(nn.Module):
         parts = {name: getattr(self, name) for name in _deploy_part_names(self.method)}
         inputs = _deploy_inputs(self.method, self.ordinary, self.privileged)
         return DeployNet(self.method, parts, inputs, self.cfg.dropout, self.output_size)
+
+
+def standardised_inverse(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``model.recon_target=inverse``: 1 / x where x > 0 and 0 elsewhere (a missing depth
+    reading counts as infinitely far), then standardised per channel (dim 1) with the mean
+    and std over the rows in ``mask`` (None: all rows) and every other dimension.
+
+    For depth this is the disparity: near surfaces, which usually matter, spread over most of
+    its range, while the far background collapses towards 0 instead of dominating a squared
+    error. Rows outside ``mask`` may hold anything (NaN); they do not enter the statistics.
+    """
+    rows = x if mask is None else x[mask]
+
+    def inverse(t: Tensor) -> Tensor:
+        return torch.where(t > 0, 1.0 / t.clamp_min(torch.finfo(t.dtype).tiny), 0.0)
+
+    inv_rows = inverse(rows).transpose(0, 1).reshape(x.shape[1], -1)
+    if inv_rows.shape[1] < 2:
+        return torch.zeros_like(x)
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    mean = inv_rows.mean(dim=1).reshape(shape)
+    std = inv_rows.std(dim=1).clamp_min(1e-6).reshape(shape)
+    return (inverse(torch.nan_to_num(x, nan=0.0)) - mean) / std
 
 
 def _pooled_size(spec: ModalitySpec, size: int) -> int:

@@ -198,15 +198,30 @@ def test_e_h_sizes_change_only_the_hallucination_encoder():
     assert shapes == {"osmd_e_h_like_e_o": (1, 0), "osmd_e_h_narrow": (0.25, 0), "osmd": (0.25, 1)}
 
 
+def test_compare_synth_runs_the_unet_variant_beside_the_default_osmd():
+    runs = {
+        r.variant: r.cfg for r in plan_runs(load_spec(REPO / "configs/compare_synth.yaml"), "O")
+    }
+    unet, osmd = runs["osmd_unet"].model, runs["osmd"].model
+    assert (unet.hallucination, unet.recon_target) == ("unet", "inverse")
+    assert (unet.hallucination_width, unet.hallucination_depth) == (1, 0)
+    assert (osmd.hallucination, osmd.recon_target) == ("encoder", "input")
+
+
 def test_ablations_change_exactly_their_piece():
     runs = {r.variant: r.cfg for r in plan_runs(load_spec(REPO / "configs/ablate_synth.yaml"), "O")}
     osmd = runs["osmd"]
     assert osmd.loss.w_jan == 0 and osmd.loss.w_recon > 0  # the project's defaults
-    assert runs["design_s2"].loss.w_jan == 1 and runs["design_s2"].loss.w_recon == 0
+    design = runs["design_s2"].loss
+    assert design.w_jan == 1 and design.w_recon == 0 and design.w_kd == 0
     assert runs["with_jmmd"].loss.w_jan == 1 and runs["with_jmmd"].loss.alignment == "jmmd"
     assert runs["with_mmd"].loss.w_jan == 1 and runs["with_mmd"].loss.alignment == "mmd"
     assert runs["mimic_instead"].loss.w_mimic == 1 and runs["mimic_instead"].loss.w_recon == 0
     assert runs["no_recon"].loss.w_recon == 0
+    assert osmd.loss.w_kd > 0 and osmd.loss.kd_source == "privileged"
+    assert runs["no_kd"].loss.w_kd == 0
+    assert runs["kd_from_teacher"].loss.kd_source == "teacher"
+    assert runs["inverse_recon"].model.recon_target == "inverse"
     assert runs["pooled_recon"].model.recon_mode == "pooled"
     assert runs["concat_fusion"].model.fusion == "concat"
     assert runs["sum_fusion"].model.fusion == "sum"

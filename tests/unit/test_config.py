@@ -292,6 +292,8 @@ def test_validate_checks_types_of_hand_built_configs():
         (["loss.w_mimic=-1e-3"], "loss.w_mimic", ">= 0"),
         (["loss.w_kd=-1"], "loss.w_kd", ">= 0"),
         (["loss.recon_loss=huber"], "loss.recon_loss", "l1"),
+        (["loss.kd_source=student"], "loss.kd_source", "privileged"),
+        (["model.recon_target=disparity"], "model.recon_target", "inverse"),
         (["model.hallucination_lr_scale=0"], "model.hallucination_lr_scale", "> 0"),
         (["model.hallucination=decoder"], "model.hallucination", "unet"),
         (["model.hallucination_width=0"], "model.hallucination_width", "> 0"),

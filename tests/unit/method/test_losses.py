@@ -16,7 +16,7 @@ from osmd_ray.method.model import OSMDModel
 def spec_cfg(**weights: float | str | bool) -> LossConfig:
     """DESIGN §2's weights (JMMD on, no reconstruction; the project's defaults differ), with
     ``weights`` on top: these tests check each term against the specification."""
-    return LossConfig(**{"w_jan": 1.0, "w_recon": 0.0, **weights})
+    return LossConfig(**{"w_jan": 1.0, "w_recon": 0.0, "w_kd": 0.0, **weights})
 
 
 NUM_CLASSES = 3
@@ -265,9 +265,8 @@ def test_training_steps_decrease_the_osmd_loss():
 
 def test_osmd_kd_distils_the_detached_teacher_path_into_the_deployment_path():
     out, labels = fake_outputs(), labels_for()
-    losses = compute_losses(
-        out, labels, None, "osmd", spec_cfg(w_jan=0.0, w_kd=2.0), kd_temperature=3.0
-    )
+    cfg = spec_cfg(w_jan=0.0, w_kd=2.0, kd_source="teacher")
+    losses = compute_losses(out, labels, None, "osmd", cfg, kd_temperature=3.0)
     t = 3.0
     want = (
         F.kl_div(
@@ -286,8 +285,48 @@ def test_osmd_kd_distils_the_detached_teacher_path_into_the_deployment_path():
     losses["kd"].backward()
     assert out["deploy_logits"].grad.abs().sum() > 0
     assert out["teacher_logits"].grad is None or not out["teacher_logits"].grad.any()
-    # Off by default: not computed, not reported.
+    # Off in DESIGN §2's objective (spec_cfg): not computed, not reported.
     assert "kd" not in compute_losses(fake_outputs(), labels, None, "osmd", spec_cfg())
+
+
+def _kd_reference(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    soft = F.softmax(teacher / t, 1)
+    return F.kl_div(F.log_softmax(student / t, 1), soft, reduction="batchmean") * t * t
+
+
+def test_osmd_kd_from_the_privileged_head_by_default_and_logit_kd_from_its_teacher():
+    out, labels = fake_outputs(), labels_for()
+    assert LossConfig().kd_source == "privileged" and LossConfig().w_kd == 1.0
+    priv = compute_losses(
+        out, labels, None, "osmd", spec_cfg(w_jan=0.0, w_kd=1.0, kd_source="privileged")
+    )
+    torch.testing.assert_close(
+        priv["kd"], _kd_reference(out["deploy_logits"], out["priv_logits"], 4.0)
+    )
+    priv["kd"].backward()
+    assert out["deploy_logits"].grad.abs().sum() > 0
+    assert out["priv_logits"].grad is None or not out["priv_logits"].grad.any()
+    # logit_kd's student always learns from its separate teacher, whatever loss.kd_source says.
+    staged = compute_losses(
+        fake_outputs(),
+        labels,
+        None,
+        "logit_kd",
+        spec_cfg(kd_source="privileged"),
+        terms={"kd": 1.0},
+    )
+    fresh = fake_outputs()
+    torch.testing.assert_close(
+        staged["kd"], _kd_reference(fresh["deploy_logits"], fresh["teacher_logits"], 4.0)
+    )
+
+
+def test_kd_from_the_privileged_head_uses_only_rows_that_have_the_privileged_modalities():
+    out, labels = fake_outputs(), labels_for()
+    mask = torch.tensor([True, False, True, True, False, True])
+    losses = compute_losses(out, labels, mask, "osmd", spec_cfg(w_jan=0.0, w_kd=1.0))
+    want = _kd_reference(out["deploy_logits"][mask], out["priv_logits"][mask], 4.0)
+    torch.testing.assert_close(losses["kd"], want)
 
 
 def test_recon_loss_mse_or_l1():

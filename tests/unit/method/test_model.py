@@ -10,7 +10,13 @@ import torch
 from osmd_ray.config import Config, ModelConfig
 from osmd_ray.data.contract import ModalitySpec
 from osmd_ray.method.encoders import DecoderEncoder
-from osmd_ray.method.model import OSMDModel, build_deploy_net, build_model, privileged_mask
+from osmd_ray.method.model import (
+    OSMDModel,
+    build_deploy_net,
+    build_model,
+    privileged_mask,
+    standardised_inverse,
+)
 
 RGB = ModalitySpec("rgb", "image", (3, 12, 12), "uint8")
 DEPTH = ModalitySpec("depth", "image", (1, 12, 12), "float32")
@@ -145,6 +151,38 @@ def test_recon_target_is_the_pooled_normalised_privileged_input_and_trains_only_
     out = model(batch)
     assert out["recon"].shape == target.shape and not out["recon_target"].requires_grad
     assert _grad_owners(model, out["recon"].sum()) == {"E_o", "E_h", "D_h"} - {"E_o"}
+
+
+def test_inverse_recon_target_is_the_standardised_reciprocal_over_rows_that_have_it():
+    depth = torch.tensor([[2.0, 4.0], [0.0, 8.0]]).reshape(1, 1, 2, 2).repeat(3, 1, 1, 1)
+    depth[1] *= 2.0
+    depth[2] = float("nan")  # a row without its privileged input
+    mask = torch.tensor([True, True, False])
+    got = standardised_inverse(depth, mask)
+    # Reciprocals of rows 0 and 1, a missing reading (0) counted as infinitely far (0).
+    inv = torch.tensor([0.5, 0.25, 0.0, 0.125, 0.25, 0.125, 0.0, 0.0625])
+    want = ((inv - inv.mean()) / inv.std()).reshape(2, 1, 2, 2)
+    torch.testing.assert_close(got[:2], want)
+    assert torch.isfinite(got).all()
+    # Per channel: each channel of a two-channel image has its own mean and std.
+    two = torch.cat([depth[:2], 10 * depth[:2]], dim=1)
+    torch.testing.assert_close(standardised_inverse(two)[:, 1:], want)
+
+
+def test_inverse_recon_target_reaches_the_recon_term_and_ignores_rows_without_privileged():
+    cfg = ModelConfig(width=4, depth=2, feature_dim=8, recon_target="inverse")
+    model = make_model("osmd", cfg)
+    batch = make_batch([RGB, DEPTH])
+    batch["depth"] = batch["depth"].abs() + 1.0
+    batch["has_depth"] = torch.tensor([True, True, False, True])
+    batch["depth"][2] = float("nan")
+    out = model(batch)
+    mask = batch["has_depth"]
+    size = out["recon"].shape[1]
+    want = standardised_inverse(batch["depth"], mask).flatten(1)
+    assert size == want.shape[1]  # a full-resolution D_h: no pooling on the way
+    torch.testing.assert_close(out["recon_target"][mask], want[mask])
+    assert not out["recon_target"][~mask].any()
 
 
 def test_logit_kd_teacher_is_separate_from_the_student():
