@@ -198,16 +198,6 @@ def test_e_h_sizes_change_only_the_hallucination_encoder():
     assert shapes == {"osmd_e_h_like_e_o": (1, 0), "osmd_e_h_narrow": (0.25, 0), "osmd": (0.25, 1)}
 
 
-def test_compare_synth_runs_the_unet_variant_beside_the_default_osmd():
-    runs = {
-        r.variant: r.cfg for r in plan_runs(load_spec(REPO / "configs/compare_synth.yaml"), "O")
-    }
-    unet, osmd = runs["osmd_unet"].model, runs["osmd"].model
-    assert (unet.hallucination, unet.recon_target) == ("unet", "inverse")
-    assert (unet.hallucination_width, unet.hallucination_depth) == (1, 0)
-    assert (osmd.hallucination, osmd.recon_target) == ("encoder", "input")
-
-
 def test_ablations_change_exactly_their_piece():
     runs = {r.variant: r.cfg for r in plan_runs(load_spec(REPO / "configs/ablate_synth.yaml"), "O")}
     osmd = runs["osmd"]
@@ -222,6 +212,10 @@ def test_ablations_change_exactly_their_piece():
     assert runs["no_kd"].loss.w_kd == 0
     assert runs["kd_from_teacher"].loss.kd_source == "teacher"
     assert runs["inverse_recon"].model.recon_target == "inverse"
+    unet = runs["unet_disparity"].model
+    assert (unet.hallucination, unet.recon_target) == ("unet", "inverse")
+    assert (unet.hallucination_width, unet.hallucination_depth) == (1, 0)
+    assert (osmd.model.hallucination, osmd.model.recon_target) == ("encoder", "input")
     assert runs["pooled_recon"].model.recon_mode == "pooled"
     assert runs["concat_fusion"].model.fusion == "concat"
     assert runs["sum_fusion"].model.fusion == "sum"
