@@ -499,18 +499,15 @@ def standardised_inverse(x: Tensor, mask: Tensor | None = None) -> Tensor:
     its range, while the far background collapses towards 0 instead of dominating a squared
     error. Rows outside ``mask`` may hold anything (NaN); they do not enter the statistics.
     """
-    rows = x if mask is None else x[mask]
-
-    def inverse(t: Tensor) -> Tensor:
-        return torch.where(t > 0, 1.0 / t.clamp_min(torch.finfo(t.dtype).tiny), 0.0)
-
-    inv_rows = inverse(rows).transpose(0, 1).reshape(x.shape[1], -1)
-    if inv_rows.shape[1] < 2:
+    x = torch.nan_to_num(x, nan=0.0)
+    inv = torch.where(x > 0, 1.0 / x.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+    rows = (inv if mask is None else inv[mask]).transpose(0, 1).reshape(x.shape[1], -1)
+    if rows.shape[1] < 2:
         return torch.zeros_like(x)
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-    mean = inv_rows.mean(dim=1).reshape(shape)
-    std = inv_rows.std(dim=1).clamp_min(1e-6).reshape(shape)
-    return (inverse(torch.nan_to_num(x, nan=0.0)) - mean) / std
+    mean = rows.mean(dim=1).reshape(shape)
+    std = rows.std(dim=1).clamp_min(1e-6).reshape(shape)
+    return (inv - mean) / std
 
 
 def _pooled_size(spec: ModalitySpec, size: int) -> int:

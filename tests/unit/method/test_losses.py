@@ -263,20 +263,16 @@ def test_training_steps_decrease_the_osmd_loss():
         assert last[term] < 0.9 * first[term], (term, first, last)
 
 
+def _kd_reference(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    soft = F.softmax(teacher / t, 1)
+    return F.kl_div(F.log_softmax(student / t, 1), soft, reduction="batchmean") * t * t
+
+
 def test_osmd_kd_distils_the_detached_teacher_path_into_the_deployment_path():
     out, labels = fake_outputs(), labels_for()
     cfg = spec_cfg(w_jan=0.0, w_kd=2.0, kd_source="teacher")
     losses = compute_losses(out, labels, None, "osmd", cfg, kd_temperature=3.0)
-    t = 3.0
-    want = (
-        F.kl_div(
-            F.log_softmax(out["deploy_logits"] / t, 1),
-            F.softmax(out["teacher_logits"] / t, 1),
-            reduction="batchmean",
-        )
-        * t
-        * t
-    )
+    want = _kd_reference(out["deploy_logits"], out["teacher_logits"], 3.0)
     torch.testing.assert_close(losses["kd"], want)
     torch.testing.assert_close(
         losses["total"],
@@ -287,11 +283,6 @@ def test_osmd_kd_distils_the_detached_teacher_path_into_the_deployment_path():
     assert out["teacher_logits"].grad is None or not out["teacher_logits"].grad.any()
     # Off in DESIGN §2's objective (spec_cfg): not computed, not reported.
     assert "kd" not in compute_losses(fake_outputs(), labels, None, "osmd", spec_cfg())
-
-
-def _kd_reference(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
-    soft = F.softmax(teacher / t, 1)
-    return F.kl_div(F.log_softmax(student / t, 1), soft, reduction="batchmean") * t * t
 
 
 def test_osmd_kd_from_the_privileged_head_by_default_and_logit_kd_from_its_teacher():
