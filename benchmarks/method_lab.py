@@ -1,7 +1,7 @@
 """Train the product's own OS-MD model in one process, without Ray or DeepSpeed.
 
-A fast bench for method work (DESIGN §10, issue 3): the same ``build_model`` and
-``compute_losses`` as the Ray Train workers, the same AdamW and cosine schedule, the whole
+A fast bench for method work (DESIGN §10, issue 3): the Ray Train workers' own
+``build_model``, ``batch_losses``, optimiser, cosine schedule and ``evaluate``, with the whole
 dataset in memory. One process with global batch ``data.batch_size x scaling.num_workers``
 stands in for the workers' data-parallel steps (the (J)MMD term then sees the whole global
 batch instead of one rank's share, a small difference). Prints the deployment path's (and
@@ -28,7 +28,6 @@ import torch
 from osmd_ray.config import load_config
 from osmd_ray.data.contract import read_manifest
 from osmd_ray.data.reading import read_split_numpy
-from osmd_ray.method.losses import compute_losses
 from osmd_ray.method.model import build_model
 from osmd_ray.method.stages import (
     method_stages,
@@ -37,28 +36,19 @@ from osmd_ray.method.stages import (
     set_stage_modes,
     stage_at_epoch,
 )
-from osmd_ray.metrics import confusion_matrix, segmentation_scores
-from osmd_ray.train.loop import EVAL_PATHS, lr_schedule
+from osmd_ray.train.loop import batch_losses, build_optimizer, evaluate, lr_schedule
 
 
 def _tensors(split: dict[str, np.ndarray], names: list[str]) -> dict[str, torch.Tensor]:
     return {n: torch.from_numpy(np.ascontiguousarray(split[n])) for n in names}
 
 
-@torch.no_grad()
-def _score(model, data: dict[str, torch.Tensor], path: str, manifest, batch: int = 512) -> float:
-    """Classification: accuracy. Segmentation: mIoU from the summed confusion matrix, as the
-    workers compute it (osmd_ray.metrics), ignore index excluded."""
-    model.eval()
-    confusion = torch.zeros(manifest.num_classes, manifest.num_classes, dtype=torch.long)
-    for i in range(0, data["label"].shape[0], batch):
-        chunk = {k: v[i : i + batch] for k, v in data.items()}
-        logits = model(chunk)[f"{path}_logits"]
-        confusion += confusion_matrix(
-            logits.argmax(1), chunk["label"], manifest.num_classes, manifest.ignore_index
-        )
-    scores = segmentation_scores(confusion)
-    return scores["miou"] if manifest.task == "segmentation" else scores["accuracy"]
+def _evaluate(model, data: dict[str, torch.Tensor], cfg, manifest, batch: int = 512) -> dict:
+    """Every path's scores on one split, by the workers' own ``evaluate`` (one pass over the
+    split; accuracy, or mIoU and pixel accuracy for segmentation, ignore index excluded)."""
+    n = data["label"].shape[0]
+    chunks = ({k: v[i : i + batch] for k, v in data.items()} for i in range(0, n, batch))
+    return evaluate(model, chunks, cfg.method, torch.device("cpu"), manifest)
 
 
 def run(config: str, overrides: list[str]) -> dict:
@@ -72,7 +62,7 @@ def run(config: str, overrides: list[str]) -> dict:
     }
     model = build_model(cfg, manifest)
     parts, groups = part_parameter_groups(model)
-    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = build_optimizer(groups, cfg)
     batch = cfg.data.batch_size * cfg.scaling.num_workers
     n = splits["train"]["label"].shape[0]
     steps_per_epoch = n // batch
@@ -88,15 +78,8 @@ def run(config: str, overrides: list[str]) -> dict:
         for i in range(steps_per_epoch):
             idx = order[i * batch : (i + 1) * batch]
             b = {k: v[idx] for k, v in splits["train"].items()}
-            losses = compute_losses(
-                model(b),
-                b["label"].long(),
-                None,
-                cfg.method,
-                cfg.loss,
-                terms=stage.terms,
-                kd_temperature=cfg.baselines.kd_temperature,
-                ignore_index=manifest.ignore_index,
+            losses = batch_losses(
+                model(b), b, cfg, terms=stage.terms, ignore_index=manifest.ignore_index
             )
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
@@ -114,17 +97,20 @@ def run(config: str, overrides: list[str]) -> dict:
                 for i in last
             ),
         )
+    train_s = round(time.perf_counter() - started, 1)
+    metric = "miou" if manifest.task == "segmentation" else "accuracy"
+    test = _evaluate(model, splits["test"], cfg, manifest)
     result = {
         "overrides": overrides,
         "method": cfg.method,
         "seed": cfg.seed,
-        "metric": "miou" if manifest.task == "segmentation" else "accuracy",
-        "test_deploy": _score(model, splits["test"], "deploy", manifest),
-        "val_deploy": _score(model, splits["val"], "deploy", manifest),
-        "train_s": round(time.perf_counter() - started, 1),
+        "metric": metric,
+        "test_deploy": test["deploy"][metric],
+        "val_deploy": _evaluate(model, splits["val"], cfg, manifest)["deploy"][metric],
+        "train_s": train_s,
     }
-    if "teacher" in EVAL_PATHS[cfg.method]:
-        result["test_teacher"] = _score(model, splits["test"], "teacher", manifest)
+    if "teacher" in test:
+        result["test_teacher"] = test["teacher"][metric]
     return result
 
 
