@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from osmd_ray import compare as compare_mod
@@ -226,6 +227,52 @@ def test_ablations_change_exactly_their_piece():
         for name, cfg in runs.items()
         if name not in ("ordinary_only", "full_multimodal")
     )
+
+
+def _deploy_grads(cfg, model, batch) -> dict[str, torch.Tensor]:
+    """Gradients of the run's whole objective on the deployment network's parameters."""
+    from osmd_ray.train.loop import batch_losses
+
+    model.zero_grad(set_to_none=True)
+    batch_losses(model(batch), batch, cfg)["total"].backward()
+    deploy = {id(p) for p in model.deploy_module().parameters()}
+    return {
+        name: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        for name, p in model.named_parameters()
+        if id(p) in deploy
+    }
+
+
+@pytest.mark.parametrize("name", ["compare_synth.yaml", "compare_synth_seg.yaml"])
+def test_labels_only_control_trains_the_deployment_network_without_privileged_data(name):
+    """The control's deployment network must learn the same whatever the privileged inputs
+    hold (else the control leaks what it is meant to exclude); osmd's must not."""
+    from osmd_ray.data.contract import ModalitySpec
+    from osmd_ray.method.model import OSMDModel
+
+    runs = {r.variant: r.cfg for r in plan_runs(load_spec(REPO / "configs" / name), "O")}
+    segmentation = "seg" in name
+    rgb = ModalitySpec("rgb", "image", (3, 8, 8), "uint8")
+    depth = ModalitySpec("depth", "image", (1, 8, 8), "float32")
+    gen = torch.Generator().manual_seed(0)
+    label_shape = (6, 8, 8) if segmentation else (6,)
+    batch = {
+        "rgb": torch.randint(0, 256, (6, 3, 8, 8), generator=gen).to(torch.uint8),
+        "depth": torch.rand(6, 1, 8, 8, generator=gen) * 4 + 1,
+        "label": torch.randint(0, 3, label_shape, generator=gen),
+    }
+    other_depth = dict(batch, depth=torch.rand(6, 1, 8, 8, generator=gen) * 4 + 1)
+    changed = {}
+    for variant in ("labels_only", "osmd"):
+        cfg = runs[variant]
+        cfg.model.width, cfg.model.depth, cfg.model.feature_dim = 4, 2, 8
+        torch.manual_seed(0)
+        model = OSMDModel("osmd", [rgb], [depth], 3, cfg.model, None, (8, 8) if segmentation else None)
+        first, second = _deploy_grads(cfg, model, batch), _deploy_grads(cfg, model, other_depth)
+        assert any(g.abs().sum() > 0 for g in first.values())
+        changed[variant] = [k for k in first if not torch.allclose(first[k], second[k])]
+    assert changed["labels_only"] == []
+    assert changed["osmd"], "osmd's deployment network should learn from the privileged input"
 
 
 # ---------------------------------------------------------------------------------------------
