@@ -267,7 +267,8 @@ def test_labels_only_control_trains_the_deployment_network_without_privileged_da
         cfg = runs[variant]
         cfg.model.width, cfg.model.depth, cfg.model.feature_dim = 4, 2, 8
         torch.manual_seed(0)
-        model = OSMDModel("osmd", [rgb], [depth], 3, cfg.model, None, (8, 8) if segmentation else None)
+        output_size = (8, 8) if segmentation else None
+        model = OSMDModel("osmd", [rgb], [depth], 3, cfg.model, None, output_size)
         first, second = _deploy_grads(cfg, model, batch), _deploy_grads(cfg, model, other_depth)
         assert any(g.abs().sum() > 0 for g in first.values())
         changed[variant] = [k for k in first if not torch.allclose(first[k], second[k])]
