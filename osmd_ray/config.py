@@ -87,6 +87,9 @@ class ModelConfig:
     """Dropout before the heads."""
     norm: str = "batch"
     """Normalisation in the CNN encoders: batch or group (no running statistics)."""
+    pool: str = "avg"
+    """Image small_cnn (classification): how the last feature map becomes a vector, avg
+    (global average) or max (global max)."""
     teacher_detach_ordinary: bool = False
     """osmd: the teacher path sees stopgrad(z_o), so E_o learns only from the deployment path
     (with real privileged features beside it, E_o could otherwise stay lazy)."""
@@ -259,6 +262,7 @@ NORMS = ("batch", "group")
 SCHEDULES = ("cosine", "constant")
 FUSIONS = ("ctn", "concat", "sum")
 RECON_MODES = ("dense", "pooled")
+POOLS = ("avg", "max")
 HALLUCINATIONS = ("encoder", "unet")
 RECON_LOSSES = ("mse", "l1")
 RECON_TARGETS = ("input", "inverse")
@@ -542,6 +546,7 @@ def _check_model(model: ModelConfig) -> None:
         )
     _at_least(model.recon_size, 1, "model.recon_size")
     _one_of(model.recon_mode, RECON_MODES, "model.recon_mode")
+    _one_of(model.pool, POOLS, "model.pool")
     _one_of(model.recon_target, RECON_TARGETS, "model.recon_target")
     _one_of(model.hallucination, HALLUCINATIONS, "model.hallucination")
     _positive(model.hallucination_lr_scale, "model.hallucination_lr_scale")

@@ -131,6 +131,7 @@ class SmallCNN(nn.Module):
         feature_dim: int,
         shared_stages: Sequence[nn.Module] = (),
         norm: str = "batch",
+        pool: str = "avg",
     ) -> None:
         super().__init__()
         self.norm = norm
@@ -144,7 +145,7 @@ class SmallCNN(nn.Module):
             stages.append(self._stage(c_in, width * 2**i, stride=1 if i == 0 else 2))
         self.stages = nn.ModuleList(stages)
         self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
+            nn.AdaptiveMaxPool2d(1) if pool == "max" else nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
             nn.Linear(width * 2 ** (depth - 1), feature_dim),
             nn.ReLU(),
@@ -391,7 +392,13 @@ def build_modality_encoder(
         choice = cfg.image_encoder
         if choice == "small_cnn":
             body = SmallCNN(
-                channels, cfg.width, cfg.depth, cfg.feature_dim, shared_stages, norm=cfg.norm
+                channels,
+                cfg.width,
+                cfg.depth,
+                cfg.feature_dim,
+                shared_stages,
+                norm=cfg.norm,
+                pool=cfg.pool,
             )
         elif shared_stages:
             raise ValueError("model.hallucination_shared_stages needs image_encoder=small_cnn")
@@ -662,7 +669,12 @@ class DecoderEncoder(nn.Module):
         in_channels = sum(num_channels(s) for s in self.specs)
         self.trunk = UNetTrunk(in_channels, cfg.width, levels=3, norm=cfg.norm)
         self.body = SmallCNN(
-            self.trunk.out_channels, cfg.width, cfg.depth, cfg.feature_dim, norm=cfg.norm
+            self.trunk.out_channels,
+            cfg.width,
+            cfg.depth,
+            cfg.feature_dim,
+            norm=cfg.norm,
+            pool=cfg.pool,
         )
 
     map_source = "trunk"

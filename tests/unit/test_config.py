@@ -294,6 +294,7 @@ def test_validate_checks_types_of_hand_built_configs():
         (["loss.recon_loss=huber"], "loss.recon_loss", "l1"),
         (["loss.kd_source=student"], "loss.kd_source", "privileged"),
         (["model.recon_target=disparity"], "model.recon_target", "inverse"),
+        (["model.pool=min"], "model.pool", "max"),
         (["model.hallucination_lr_scale=0"], "model.hallucination_lr_scale", "> 0"),
         (["model.hallucination=decoder"], "model.hallucination", "unet"),
         (["model.hallucination_width=0"], "model.hallucination_width", "> 0"),

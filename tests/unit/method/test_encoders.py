@@ -80,6 +80,22 @@ def test_small_cnn_stage_layout():
     assert net(torch.randn(2, 3, 9, 9)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_small_cnn_pools_its_last_map_as_model_pool_says(pool):
+    torch.manual_seed(0)
+    net = SmallCNN(in_channels=3, width=4, depth=2, feature_dim=5, pool=pool).eval()
+    x = torch.randn(2, 3, 8, 8)
+    fmap = net.feature_map(x)
+    pooled = fmap.amax(dim=(2, 3)) if pool == "max" else fmap.mean(dim=(2, 3))
+    expected = torch.relu(net.head[2](pooled))
+    torch.testing.assert_close(net(x), expected)
+    # The config reaches the encoder the builder makes.
+    cfg = ModelConfig(width=4, depth=2, pool=pool)
+    built = build_modality_encoder(RGB, cfg, _identity_stats(RGB))
+    want = nn.AdaptiveMaxPool2d if pool == "max" else nn.AdaptiveAvgPool2d
+    assert isinstance(built.body.head[0], want)
+
+
 def test_role_encoder_single_and_multi_modality():
     single = RoleEncoder([IMU], CFG, None)
     assert isinstance(single.project, nn.Identity)
