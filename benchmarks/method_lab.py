@@ -4,9 +4,10 @@ A fast bench for method work (DESIGN §10, issue 3): the Ray Train workers' own
 ``build_model``, ``batch_losses``, optimiser, cosine schedule and ``evaluate``, with the whole
 dataset in memory. One process with global batch ``data.batch_size x scaling.num_workers``
 stands in for the workers' data-parallel steps (the (J)MMD term then sees the whole global
-batch instead of one rank's share, a small difference). Prints the deployment path's (and
-the teacher path's) test accuracy per run as one JSON line; for a segmentation dataset, the
-test mIoU (ignore index excluded), as the workers compute it.
+batch instead of one rank's share, a small difference). Prints, as one JSON line per run,
+the deployment path's (and the teacher path's) test accuracy and the deployment path's
+accuracy on the training split (``train_deploy``); for a segmentation dataset, mIoU instead
+(ignore index excluded), as the workers compute it.
 
 Example::
 
@@ -108,6 +109,8 @@ def run(config: str, overrides: list[str]) -> dict:
         "test_deploy": test["deploy"][metric],
         "val_deploy": _evaluate(model, splits["val"], cfg, manifest)["deploy"][metric],
         "train_s": train_s,
+        # On the training split: tells under-fitting (too few steps) from over-fitting.
+        "train_deploy": _evaluate(model, splits["train"], cfg, manifest)["deploy"][metric],
     }
     if "teacher" in test:
         result["test_teacher"] = test["teacher"][metric]
