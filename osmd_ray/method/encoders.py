@@ -120,7 +120,7 @@ class SmallCNN(nn.Module):
 
     Stage i: Conv(3x3, stride 1 for the first stage, else 2), norm, ReLU, Conv(3x3), norm,
     ReLU, with ``width * 2**i`` channels (norm: see :func:`channel_norm`). Head: global
-    average pool, Linear to ``feature_dim``, ReLU.
+    average (or, ``pool="max"``, max) pool, Linear to ``feature_dim``, ReLU.
     """
 
     def __init__(
@@ -137,6 +137,8 @@ class SmallCNN(nn.Module):
         self.norm = norm
         if depth < 1:
             raise ValueError(f"small_cnn needs model.depth >= 1, got {depth}")
+        if pool not in ("avg", "max"):
+            raise ValueError(f"small_cnn pools with avg or max (model.pool), got {pool!r}")
         if len(shared_stages) > depth:
             raise ValueError(f"cannot share {len(shared_stages)} stages of a {depth}-stage CNN")
         stages: list[nn.Module] = list(shared_stages)

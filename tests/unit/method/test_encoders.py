@@ -96,6 +96,11 @@ def test_small_cnn_pools_its_last_map_as_model_pool_says(pool):
     assert isinstance(built.body.head[0], want)
 
 
+def test_small_cnn_refuses_an_unknown_pooling():
+    with pytest.raises(ValueError, match="model.pool"):
+        SmallCNN(in_channels=3, width=4, depth=2, feature_dim=5, pool="min")
+
+
 def test_role_encoder_single_and_multi_modality():
     single = RoleEncoder([IMU], CFG, None)
     assert isinstance(single.project, nn.Identity)
