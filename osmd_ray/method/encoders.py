@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from osmd_ray.config import ModelConfig
+from osmd_ray.config import POOLS, ModelConfig
 from osmd_ray.data.contract import ModalitySpec
 
 Normalization = Mapping[str, Mapping[str, Sequence[float]]]
@@ -137,8 +137,8 @@ class SmallCNN(nn.Module):
         self.norm = norm
         if depth < 1:
             raise ValueError(f"small_cnn needs model.depth >= 1, got {depth}")
-        if pool not in ("avg", "max"):
-            raise ValueError(f"small_cnn pools with avg or max (model.pool), got {pool!r}")
+        if pool not in POOLS:
+            raise ValueError(f"small_cnn pools with one of {POOLS} (model.pool), got {pool!r}")
         if len(shared_stages) > depth:
             raise ValueError(f"cannot share {len(shared_stages)} stages of a {depth}-stage CNN")
         stages: list[nn.Module] = list(shared_stages)
