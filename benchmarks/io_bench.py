@@ -389,10 +389,10 @@ def run(args: argparse.Namespace, info: dict[str, Any], with_s3: bool) -> dict[s
     import ray
     import ray.data
 
-    from osmd_ray.config import Config
+    from osmd_ray import cluster
     from osmd_ray.data.contract import read_manifest
     from osmd_ray.data.reading import read_split
-    from osmd_ray.train.runner import ensure_ray, in_memory_dataset
+    from osmd_ray.train.runner import in_memory_dataset
 
     roots = make_datasets(args, with_s3)
     limits = {}
@@ -402,7 +402,7 @@ def run(args: argparse.Namespace, info: dict[str, Any], with_s3: bool) -> dict[s
         say(f"pyarrow limit ({where}): {median(rates):.0f} samples/s")
 
     started = time.perf_counter()
-    ensure_ray(Config())
+    cluster.ensure_ray(worker_cpus=2, use_gpu=False)
     ray_start_s = time.perf_counter() - started
     say(f"Ray started in {ray_start_s:.1f} s")
     writes = None

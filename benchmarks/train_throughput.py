@@ -370,13 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     if setups:
         import ray
 
-        from osmd_ray.train.runner import ensure_ray
+        from osmd_ray import cluster
 
         # Send the helpers by value: Ray workers do not have benchmarks/ on their path.
         ray.cloudpickle.register_pickle_by_value(_common)
-        ensure_ray(
-            load_cfg(args.config, [*args.set, "scaling.num_workers=2", "scaling.cpus_per_worker=1"])
-        )
+        cluster.ensure_ray(worker_cpus=2, use_gpu=False)
         storage = tempfile.mkdtemp(prefix="osmd-bench-ray-")
         for setup in setups:
             workers, zero = int(setup[1 : setup.index("z")]), int(setup[setup.index("z") + 1 :])

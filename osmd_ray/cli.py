@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from osmd_ray import __version__
+from osmd_ray.errors import INPUT_ERRORS, describe
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -248,16 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from osmd_ray.config import ConfigError
-    from osmd_ray.data.contract import DataError
-    from osmd_ray.deploy import DeployError
-    from osmd_ray.storage import StorageError
-    from osmd_ray.train.runner import RunError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, DeployError, RunError, StorageError) as error:
+    except INPUT_ERRORS as error:
         print(f"osmd {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -266,22 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     except Exception as error:  # a failed distributed run: show the root cause, not Ray's stack
-        cause = _root_cause(error)
-        print(f"osmd {args.command}: failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+        print(f"osmd {args.command}: failed: {describe(error, one_line=False)}", file=sys.stderr)
         if os.environ.get("OSMD_DEBUG"):
             raise
         return EXIT_FAILED
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    seen = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        nxt = error.__cause__ or getattr(error, "cause", None)
-        if not isinstance(nxt, BaseException):
-            break
-        error = nxt
-    return error
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import math
 import os
 import re
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,10 +40,9 @@ from typing import Any
 
 import yaml
 
-from osmd_ray import storage
+from osmd_ray import cluster, storage
 from osmd_ray.config import (
     Config,
-    ConfigError,
     DataConfig,
     apply_overrides,
     dump_yaml,
@@ -52,6 +50,8 @@ from osmd_ray.config import (
     load_config,
     saved_config_matches,
 )
+from osmd_ray.errors import ConfigError, SpecError, describe
+from osmd_ray.figures import save_png
 from osmd_ray.main_job import gap_closure
 from osmd_ray.spec_file import read_spec, reject_unknown, spec_base
 
@@ -87,10 +87,6 @@ NOISE_RULE = (
 
 TrainFn = Callable[[Config, str], Mapping[str, Any]]
 MeasureFn = Callable[[str], "DeployStats"]
-
-
-class SpecError(ConfigError):
-    """A compare spec problem; ``key`` is the spec key at fault (e.g. ``variants[2].name``)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,15 +455,9 @@ def run_compare(
 
 
 def _start_ray(cfg: Config, concurrent: int) -> None:
-    """Ray sized for ``concurrent`` runs at once: each run's workers and their data tasks.
-
-    ensure_ray sizes a local instance for one run's workers (plus room for Ray Data); asking
-    it for ``concurrent`` times the workers gives every run that room.
-    """
-    from osmd_ray.train.runner import ensure_ray
-
-    workers = cfg.scaling.num_workers * concurrent
-    ensure_ray(apply_overrides(cfg, [f"scaling.num_workers={workers}"]))
+    """Ray sized for ``concurrent`` runs at once: each run's workers and their data tasks."""
+    scaling = cfg.scaling
+    cluster.ensure_ray(scaling.num_workers * scaling.cpus_per_worker * concurrent, scaling.use_gpu)
 
 
 def _train_all(
@@ -492,7 +482,7 @@ def _train_all(
         except Exception as error:  # recorded; the other runs go on
             if interrupted.is_set():
                 return
-            message = _describe(error)
+            message = describe(error)
             result.failures[run.name] = message
             print(f"[compare] {run.name}: FAILED: {message}", flush=True)
             return
@@ -521,24 +511,8 @@ def _train_all(
     except KeyboardInterrupt:
         interrupted.set()
         print("[compare] interrupted: stopping the runs in flight", flush=True)
-        _stop_ray()
+        cluster.stop_ray()
         raise
-
-
-def _stop_ray() -> None:
-    import sys
-
-    ray = sys.modules.get("ray")  # only if a run started it
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
-
-
-def _describe(error: BaseException) -> str:
-    from osmd_ray.cli import _root_cause
-
-    cause = _root_cause(error)
-    text = " ".join(str(cause).split())
-    return f"{type(cause).__name__}: {text}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,7 +612,7 @@ def collect_rows(
                 latency_ms_b64=stats.latency_ms_b64,
             )
         except Exception as error:  # the accuracy stands without the latency
-            print(f"[compare] {run.name}: cannot measure deploy/: {_describe(error)}", flush=True)
+            print(f"[compare] {run.name}: cannot measure deploy/: {describe(error)}", flush=True)
         rows.append(row)
     return rows
 
@@ -844,18 +818,14 @@ def format_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def plot_summary(spec: CompareSpec, rows: Sequence[Mapping[str, Any]], path: str) -> None:
     """Per dataset: deployment accuracy (and gap closure) per variant, error bars = std."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     summary = summarize(spec, rows)
     panels = 2 if spec.lower and spec.upper else 1
     columns = max(1, len(summary))
     width = max(5.0, 0.7 * len(spec.variants) + 2)
-    fig, axes = plt.subplots(
-        panels, columns, figsize=(width * columns, 3.6 * panels), squeeze=False
-    )
+    fig = Figure(figsize=(width * columns, 3.6 * panels))
+    axes = fig.subplots(panels, columns, squeeze=False)
     for col, (dataset, entries) in enumerate(summary.items() or [("no runs", [])]):
         names = [e["variant"] for e in entries]
         xs = range(len(names))
@@ -877,8 +847,7 @@ def plot_summary(spec: CompareSpec, rows: Sequence[Mapping[str, Any]], path: str
             if row == 0:
                 ax.set_title(f"{dataset} (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _relative(run_dir: str, out: str) -> str:
@@ -890,36 +859,13 @@ def _relative(run_dir: str, out: str) -> str:
 def write_outputs(
     spec: CompareSpec, out: str, overrides: Sequence[str], result: CompareResult
 ) -> None:
-    """results.csv, summary.md and summary.png in ``out``. For an object store they are
-    made in a local temporary folder and uploaded one PUT each (atomic per object)."""
-    if storage.is_remote(out):
-        with tempfile.TemporaryDirectory(prefix="osmd-compare-") as tmp:
-            write_outputs(spec, tmp, overrides, result)
-            for name in ("results.csv", "summary.md", "summary.png"):
-                local = os.path.join(tmp, name)
-                if os.path.exists(local):
-                    storage.write_bytes(storage.join(out, name), Path(local).read_bytes())
-        return
-    os.makedirs(out, exist_ok=True)
+    """results.csv, summary.md and summary.png in ``out``, each written whole or not at all
+    (:func:`osmd_ray.storage.write_bytes`: one PUT on an object store)."""
     csv_text = format_csv(result.rows)
     md_text = format_summary(spec, overrides, result.rows, result.failures)
-    _atomic_write(os.path.join(out, "results.csv"), lambda tmp: Path(tmp).write_text(csv_text))
-    _atomic_write(os.path.join(out, "summary.md"), lambda tmp: Path(tmp).write_text(md_text))
-    plot_summary(spec, result.rows, os.path.join(out, "summary.png"))
-
-
-def _atomic_write(path: str, write: Callable[[str], Any]) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".part")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    storage.write_bytes(storage.join(out, "results.csv"), csv_text.encode("utf-8"))
+    storage.write_bytes(storage.join(out, "summary.md"), md_text.encode("utf-8"))
+    plot_summary(spec, result.rows, storage.join(out, "summary.png"))
 
 
 def compare(

@@ -20,7 +20,6 @@ import math
 import numbers
 import os
 import re
-import tempfile
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from osmd_ray import storage
+from osmd_ray.errors import ConfigError
 
 
 @dataclass
@@ -278,19 +280,6 @@ SEED_LIMIT = 2**32
 """Seeds must be below this: numpy's legacy and Ray Data's seeding reject larger ones."""
 
 
-class ConfigError(ValueError):
-    """A config problem; ``key`` is the dotted key at fault ("" when it is the file as a whole)."""
-
-    def __init__(self, message: str, key: str) -> None:
-        super().__init__(message)
-        self.key = key
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Ray ships exceptions between processes by pickling; the default reduce would call
-        # ConfigError(message) and lose the key.
-        return (type(self), (str(self), self.key))
-
-
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
@@ -388,26 +377,10 @@ _Dumper.add_representer(list, _Dumper.represent_list)
 
 
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
-    """Validate ``cfg`` and write it as YAML to a local ``path`` atomically.
-
-    The text goes to a temporary file in the same folder which is then renamed over ``path``,
-    so a reader (or a crash) never sees half a file.
-    """
+    """Validate ``cfg`` and write it as YAML to ``path`` whole or not at all
+    (:func:`osmd_ray.storage.write_bytes`), so a reader (or a crash) never sees half a file."""
     validate(cfg)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(dump_yaml(cfg))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a run's config is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    storage.write_bytes(os.fspath(path), dump_yaml(cfg).encode("utf-8"))
 
 
 def check_against_manifest(cfg: Config, manifest: Any) -> None:

@@ -43,6 +43,7 @@ from torch import Tensor
 from osmd_ray import __version__
 from osmd_ray.config import ModelConfig
 from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.errors import DeployError
 from osmd_ray.method.encoders import Normalization, resolve_normalization
 from osmd_ray.method.model import (
     DEPLOY_NEEDS_PRIVILEGED_SPECS,
@@ -56,10 +57,6 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 # How many names of non-finite tensors an error message lists.
 _NAMES_SHOWN = 5
-
-
-class DeployError(Exception):
-    """An export that cannot be loaded or an input the deployed model cannot take."""
 
 
 def _spec_to_json(spec: ModalitySpec) -> dict[str, Any]:

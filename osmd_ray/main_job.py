@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from osmd_ray import storage
 from osmd_ray.config import apply_overrides, load_config
 
 METHODS_IN_TABLE = ("ordinary_only", "full_multimodal", "osmd")
@@ -80,8 +81,8 @@ def run_main_job(config_path: str, out: str, overrides: Sequence[str] = ()) -> l
         )
     rows = results_table(results)
     table = format_table(rows)
-    with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(f"# Main job: {config_path} {' '.join(overrides)}\n\n{table}\n")
+    summary = f"# Main job: {config_path} {' '.join(overrides)}\n\n{table}\n"
+    storage.write_bytes(os.path.join(out, "summary.md"), summary.encode("utf-8"))
     print("\n" + table + "\n")
     print(f"runs and summary.md in {os.path.abspath(out)}")
     return rows

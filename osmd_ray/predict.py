@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from osmd_ray import storage
-from osmd_ray.data.contract import DataError, read_manifest
+from osmd_ray.data.contract import read_manifest
+from osmd_ray.errors import DataError
 
 
 def predict_split(
@@ -163,12 +164,11 @@ def _write_table(columns: dict[str, Any], out: str, summary: str) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if storage.is_remote(out):
-        # One PUT: the object appears whole or not at all.
-        buffer = pa.BufferOutputStream()
-        pq.write_table(pa.table(columns), buffer)
-        storage.write_bytes(out, buffer.getvalue().to_pybytes())
-        return summary
+    # Streamed into a temporary file (or object) moved into place: a full disk or a crash
+    # leaves the previous file and no half-written one.
+    with storage.atomic_writer(out) as f:
+        pq.write_table(pa.table(columns), f)
+    return summary
     folder, name = os.path.split(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")

@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from osmd_ray.config import ConfigError, read_text_file
+from osmd_ray.config import read_text_file
+from osmd_ray.errors import ConfigError
 
 Fail = Callable[[str, str], ConfigError]
 

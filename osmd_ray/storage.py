@@ -25,11 +25,15 @@ import posixpath
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from osmd_ray.errors import StorageError
 
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
 REGION_ENVS = ("AWS_REGION", "AWS_DEFAULT_REGION")
@@ -43,10 +47,6 @@ MAX_ATTEMPTS = 3
 WAIT_POLL_S = 3.0
 
 _endpoint_override: str | None = None
-
-
-class StorageError(OSError):
-    """An object store that cannot be used: the message names the bucket and what to check."""
 
 
 def set_endpoint(url: str | None) -> None:
@@ -155,35 +155,66 @@ def read_text(path: str) -> str | None:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` so that a reader sees the old content or the new, never half of it.
-
-    Locally: a temporary file beside ``path``, flushed, then renamed over it. On S3 a single
-    PUT is atomic already (an object appears whole or not at all).
-    """
+    """Write ``data`` so that a reader sees the old content or the new, never half of it:
+    locally through :func:`atomic_writer`; on S3 one PUT, atomic already (an object appears
+    whole or not at all)."""
     if is_remote(path):
         fs, p = url_to_fs(path)
         fs.pipe_file(p, data)
         return
-    write_local_atomic(path, lambda f: f.write(data))
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
-def write_local_atomic(path: str, write: Callable[[BinaryIO], Any]) -> None:
-    """Call ``write`` on a temporary file beside the local ``path``, flush it to disk and move
-    it into place; on any exception (a full disk) the previous file stays and the temporary
-    file is removed."""
-    folder, name = os.path.split(os.path.abspath(path))
+def temporary_name(path: str) -> str:
+    """The hidden name a file is written under before it moves to ``path``: a dot first and
+    ``.tmp-`` in it, so no reader (nor a dataset check) takes it for the finished file."""
+    head, tail = posixpath.split(path)
+    return posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+@contextlib.contextmanager
+def atomic_writer(
+    path: str, fs: fsspec.AbstractFileSystem | None = None
+) -> Iterator[BinaryIO]:
+    """A binary file whose content appears at ``path`` whole when the block ends, or not at all.
+
+    ``path`` is a local path or URI, or, with ``fs``, a path inside that fsspec filesystem.
+    Locally the file is written under :func:`temporary_name`, flushed to disk (fsync) and
+    renamed over ``path``. Elsewhere it streams to a temporary object that is then moved into
+    place (for files too large to hold in memory; :func:`write_bytes` makes one PUT). On any
+    exception (a full disk) the previous content stays and the temporary is removed.
+    """
+    if fs is None:
+        fs, path = url_to_fs(path)
+    if not isinstance(fs, LocalFileSystem):
+        yield from _remote_atomic(fs, path)
+        return
+    folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    tmp = temporary_name(os.path.abspath(path))
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        with open(tmp, "xb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; run files are meant to be read
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+def _remote_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[BinaryIO]:
+    tmp = temporary_name(path)
+    try:
+        with fs.open(tmp, "wb") as f:
+            yield f
+        fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if fs.exists(tmp):
+                fs.rm(tmp)
         raise
 
 

@@ -37,7 +37,6 @@ import math
 import os
 import posixpath
 import re
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,10 +45,9 @@ from typing import Any
 
 import yaml
 
-from osmd_ray import storage
+from osmd_ray import cluster, storage
 from osmd_ray.config import (
     Config,
-    ConfigError,
     apply_overrides,
     config_from_dict,
     config_to_dict,
@@ -57,6 +55,9 @@ from osmd_ray.config import (
     flatten_keys,
     load_config,
 )
+from osmd_ray.errors import ConfigError, SweepSpecError
+from osmd_ray.figures import save_png
+from osmd_ray.ray_private_api import on_worker_group_start
 from osmd_ray.spec_file import read_spec, reject_unknown, spec_base
 
 SPEC_KEYS = (
@@ -91,10 +92,6 @@ SPEC_COPY = "sweep.yaml"
 CSV_FILE = "trials.csv"
 BEST_FILE = "best.yaml"
 PLOT_FILE = "summary.png"
-
-
-class SweepSpecError(ConfigError):
-    """A sweep spec problem; ``key`` is the spec key at fault (e.g. ``space.train.lr``)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,15 +443,9 @@ def _pg_record(out: str, trial_id: str) -> str:
 
 def placement_group_recorder(path: str) -> Any:
     """A Ray Train callback that writes the hex id of the worker group's placement group."""
-    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
-
-    class RecordPlacementGroup(WorkerGroupCallback):
-        def after_worker_group_start(self, worker_group: Any) -> None:
-            state = worker_group.get_worker_group_state()
-            group_id = state.placement_group_handle.placement_group.id.hex()
-            storage.write_bytes(storage.join(path, group_id), b"")
-
-    return RecordPlacementGroup()
+    return on_worker_group_start(
+        lambda group_id: storage.write_bytes(storage.join(path, group_id), b"")
+    )
 
 
 def placement_group_cleaner(out: str) -> Any:
@@ -641,11 +632,9 @@ def _check_same_sweep(out: str, spec_text: str) -> None:
 def _start_ray(spec: SweepSpec, cfg: Config) -> None:
     """A local instance with room for the concurrent trials: each trial's driver (1 CPU), its
     workers and their data tasks; or the cluster in RAY_ADDRESS."""
-    from osmd_ray.train.runner import ensure_ray
-
     per_trial = spec.num_workers * spec.cpus_per_worker + 1
     workers = math.ceil(per_trial * spec.max_concurrent_trials / spec.cpus_per_worker)
-    ensure_ray(apply_overrides(cfg, [f"scaling.num_workers={workers}", "scaling.use_gpu=false"]))
+    cluster.ensure_ray(workers * spec.cpus_per_worker, use_gpu=False)
 
 
 def _build_scheduler(spec: SweepSpec, cfg: Config) -> Any:
@@ -766,24 +755,18 @@ def write_outputs(
             f"# Train it as is: {train_it}\n"
         )
         storage.write_bytes(best_path, (header + dump_yaml(best_cfg)).encode("utf-8"))
-    with tempfile.TemporaryDirectory(prefix="osmd-sweep-") as tmp:
-        plot_summary(rows, spec, os.path.join(tmp, PLOT_FILE))
-        storage.write_bytes(storage.join(out, PLOT_FILE), Path(tmp, PLOT_FILE).read_bytes())
+    plot_summary(rows, spec, storage.join(out, PLOT_FILE))
 
 
 def plot_summary(rows: Sequence[dict[str, Any]], spec: SweepSpec, path: str) -> None:
     """The metric (best over each trial's epochs) against each searched parameter."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+    from matplotlib.figure import Figure
 
     n = len(spec.space)
     cols = min(n, 3)
-    fig, axes = plt.subplots(
-        math.ceil(n / cols), cols, figsize=(4.2 * cols, 3.4 * math.ceil(n / cols)), squeeze=False
-    )
+    fig = Figure(figsize=(4.2 * cols, 3.4 * math.ceil(n / cols)))
+    axes = fig.subplots(math.ceil(n / cols), cols, squeeze=False)
     colors = {"COMPLETED": "tab:blue", "STOPPED_EARLY": "tab:orange", "ERROR": "tab:red"}
     for ax, param in zip(axes.flat, spec.space, strict=False):
         for status, color in colors.items():
@@ -810,10 +793,7 @@ def plot_summary(rows: Sequence[dict[str, Any]], spec: SweepSpec, path: str) -> 
         fig.legend(handles, labels, loc="upper right", fontsize=8)
     fig.suptitle(f"{Path(spec.path).stem}: {len(rows)} trials")
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path)
 
 
 def _status_counts(rows: Sequence[dict[str, Any]]) -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from osmd_ray.figures import save_png
+
 
 def _check(name: str, array: np.ndarray | None, ndim: int, rows: int, hw: tuple[int, int]):
     if array is None:
@@ -62,7 +64,6 @@ def write_segmentation_pictures(
     (N, H, W). Panels whose array is None are left out. Returns the written paths.
     """
     from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -91,7 +92,6 @@ def write_segmentation_pictures(
             panels.append(("ground truth", _label_image(labels[i], colours, ignore_index), None))
         panels.append(("prediction", _label_image(predictions[i], colours, ignore_index), None))
         fig = Figure(figsize=(2.6 * len(panels), 2.6 * hw[0] / hw[1] + 0.9))
-        FigureCanvasAgg(fig)
         for j, (title, image, map_name) in enumerate(panels):
             ax = fig.add_subplot(1, len(panels), j + 1)
             ax.imshow(image, cmap=map_name, interpolation="nearest")
@@ -104,6 +104,6 @@ def write_segmentation_pictures(
             ]
             fig.legend(handles=handles, loc="lower center", ncol=min(7, len(handles)), fontsize=6)
         path = out / f"{i:04d}.png"
-        fig.savefig(path, dpi=80)
+        save_png(fig, str(path), dpi=80)
         written.append(path)
     return written

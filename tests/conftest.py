@@ -18,11 +18,10 @@ def ray_local():
     """One local Ray instance for the whole session, sized like `osmd train` sizes its own."""
     import ray
 
-    from osmd_ray.config import Config
-    from osmd_ray.train.runner import ensure_ray
+    from osmd_ray import cluster
 
     os.environ.pop("RAY_ADDRESS", None)
-    ensure_ray(Config())
+    cluster.ensure_ray(worker_cpus=2, use_gpu=False)
     yield ray
     ray.shutdown()
 

@@ -15,12 +15,12 @@ from functools import wraps
 from osmd_ray.data.contract import (
     DEFAULT_SHARD_MB,
     PARALLEL_MIN_BYTES,
-    DataError,
     Manifest,
     check_dataset,
     read_manifest,
 )
-from osmd_ray.storage import StorageError, check_bucket
+from osmd_ray.errors import DataError, StorageError
+from osmd_ray.storage import check_bucket
 
 # Help texts keep their own line breaks (RawDescriptionHelpFormatter), so they stay narrow.
 _EPILOG_LAYOUT = """\

@@ -33,6 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from osmd_ray import cluster, storage
+from osmd_ray.errors import DataError
+
 SCHEMA_VERSION = 1
 KINDS = ("image", "sequence", "vector")
 TASKS = ("classification", "segmentation")
@@ -64,10 +67,6 @@ _ROW_GROUP_BYTES = 64 * 2**20
 _ROW_OVERHEAD_BYTES = 32
 # How long a failed parallel write waits for its cancelled shard tasks to end.
 _CANCEL_WAIT_S = 60.0
-
-
-class DataError(Exception):
-    """A dataset (or the input to write one) breaks the contract; the message says where."""
 
 
 @dataclass(frozen=True)
@@ -391,8 +390,6 @@ def _join(root: str, rel: str) -> str:
 def _url_to_fs(root: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """fsspec filesystem and the protocol-less path of ``root`` (s3:// with the endpoint,
     timeouts and retries of osmd_ray.storage)."""
-    from osmd_ray import storage
-
     fs, path = storage.url_to_fs(root)
     return fs, path.rstrip("/") or path
 
@@ -453,45 +450,17 @@ class _HashingSink:
         self.closed = True
 
 
-def _tmp_name(path: str) -> str:
-    """A hidden temporary name beside ``path``; it does not end in .parquet, so no reader or
-    check mistakes a half-written file for a shard."""
-    head, tail = posixpath.split(path)
-    return posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:12]}")
-
-
 def _write_parquet_atomic(
     fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, row_group_size: int | None = None
 ) -> tuple[int, str]:
-    """Write ``table`` to a temporary name and move it into place; return (bytes, sha256)."""
-    tmp = _tmp_name(path)
-    try:
-        with fs.open(tmp, "wb") as raw:
-            sink = _HashingSink(raw)
-            if row_group_size is None:
-                pq.write_table(table, sink)
-            else:
-                pq.write_table(table, sink, row_group_size=row_group_size)
-        fs.mv(tmp, path)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            if fs.exists(tmp):
-                fs.rm(tmp)
-        raise
+    """Write ``table`` whole or not at all (storage.atomic_writer); return (bytes, sha256)."""
+    with storage.atomic_writer(path, fs) as raw:
+        sink = _HashingSink(raw)
+        if row_group_size is None:
+            pq.write_table(table, sink)
+        else:
+            pq.write_table(table, sink, row_group_size=row_group_size)
     return sink.size, sink.sha.hexdigest()
-
-
-def _write_text_atomic(fs: fsspec.AbstractFileSystem, path: str, text: str) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with fs.open(tmp, "wb") as f:
-            f.write(text.encode("utf-8"))
-        fs.mv(tmp, path)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            if fs.exists(tmp):
-                fs.rm(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- writing
@@ -999,7 +968,8 @@ def write_dataset(
             class_names=list(class_names) if class_names is not None else None,
             description=description,
         )
-        _write_text_atomic(fs, _join(target, MANIFEST_NAME), manifest.to_json())
+        with storage.atomic_writer(_join(target, MANIFEST_NAME), fs) as f:
+            f.write(manifest.to_json().encode("utf-8"))
         if staged:
             _swap_in(fs, target, base)
     except BaseException:
@@ -1008,17 +978,6 @@ def write_dataset(
     finally:
         bar.close()
     return manifest
-
-
-def _ensure_ray() -> None:
-    """Connect to RAY_ADDRESS or start a local instance, as `osmd train` does."""
-    import ray
-
-    if not ray.is_initialized():
-        from osmd_ray.config import Config
-        from osmd_ray.train.runner import ensure_ray
-
-        ensure_ray(Config())
 
 
 def _write_shards_in_ray(
@@ -1038,7 +997,8 @@ def _write_shards_in_ray(
     """
     import ray
 
-    _ensure_ray()
+    # Connect to RAY_ADDRESS or start a local instance, as `osmd train` does.
+    cluster.ensure_ray(worker_cpus=2, use_gpu=False)
     write = ray.remote(num_cpus=1, max_retries=0)(_write_shard)
     window = max(2, int(ray.cluster_resources().get("CPU", 2)))
     infos: dict[int, ShardInfo] = {}

@@ -42,14 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from osmd_ray.data.contract import (
-    DEFAULT_SHARD_MB,
-    DataError,
-    Manifest,
-    check_target,
-    write_dataset,
-)
+from osmd_ray.data.contract import DEFAULT_SHARD_MB, Manifest, check_target, write_dataset
 from osmd_ray.data.importer import IGNORE_INDEX
+from osmd_ray.errors import DataError
 
 DEFAULT_SIZE = (240, 320)
 """Default (H, W) of the written images: half the sensor's 480 x 640."""

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from osmd_ray import storage
-from osmd_ray.data.contract import DataError, Manifest, column_to_numpy, read_manifest
+from osmd_ray.data.contract import Manifest, column_to_numpy, read_manifest
+from osmd_ray.errors import DataError
 
 if TYPE_CHECKING:
     import ray.data

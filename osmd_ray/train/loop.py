@@ -22,6 +22,7 @@ import torch
 
 from osmd_ray.config import Config, config_from_dict, flatten_keys
 from osmd_ray.data.contract import Manifest
+from osmd_ray.errors import NonFiniteLossError
 from osmd_ray.method.stages import (
     method_stages,
     part_parameter_groups,
@@ -43,11 +44,6 @@ EVAL_PATHS = {
     "logit_kd": ("deploy", "teacher"),
     "imputation": ("deploy",),
 }
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term or the weights became NaN or inf; raised on every rank so none is left
-    waiting."""
 
 
 def deepspeed_config(cfg: Config, use_bf16: bool) -> dict[str, Any]:

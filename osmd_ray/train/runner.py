@@ -14,12 +14,8 @@ Ray Train's ``storage_filesystem`` to the same store (osmd_ray.storage).
 
 from __future__ import annotations
 
-import codecs
-import contextlib
-import io
 import json
 import logging
-import math
 import os
 import tempfile
 import threading
@@ -28,10 +24,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from osmd_ray import storage
+from osmd_ray import cluster, storage
 from osmd_ray.config import (
     Config,
-    ConfigError,
     check_against_manifest,
     config_to_dict,
     dump_yaml,
@@ -40,97 +35,15 @@ from osmd_ray.config import (
     saved_text_matches,
     validate,
 )
-from osmd_ray.data.contract import SPLITS, DataError, Manifest, verify_dataset
+from osmd_ray.data.contract import SPLITS, Manifest, verify_dataset
+from osmd_ray.errors import ConfigError, DataError, RunError
+from osmd_ray.figures import save_png
 from osmd_ray.tracking import wandb_settings
 from osmd_ray.train.loop import STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.json"
-
-
-class RunError(RuntimeError):
-    """A run could not start or finish; the message says why and what to do."""
-
-
-def ensure_ray(cfg: Config) -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local Ray instance sized for the run.
-
-    Ray Data's read tasks need CPU slots beside the training workers, or the pipeline starves
-    and the run hangs without an error; so a local instance declares more logical CPUs than
-    the workers take (DESIGN §6).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    env_vars = {
-        "DS_ACCELERATOR": "cuda" if cfg.scaling.use_gpu else "cpu",
-        # Ray Train V2 routes print() through a logger as well: lines would show twice.
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-        # The S3 endpoint and region (never credentials: workers take those from their own
-        # environment or instance profile).
-        **storage.worker_env(),
-    }
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
-        return
-    needed = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 2
-    with _loopback_only():
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, needed),
-            include_dashboard=False,
-            # A local instance talks over loopback only.
-            _node_ip_address="127.0.0.1",
-            runtime_env={
-                "env_vars": env_vars,
-                "worker_process_setup_hook": "osmd_ray.train.runner.pin_ray_address",
-            },
-            # Workers' logs stay in /tmp/ray/session_latest/logs; progress comes through a
-            # queue and failures through the exception fit() raises. OSMD_VERBOSE=1 streams
-            # them all.
-            log_to_driver=bool(os.environ.get("OSMD_VERBOSE")),
-            configure_logging=True,
-            logging_level="WARNING",
-        )
-
-
-def pin_ray_address() -> None:
-    """Worker set-up hook of a local instance: RAY_ADDRESS names this instance.
-
-    Ray Train's placement-group cleaner asks Ray's state API about the controller without an
-    address; with another Ray instance on the same machine (tests, a second sweep) the API
-    finds several and raises, the cleaner thread dies, and the placement groups of trials that
-    ASHA stopped are never removed: the next trial then waits forever for CPUs.
-    """
-    import ray
-
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-
-
-@contextlib.contextmanager
-def _loopback_only() -> Any:
-    """Keep a local Ray instance on 127.0.0.1.
-
-    Ray replaces 127.0.0.1 by the machine's outward address (so that other nodes could join)
-    unless it believes clusters are off, which it decides once, at import, from
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER; its GCS and raylet then listen on that address. Turn
-    the flag off in this process while the instance starts (its processes take the address
-    from their arguments), and back on afterwards: `ray start` in a child process must still
-    be able to add nodes.
-    """
-    from ray._private import ray_constants
-
-    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    if saved is None:  # another Ray version: nothing to adjust
-        yield
-        return
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def check_resources(cfg: Config) -> None:
@@ -369,7 +282,7 @@ def train(
             f"manifest.json has no {', '.join(missing)}"
         )
     check_against_manifest(cfg, manifest)
-    ensure_ray(cfg)
+    cluster.ensure_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
     check_resources(cfg)
     run_dir = prepare_run_dir(cfg, out)
     started = time.perf_counter()
@@ -503,15 +416,13 @@ def _export_model(
 
 def plot_history(history: list[dict[str, Any]], path: str) -> None:
     """Training loss and validation accuracy per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     if not history:
         return
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for term in history[0]["train"]["loss"]:
         ax_loss.plot(epochs, [h["train"]["loss"].get(term) for h in history], label=term)
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log")
@@ -522,21 +433,12 @@ def plot_history(history: list[dict[str, Any]], path: str) -> None:
     ax_acc.set(xlabel="epoch", ylabel="accuracy")
     ax_acc.legend(fontsize=7)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    storage.write_bytes(path, buffer.getvalue())
+    save_png(fig, path)
 
 
 def _write_json(path: str, payload: Any) -> None:
     """Write JSON so that an exception or a full disk leaves the previous file, never half of
     one, and no temporary file behind (storage.write_bytes: one PUT on an object store)."""
-    if storage.is_remote(path):
-        storage.write_bytes(path, json.dumps(payload, indent=2).encode("utf-8"))
-        return
-    storage.write_local_atomic(
-        path, lambda f: json.dump(payload, codecs.getwriter("utf-8")(f), indent=2)
-    )
+    storage.write_bytes(path, json.dumps(payload, indent=2).encode("utf-8"))
 
 
-__all__ = ["ConfigError", "RunError", "ensure_ray", "train", "prepare_run_dir"]

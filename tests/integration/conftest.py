@@ -85,8 +85,7 @@ def ray_s3(s3_server: S3Server, ray_local):
     """
     import ray
 
-    from osmd_ray.config import Config
-    from osmd_ray.train.runner import ensure_ray
+    from osmd_ray import cluster
 
     @ray.remote(num_cpus=0)
     def worker_env() -> tuple[str | None, str | None]:
@@ -94,7 +93,7 @@ def ray_s3(s3_server: S3Server, ray_local):
 
     if ray.get(worker_env.remote()) != (s3_server.endpoint, S3_ENV["AWS_ACCESS_KEY_ID"]):
         ray.shutdown()
-        ensure_ray(Config())
+        cluster.ensure_ray(worker_cpus=2, use_gpu=False)
     return ray_local
 
 

@@ -25,7 +25,8 @@ import pytest
 import ray.cloudpickle
 from osmd_processes import end_session, ray_did_not_start, run_to_end, start_osmd
 
-from osmd_ray.config import ConfigError, apply_overrides, load_config
+from osmd_ray.config import apply_overrides, load_config
+from osmd_ray.errors import ConfigError
 from osmd_ray.train import runner
 from osmd_ray.train.loop import train_loop_per_worker
 

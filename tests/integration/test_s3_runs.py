@@ -117,7 +117,7 @@ def test_truncated_and_foreign_objects_are_named_by_check_and_refused_by_trainin
     import pyarrow as pa
 
     from osmd_ray.data.cli import write_synth_dataset
-    from osmd_ray.data.contract import DataError
+    from osmd_ray.errors import DataError
     from osmd_ray.train.runner import train
 
     data = f"{s3_bucket}/data/damaged"

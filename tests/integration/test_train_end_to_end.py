@@ -117,7 +117,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def test_rerun_with_another_config_is_refused(ray_local, tiny_synth, tmp_path, configs_dir, fast):
-    from osmd_ray.train.runner import RunError, prepare_run_dir
+    from osmd_ray.errors import RunError
+    from osmd_ray.train.runner import prepare_run_dir
 
     base = load_config(configs_dir / "osmd_synth.yaml", [*fast, f"data.root={tiny_synth}"])
     prepare_run_dir(base, str(tmp_path / "run"))

@@ -22,7 +22,6 @@ from osmd_ray import compare as compare_mod
 from osmd_ray.cli import main
 from osmd_ray.compare import (
     DeployStats,
-    SpecError,
     Stat,
     format_summary,
     gap_closures,
@@ -33,7 +32,8 @@ from osmd_ray.compare import (
     summarize,
     within_noise,
 )
-from osmd_ray.config import ConfigError, dump_yaml, load_config
+from osmd_ray.config import dump_yaml, load_config
+from osmd_ray.errors import ConfigError, SpecError
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = str(REPO / "configs" / "osmd_synth.yaml")
@@ -520,7 +520,7 @@ def test_a_run_folder_with_another_config_stops_before_training(tmp_path, tiny_d
 
 
 def test_a_missing_dataset_stops_before_training(tmp_path):
-    from osmd_ray.data.contract import DataError
+    from osmd_ray.errors import DataError
 
     fake = FakeTrain()
     with pytest.raises(DataError, match="nowhere"):

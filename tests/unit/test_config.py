@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from osmd_ray.config import (
     LOSS_WEIGHTS,
     Config,
-    ConfigError,
     DataConfig,
     LossConfig,
     apply_overrides,
@@ -32,6 +31,7 @@ from osmd_ray.config import (
     validate,
 )
 from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.errors import ConfigError
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 

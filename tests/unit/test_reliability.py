@@ -24,10 +24,11 @@ from hypothesis import strategies as st
 
 from osmd_ray import deploy as deploy_mod
 from osmd_ray.cli import main as osmd_main
-from osmd_ray.config import Config, ConfigError, load_config, save_config
+from osmd_ray.config import Config, load_config, save_config
 from osmd_ray.data import contract
-from osmd_ray.data.contract import DataError, ModalitySpec, write_dataset
-from osmd_ray.deploy import DeployError, export_deploy, load_deploy
+from osmd_ray.data.contract import ModalitySpec, write_dataset
+from osmd_ray.deploy import export_deploy, load_deploy
+from osmd_ray.errors import ConfigError, DataError, DeployError
 
 # --- a small dataset and ways to damage it ------------------------------------------------------
 
@@ -212,12 +213,13 @@ class RayStarted(Exception):
 @pytest.fixture
 def no_ray(monkeypatch):
     """runner.train up to the point where Ray would start, never further."""
+    from osmd_ray import cluster
     from osmd_ray.train import runner
 
-    def refuse(cfg):
+    def refuse(*_args, **_kwargs):
         raise RayStarted
 
-    monkeypatch.setattr(runner, "ensure_ray", refuse)
+    monkeypatch.setattr(cluster, "ensure_ray", refuse)
     return runner
 
 
@@ -479,17 +481,15 @@ def test_disk_full_inside_a_shard_keeps_the_previous_dataset(ds, tmp_path, monke
 
 
 def test_disk_full_at_the_manifest_keeps_the_previous_dataset(ds, tmp_path, monkeypatch):
-    from fsspec.implementations.local import LocalFileSystem
-
     before = tree(ds)
-    real_mv = LocalFileSystem.mv
+    real_replace = os.replace
 
-    def fail_on_manifest(self, path1, path2, *args, **kwargs):
-        if str(path2).endswith("/manifest.json"):
+    def fail_on_manifest(src, dst, *args, **kwargs):
+        if str(dst).endswith("/manifest.json"):
             raise disk_full()
-        return real_mv(self, path1, path2, *args, **kwargs)
+        return real_replace(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(LocalFileSystem, "mv", fail_on_manifest)
+    monkeypatch.setattr(os, "replace", fail_on_manifest)
     with pytest.raises(OSError):
         make_dataset_over(ds)
     assert tree(ds) == before
@@ -538,17 +538,14 @@ def test_disk_full_while_writing_metrics_keeps_the_previous_file(tmp_path, monke
     path = tmp_path / "metrics.json"
     runner._write_json(str(path), {"epochs": 1})
     before = path.read_bytes()
-    real_dump = json.dump
 
-    def half_then_full(obj, f, **kwargs):
-        f.write('{"epochs": ')
-        f.flush()
-        raise disk_full()
+    def fsync(fd):
+        raise disk_full()  # where a full disk shows up for buffered writes
 
-    monkeypatch.setattr(runner.json, "dump", half_then_full)
+    monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(OSError):
         runner._write_json(str(path), {"epochs": 2})
-    monkeypatch.setattr(runner.json, "dump", real_dump)
+    monkeypatch.undo()
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["metrics.json"], "no temporary file is left behind"
 
@@ -737,7 +734,7 @@ def test_disk_full_while_writing_predictions_keeps_the_previous_file(tmp_path, m
 
     def half_then_full(table, where, *args, **kwargs):
         real_write_table(table, where, *args, **kwargs)
-        Path(where).write_bytes(Path(where).read_bytes()[:50])
+        where.truncate(50)  # half a file on disk when the disk fills up
         raise disk_full()
 
     monkeypatch.setattr(pq, "write_table", half_then_full)
@@ -764,7 +761,8 @@ def test_nonfinite_terms_names_every_bad_term():
 
 
 def test_non_finite_weights_are_never_checkpointed():
-    from osmd_ray.train.loop import NonFiniteLossError, check_finite_weights
+    from osmd_ray.errors import NonFiniteLossError
+    from osmd_ray.train.loop import check_finite_weights
 
     weights = {"E_o.w": torch.ones(3), "step": torch.tensor(4)}
     check_finite_weights(weights, epoch=1, step=8, device=torch.device("cpu"))

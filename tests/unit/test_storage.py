@@ -9,7 +9,8 @@ import pickle
 import pytest
 
 from osmd_ray import storage
-from osmd_ray.config import ConfigError, apply_overrides, dump_yaml, load_config
+from osmd_ray.config import apply_overrides, dump_yaml, load_config
+from osmd_ray.errors import ConfigError
 
 SECRET = "do-not-write-me-4711"
 

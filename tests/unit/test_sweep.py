@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from osmd_ray.cli import main
-from osmd_ray.config import ConfigError, load_config
+from osmd_ray.config import load_config
+from osmd_ray.errors import ConfigError, SweepSpecError
 from osmd_ray.sweep import (
-    SweepSpecError,
     base_config,
     check_space,
     format_value,

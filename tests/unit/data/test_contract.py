@@ -13,7 +13,6 @@ import pytest
 from osmd_ray.data import contract
 from osmd_ray.data.contract import (
     SCHEMA_VERSION,
-    DataError,
     Manifest,
     ModalitySpec,
     ShardInfo,
@@ -23,6 +22,7 @@ from osmd_ray.data.contract import (
     write_dataset,
 )
 from osmd_ray.data.reading import read_split_numpy
+from osmd_ray.errors import DataError
 
 
 def make_split(rng: np.random.Generator, n: int, num_classes: int = 3) -> dict[str, np.ndarray]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from osmd_ray.data.contract import DataError, check_dataset
+from osmd_ray.data.contract import check_dataset
 from osmd_ray.data.importer import import_npz, stratified_val_indices
 from osmd_ray.data.reading import read_split_numpy
+from osmd_ray.errors import DataError
 
 
 def npz_arrays(rng: np.random.Generator, n: int, classes: int = 4) -> dict[str, np.ndarray]:

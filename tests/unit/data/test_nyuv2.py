@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from osmd_ray.cli import main
-from osmd_ray.data.contract import DataError, verify_dataset
+from osmd_ray.data.contract import verify_dataset
 from osmd_ray.data.nyuv2 import CLASS_NAMES_40, import_nyuv2, png_split
 from osmd_ray.data.reading import read_split_numpy
+from osmd_ray.errors import DataError
 
 IGNORE = -100
 MINI = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "nyuv2-mini"

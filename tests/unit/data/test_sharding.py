@@ -13,7 +13,6 @@ import pytest
 from osmd_ray.data import contract
 from osmd_ray.data.cli import main as data_main
 from osmd_ray.data.contract import (
-    DataError,
     check_dataset,
     estimate_row_bytes,
     read_manifest,
@@ -22,6 +21,7 @@ from osmd_ray.data.contract import (
     write_dataset,
 )
 from osmd_ray.data.reading import read_split_numpy
+from osmd_ray.errors import DataError
 
 # rgb 3x8x8 uint8 (192 B) + depth 1x8x8 float32 (256 B) + int64 label (8 B) + 32 B per row
 # for the sample id: 488 bytes per row.

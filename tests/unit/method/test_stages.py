@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from osmd_ray.config import Config, ConfigError, apply_overrides
+from osmd_ray.config import Config, apply_overrides
 from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.errors import ConfigError
 from osmd_ray.method.losses import compute_losses
 from osmd_ray.method.model import OSMDModel
 from osmd_ray.method.stages import (

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from osmd_ray import cluster
 from osmd_ray.config import apply_overrides, load_config, save_config
 from osmd_ray.train import runner
 
@@ -43,7 +44,7 @@ def test_rerunning_a_finished_run_returns_its_metrics_without_starting_ray(
     def no_ray(*_args, **_kwargs):
         raise AssertionError("a finished run started Ray")
 
-    monkeypatch.setattr(runner, "ensure_ray", no_ray)
+    monkeypatch.setattr(cluster, "ensure_ray", no_ray)
     monkeypatch.setattr(runner, "build_trainer", no_ray)
     assert runner.train(cfg, str(tmp_path / "done")) == metrics
 
