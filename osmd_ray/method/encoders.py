@@ -25,7 +25,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from osmd_ray.config import POOLS, ModelConfig
+from osmd_ray.config import ModelConfig
+from osmd_ray.config.schema import POOLS
 from osmd_ray.data.contract import ModalitySpec
 
 Normalization = Mapping[str, Mapping[str, Sequence[float]]]

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from osmd_ray.config import RECON_LOSSES, LossConfig
+from osmd_ray.config import LossConfig
+from osmd_ray.config.schema import RECON_LOSSES
 from osmd_ray.method.jmmd import jmmd, mmd
 
 ALIGNMENTS = ("jmmd", "mmd")

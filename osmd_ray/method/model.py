@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from osmd_ray.config import METHODS, Config, ModelConfig
+from osmd_ray.config import Config, ModelConfig
+from osmd_ray.config.schema import METHODS
 from osmd_ray.data.contract import ModalitySpec
 from osmd_ray.method.encoders import (
     DecoderEncoder,

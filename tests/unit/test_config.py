@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from osmd_ray.config import (
-    LOSS_WEIGHTS,
     Config,
     DataConfig,
     LossConfig,
@@ -30,6 +29,7 @@ from osmd_ray.config import (
     save_config,
     validate,
 )
+from osmd_ray.config.schema import LOSS_WEIGHTS
 from osmd_ray.data.contract import ModalitySpec
 from osmd_ray.errors import ConfigError
 

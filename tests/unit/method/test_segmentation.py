@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from osmd_ray.config import METHODS, LossConfig, ModelConfig
+from osmd_ray.config import LossConfig, ModelConfig
+from osmd_ray.config.schema import METHODS
 from osmd_ray.data.contract import ModalitySpec
 from osmd_ray.method import encoders
 from osmd_ray.method.fusion import CTNFusion
