@@ -69,7 +69,7 @@ def load_cfg(config: str | os.PathLike[str], overrides: Sequence[str] = ()) -> A
 
 def load_manifest(cfg: Any) -> Any:
     """The manifest of ``cfg.data.root`` (relative roots resolve from the repository)."""
-    from osmd_ray.data.contract import read_manifest
+    from osmd_ray.data.schema import read_manifest
 
     root = cfg.data.root
     if "://" not in root and not os.path.isabs(root):

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from osmd_ray.config import Config, load_config  # noqa: E402
-from osmd_ray.data.contract import Manifest, ModalitySpec  # noqa: E402
+from osmd_ray.data.schema import Manifest, ModalitySpec  # noqa: E402
 from osmd_ray.method.model import build_model  # noqa: E402
 from osmd_ray.method.stages import part_parameter_groups  # noqa: E402
 from osmd_ray.train.loop import batch_losses, build_optimizer, deepspeed_config  # noqa: E402

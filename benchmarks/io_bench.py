@@ -71,7 +71,7 @@ def pyarrow_rates(root: str, repeats: int) -> list[float]:
     import torch
 
     from osmd_ray import storage
-    from osmd_ray.data.contract import column_to_numpy, read_manifest
+    from osmd_ray.data.schema import column_to_numpy, read_manifest
 
     manifest = read_manifest(root)
     fs, _ = storage.url_to_fs(root)
@@ -167,7 +167,7 @@ def write_rates(total_mb: float, shard_mb: float) -> dict[str, Any]:
     shards: in this process, and in parallel Ray tasks (Ray already running)."""
     import numpy as np
 
-    from osmd_ray.data.contract import write_dataset
+    from osmd_ray.data.writer import write_dataset
 
     rng = np.random.default_rng(0)
     shapes = {"rgb": ((3, 64, 64), np.uint8), "depth": ((1, 64, 64), np.float32)}
@@ -281,8 +281,8 @@ def make_datasets(args: argparse.Namespace, with_s3: bool) -> dict[str, str]:
     import boto3
 
     from osmd_ray import storage
+    from osmd_ray.data.checker import verify_dataset
     from osmd_ray.data.cli import write_synth_dataset
-    from osmd_ray.data.contract import verify_dataset
 
     roots = {"local": os.path.join(_scratch(), "bench")}
     started = time.perf_counter()
@@ -390,8 +390,8 @@ def run(args: argparse.Namespace, info: dict[str, Any], with_s3: bool) -> dict[s
     import ray.data
 
     from osmd_ray import cluster
-    from osmd_ray.data.contract import read_manifest
     from osmd_ray.data.reading import read_split
+    from osmd_ray.data.schema import read_manifest
     from osmd_ray.train.runner import in_memory_dataset
 
     roots = make_datasets(args, with_s3)

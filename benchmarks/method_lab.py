@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from osmd_ray.config import load_config
-from osmd_ray.data.contract import read_manifest
 from osmd_ray.data.reading import read_split_numpy
+from osmd_ray.data.schema import read_manifest
 from osmd_ray.method.model import build_model
 from osmd_ray.method.stages import (
     method_stages,

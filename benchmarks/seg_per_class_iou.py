@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from osmd_ray import load_deploy
-from osmd_ray.data.contract import read_manifest
 from osmd_ray.data.reading import read_split_numpy
+from osmd_ray.data.schema import read_manifest
 from osmd_ray.metrics import confusion_matrix, per_class_iou
 
 

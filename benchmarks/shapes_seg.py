@@ -22,9 +22,9 @@ import argparse
 
 import numpy as np
 
-from osmd_ray.data.contract import write_dataset
-from osmd_ray.data.importer import IGNORE_INDEX
+from osmd_ray.data.schema import IGNORE_INDEX
 from osmd_ray.data.synth import _hue_to_rgb, _illumination
+from osmd_ray.data.writer import write_dataset
 
 CLASS_NAMES = ["background", "dome", "cone", "disc"]
 BACKGROUND_DEPTH = 6.0

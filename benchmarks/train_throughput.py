@@ -154,7 +154,7 @@ def ray_train_fn(config: dict[str, Any]) -> None:
     import torch
 
     from osmd_ray.config import config_from_dict
-    from osmd_ray.data.contract import Manifest
+    from osmd_ray.data.schema import Manifest
     from osmd_ray.method.model import build_model
     from osmd_ray.method.stages import part_parameter_groups
     from osmd_ray.train.loop import (

@@ -338,7 +338,7 @@ def check_datasets(runs: Sequence[PlannedRun]) -> None:
     The default synthetic set is generated when it is missing, as ``osmd main`` does.
     """
     from osmd_ray.config import check_against_manifest
-    from osmd_ray.data.contract import verify_dataset
+    from osmd_ray.data.checker import verify_dataset
     from osmd_ray.main_job import ensure_synthetic_data
 
     manifests: dict[str, Any] = {}

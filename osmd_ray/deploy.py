@@ -42,7 +42,7 @@ from torch import Tensor
 
 from osmd_ray import __version__
 from osmd_ray.config import ModelConfig
-from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.data.schema import ModalitySpec
 from osmd_ray.errors import DeployError
 from osmd_ray.method.encoders import Normalization, resolve_normalization
 from osmd_ray.method.model import (

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from osmd_ray import storage
-from osmd_ray.data.contract import read_manifest
+from osmd_ray.data.schema import read_manifest
 from osmd_ray.errors import DataError
 
 

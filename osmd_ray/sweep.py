@@ -578,7 +578,7 @@ def run_sweep(
 
 def _check_data(cfg: Config) -> None:
     from osmd_ray.config import DataConfig, check_against_manifest
-    from osmd_ray.data.contract import verify_dataset
+    from osmd_ray.data.checker import verify_dataset
     from osmd_ray.main_job import ensure_synthetic_data
 
     if not storage.is_remote(cfg.data.root) and os.path.normpath(cfg.data.root) == os.path.normpath(

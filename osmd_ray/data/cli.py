@@ -12,13 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 from functools import wraps
 
-from osmd_ray.data.contract import (
-    DEFAULT_SHARD_MB,
-    PARALLEL_MIN_BYTES,
-    Manifest,
-    check_dataset,
-    read_manifest,
-)
+from osmd_ray.data.checker import check_dataset
+from osmd_ray.data.schema import Manifest, read_manifest
+from osmd_ray.data.writer import DEFAULT_SHARD_MB, PARALLEL_MIN_BYTES
 from osmd_ray.errors import DataError, StorageError
 from osmd_ray.storage import check_bucket
 
@@ -300,9 +296,9 @@ def write_synth_dataset(
     """Generate the synthetic classification set (SYNTH_DEFAULTS for what is not given), or
     with ``task="segmentation"`` the depth-band scenes (SEG_SYNTH_DEFAULTS), in shards of
     about ``shard_mb`` MiB."""
-    from osmd_ray.data.contract import write_dataset
     from osmd_ray.data.synth import SYNTH_DEFAULTS, generate_classification
     from osmd_ray.data.synth_seg import SEG_SYNTH_DEFAULTS, generate_segmentation
+    from osmd_ray.data.writer import write_dataset
 
     generate, defaults = (
         (generate_segmentation, SEG_SYNTH_DEFAULTS)

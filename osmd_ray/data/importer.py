@@ -13,11 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from osmd_ray import storage
-from osmd_ray.data.contract import DEFAULT_SHARD_MB, TASKS, Manifest, infer_kind, write_dataset
+from osmd_ray.data.schema import IGNORE_INDEX, TASKS, Manifest, infer_kind
+from osmd_ray.data.writer import DEFAULT_SHARD_MB, write_dataset
 from osmd_ray.errors import DataError
-
-IGNORE_INDEX = -100
-"""Segmentation labels with this value mark unlabelled pixels (the write_dataset default)."""
 
 
 @dataclass

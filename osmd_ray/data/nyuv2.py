@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from osmd_ray.data.contract import DEFAULT_SHARD_MB, Manifest, check_target, write_dataset
-from osmd_ray.data.importer import IGNORE_INDEX
+from osmd_ray.data.schema import IGNORE_INDEX, Manifest
+from osmd_ray.data.writer import DEFAULT_SHARD_MB, check_target, write_dataset
 from osmd_ray.errors import DataError
 
 DEFAULT_SIZE = (240, 320)

@@ -2,7 +2,7 @@
 
 Both readers take the shard list from the manifest (never a glob), so a stray or
 half-written file under the root is never read. Neither verifies the shards; call
-:func:`osmd_ray.data.contract.verify_dataset` first where that matters (it is cheap).
+:func:`osmd_ray.data.checker.verify_dataset` first where that matters (it is cheap).
 
 Column selection: ``has_<modality>`` columns exist only for modalities missing on some rows
 (``manifest.optional_modalities``). Asking for ``has_<m>`` of a modality that is always
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from osmd_ray import storage
-from osmd_ray.data.contract import Manifest, column_to_numpy, read_manifest
+from osmd_ray.data.schema import Manifest, column_to_numpy, read_manifest
 from osmd_ray.errors import DataError
 
 if TYPE_CHECKING:

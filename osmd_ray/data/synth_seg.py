@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from osmd_ray.data.importer import IGNORE_INDEX
+from osmd_ray.data.schema import IGNORE_INDEX
 from osmd_ray.data.synth import _BACKGROUND_DEPTH, _BETA, _hue_to_rgb, _illumination
 
 SEG_SYNTH_DEFAULTS: dict = dict(n_train=1000, n_val=500, n_test=1000, size=32, seed=0)

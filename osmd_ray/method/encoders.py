@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from osmd_ray.config import ModelConfig
 from osmd_ray.config.schema import POOLS
-from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.data.schema import ModalitySpec
 
 Normalization = Mapping[str, Mapping[str, Sequence[float]]]
 """Per modality, per-channel statistics: ``{name: {"mean": [...], "std": [...]}}``."""

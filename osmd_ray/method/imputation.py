@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from osmd_ray.config import ModelConfig
-from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.data.schema import ModalitySpec
 from osmd_ray.method.encoders import (
     Normalization,
     Normalize,

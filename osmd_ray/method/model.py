@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from osmd_ray.config import Config, ModelConfig
 from osmd_ray.config.schema import METHODS
-from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.data.schema import ModalitySpec
 from osmd_ray.method.encoders import (
     DecoderEncoder,
     Normalization,

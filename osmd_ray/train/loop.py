@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from osmd_ray.config import Config, config_from_dict, flatten_keys
-from osmd_ray.data.contract import Manifest
+from osmd_ray.data.schema import Manifest
 from osmd_ray.errors import NonFiniteLossError
 from osmd_ray.method.stages import (
     method_stages,

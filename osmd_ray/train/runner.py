@@ -35,7 +35,8 @@ from osmd_ray.config import (
     saved_text_matches,
     validate,
 )
-from osmd_ray.data.contract import SPLITS, Manifest, verify_dataset
+from osmd_ray.data.checker import verify_dataset
+from osmd_ray.data.schema import SPLITS, Manifest
 from osmd_ray.errors import ConfigError, DataError, RunError
 from osmd_ray.figures import save_png
 from osmd_ray.tracking import wandb_settings

@@ -251,7 +251,7 @@ def test_labels_only_control_trains_the_deployment_network_without_privileged_da
     what it is meant to exclude); osmd's deployment network must not. Every gradient counts,
     not only the deployment parameters': the global gradient-norm clipping (train.grad_clip)
     scales the deployment path's step by the norm over all of them."""
-    from osmd_ray.data.contract import ModalitySpec
+    from osmd_ray.data.schema import ModalitySpec
     from osmd_ray.method.model import OSMDModel
 
     runs = {r.variant: r.cfg for r in plan_runs(load_spec(REPO / "configs" / name), "O")}
@@ -582,7 +582,7 @@ def test_measure_deploy_counts_parameters_and_times_both_batch_sizes(tmp_path):
     import torch
 
     from osmd_ray.config import ModelConfig
-    from osmd_ray.data.contract import ModalitySpec
+    from osmd_ray.data.schema import ModalitySpec
     from osmd_ray.deploy import export_deploy
     from osmd_ray.method.model import OSMDModel
 

@@ -30,7 +30,7 @@ from osmd_ray.config import (
     validate,
 )
 from osmd_ray.config.schema import LOSS_WEIGHTS
-from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.data.schema import ModalitySpec
 from osmd_ray.errors import ConfigError
 
 CONFIGS = Path(__file__).parents[2] / "configs"

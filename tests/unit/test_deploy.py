@@ -12,7 +12,7 @@ import torch
 import osmd_ray
 from osmd_ray import deploy as deploy_mod
 from osmd_ray.config import ModelConfig
-from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.data.schema import ModalitySpec
 from osmd_ray.deploy import export_deploy, load_deploy
 from osmd_ray.errors import DeployError
 from osmd_ray.method.model import OSMDModel

@@ -12,7 +12,8 @@ import torch
 
 from osmd_ray.cli import main
 from osmd_ray.config import ModelConfig
-from osmd_ray.data.contract import read_manifest, write_dataset
+from osmd_ray.data.schema import read_manifest
+from osmd_ray.data.writer import write_dataset
 from osmd_ray.deploy import export_deploy, load_deploy
 from osmd_ray.errors import DataError
 from osmd_ray.method.model import OSMDModel

@@ -25,8 +25,9 @@ from hypothesis import strategies as st
 from osmd_ray import deploy as deploy_mod
 from osmd_ray.cli import main as osmd_main
 from osmd_ray.config import Config, load_config, save_config
-from osmd_ray.data import contract
-from osmd_ray.data.contract import ModalitySpec, write_dataset
+from osmd_ray.data import checker, schema, writer
+from osmd_ray.data.schema import ModalitySpec
+from osmd_ray.data.writer import write_dataset
 from osmd_ray.deploy import export_deploy, load_deploy
 from osmd_ray.errors import ConfigError, DataError, DeployError
 
@@ -183,7 +184,7 @@ DAMAGES = {
     ),
     "empty split": (empty_val, ["manifest.json: split 'val' is empty (no rows)"]),
     "future schema version": (
-        lambda r: edit_manifest(r, lambda d: d.update(schema_version=contract.SCHEMA_VERSION + 1)),
+        lambda r: edit_manifest(r, lambda d: d.update(schema_version=schema.SCHEMA_VERSION + 1)),
         ["manifest.json: schema_version 2 is newer", "upgrade osmd_ray"],
     ),
     "missing split": (no_test_split, ["training needs the splits train, val, test", "no test"]),
@@ -263,7 +264,7 @@ def test_data_check_lists_every_problem_at_once(ds, capsys):
         assert fragment in report, f"{fragment!r} missing from:\n{report}"
 
     # A manifest from a future schema version is refused on its own (nothing else is read).
-    edit_manifest(ds, lambda d: d.update(schema_version=contract.SCHEMA_VERSION + 1))
+    edit_manifest(ds, lambda d: d.update(schema_version=schema.SCHEMA_VERSION + 1))
     assert osmd_main(["data", "check", str(ds)]) == 1
     assert "is newer than this osmd_ray understands" in capsys.readouterr().out
 
@@ -315,7 +316,7 @@ def test_more_workers_than_evaluation_rows_is_a_config_error(ds, tmp_path, no_ra
     assert info.value.key == "scaling.num_workers" and "'val'" in str(info.value)
 
 
-MANIFEST = contract.Manifest(
+MANIFEST = schema.Manifest(
     schema_version=1,
     task="classification",
     num_classes=4,
@@ -462,7 +463,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 def test_disk_full_inside_a_shard_keeps_the_previous_dataset(ds, tmp_path, monkeypatch):
     before = tree(ds)
-    real_write = contract._HashingSink.write
+    real_write = writer._HashingSink.write
     written = {"bytes": 0}
 
     def fill_up(self, data):
@@ -471,13 +472,13 @@ def test_disk_full_inside_a_shard_keeps_the_previous_dataset(ds, tmp_path, monke
             raise disk_full()
         return real_write(self, data)
 
-    monkeypatch.setattr(contract._HashingSink, "write", fill_up)
+    monkeypatch.setattr(writer._HashingSink, "write", fill_up)
     with pytest.raises(OSError) as info:
         make_dataset_over(ds)
     assert info.value.errno == errno.ENOSPC
     assert tree(ds) == before
     assert sorted(os.listdir(tmp_path)) == ["ds"], "no staging or temporary folder is left"
-    assert contract.check_dataset(str(ds)) == []
+    assert checker.check_dataset(str(ds)) == []
 
 
 def test_disk_full_at_the_manifest_keeps_the_previous_dataset(ds, tmp_path, monkeypatch):

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from osmd_ray.data.contract import check_dataset, verify_dataset, write_dataset
+from osmd_ray.data.checker import check_dataset, verify_dataset
+from osmd_ray.data.writer import write_dataset
 from osmd_ray.errors import DataError
 
 SHARD = "train/part-00000.parquet"

@@ -10,18 +10,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from osmd_ray.data import contract
-from osmd_ray.data.contract import (
+from osmd_ray.data import writer
+from osmd_ray.data.checker import check_dataset
+from osmd_ray.data.reading import read_split_numpy
+from osmd_ray.data.schema import (
     SCHEMA_VERSION,
     Manifest,
     ModalitySpec,
     ShardInfo,
-    check_dataset,
     infer_kind,
     read_manifest,
-    write_dataset,
 )
-from osmd_ray.data.reading import read_split_numpy
+from osmd_ray.data.writer import write_dataset
 from osmd_ray.errors import DataError
 
 
@@ -137,11 +137,11 @@ def test_normalisation_statistics_match_numpy_on_present_train_rows(tmp_path):
 def test_statistics_are_exact_across_chunks(monkeypatch):
     # Force one-row chunks: the pairwise merge must equal the one-pass result, also for a large
     # offset where a naive sum of squares loses precision.
-    monkeypatch.setattr(contract, "_STATS_CHUNK_BYTES", 1)
+    monkeypatch.setattr(writer, "_STATS_CHUNK_BYTES", 1)
     rng = np.random.default_rng(1)
     x = (1e4 + rng.normal(size=(40, 2, 3))).astype(np.float32)
     mask = rng.random(40) > 0.3
-    stats = contract._channel_stats(x, mask)
+    stats = writer._channel_stats(x, mask)
     ref = x[mask].astype(np.float64)
     np.testing.assert_allclose(stats["mean"], ref.mean(axis=(0, 2)), rtol=1e-12)
     np.testing.assert_allclose(stats["std"], ref.std(axis=(0, 2)), rtol=1e-9)
@@ -321,7 +321,7 @@ def _fail_on_second_shard(monkeypatch):
             raise OSError("disk full")
         return real(table, where, *args, **kwargs)
 
-    monkeypatch.setattr(contract.pq, "write_table", flaky)
+    monkeypatch.setattr(writer.pq, "write_table", flaky)
     return calls
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from osmd_ray.data.cli import main
-from osmd_ray.data.contract import read_manifest
+from osmd_ray.data.schema import read_manifest
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_synth_then_check(tmp_path, capsys, synth_generator):
 
 
 def test_synth_segmentation_writes_label_maps(tmp_path, capsys):
-    from osmd_ray.data.contract import read_manifest
+    from osmd_ray.data.schema import read_manifest
 
     out = tmp_path / "s"
     argv = ["data", "synth", "--task", "segmentation", "--out", str(out)]

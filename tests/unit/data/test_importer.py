@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from osmd_ray.data.contract import check_dataset
+from osmd_ray.data.checker import check_dataset
 from osmd_ray.data.importer import import_npz, stratified_val_indices
 from osmd_ray.data.reading import read_split_numpy
 from osmd_ray.errors import DataError

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from osmd_ray.cli import main
-from osmd_ray.data.contract import verify_dataset
+from osmd_ray.data.checker import verify_dataset
 from osmd_ray.data.nyuv2 import CLASS_NAMES_40, import_nyuv2, png_split
 from osmd_ray.data.reading import read_split_numpy
 from osmd_ray.errors import DataError

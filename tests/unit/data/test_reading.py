@@ -10,8 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
-from osmd_ray.data.contract import read_manifest, write_dataset
 from osmd_ray.data.reading import read_split, read_split_numpy, select_columns
+from osmd_ray.data.schema import read_manifest
+from osmd_ray.data.writer import write_dataset
 from osmd_ray.errors import DataError
 
 

@@ -10,17 +10,12 @@ import os
 import numpy as np
 import pytest
 
-from osmd_ray.data import contract
+from osmd_ray.data import writer
+from osmd_ray.data.checker import check_dataset, verify_dataset
 from osmd_ray.data.cli import main as data_main
-from osmd_ray.data.contract import (
-    check_dataset,
-    estimate_row_bytes,
-    read_manifest,
-    rows_per_shard_for,
-    verify_dataset,
-    write_dataset,
-)
 from osmd_ray.data.reading import read_split_numpy
+from osmd_ray.data.schema import ModalitySpec, read_manifest
+from osmd_ray.data.writer import estimate_row_bytes, rows_per_shard_for, write_dataset
 from osmd_ray.errors import DataError
 
 # rgb 3x8x8 uint8 (192 B) + depth 1x8x8 float32 (256 B) + int64 label (8 B) + 32 B per row
@@ -48,8 +43,8 @@ def files_under(root) -> list[str]:
 
 def test_row_estimate_and_rows_per_shard():
     specs = {
-        "rgb": contract.ModalitySpec("rgb", "image", (3, 8, 8), "uint8"),
-        "depth": contract.ModalitySpec("depth", "image", (1, 8, 8), "float32"),
+        "rgb": ModalitySpec("rgb", "image", (3, 8, 8), "uint8"),
+        "depth": ModalitySpec("depth", "image", (1, 8, 8), "float32"),
     }
     assert estimate_row_bytes(specs, ()) == ROW_BYTES
     # A segmentation label map is 8 bytes per pixel; each has_<m> column one byte.
@@ -158,7 +153,7 @@ def test_small_data_stays_in_process(tmp_path, monkeypatch):
     def no_ray(*args, **kwargs):
         raise AssertionError("the parallel writer was used for a small dataset")
 
-    monkeypatch.setattr(contract, "_write_shards_in_ray", no_ray)
+    monkeypatch.setattr(writer, "_write_shards_in_ray", no_ray)
     m = write_dataset(
         str(tmp_path / "ds"),
         make_splits(),
@@ -176,10 +171,10 @@ def test_large_data_in_several_shards_goes_to_ray_tasks(tmp_path, monkeypatch):
 
     def fake_parallel(fs, target, jobs, fmt, bar):  # the serial writer, recording the call
         used.append(len(jobs))
-        return [contract._write_shard(fs, target, job, fmt) for job in jobs]
+        return [writer._write_shard(fs, target, job, fmt) for job in jobs]
 
-    monkeypatch.setattr(contract, "_write_shards_in_ray", fake_parallel)
-    monkeypatch.setattr(contract, "PARALLEL_MIN_BYTES", 40 * ROW_BYTES)
+    monkeypatch.setattr(writer, "_write_shards_in_ray", fake_parallel)
+    monkeypatch.setattr(writer, "PARALLEL_MIN_BYTES", 40 * ROW_BYTES)
     kwargs = dict(task="classification", num_classes=4, progress=False)
     small = make_splits(n=(23, 7, 9))  # 39 rows: below the threshold
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")

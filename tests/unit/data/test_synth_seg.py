@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from osmd_ray.data.importer import IGNORE_INDEX
+from osmd_ray.data.schema import IGNORE_INDEX
 from osmd_ray.data.synth_seg import generate_segmentation, label_from_depth
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from osmd_ray.config import LossConfig, ModelConfig
-from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.data.schema import ModalitySpec
 from osmd_ray.method.jmmd import jmmd, mmd
 from osmd_ray.method.losses import compute_losses, task_loss
 from osmd_ray.method.model import OSMDModel

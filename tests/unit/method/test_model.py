@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from osmd_ray.config import Config, ModelConfig
-from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.data.schema import ModalitySpec
 from osmd_ray.method.encoders import DecoderEncoder
 from osmd_ray.method.model import (
     OSMDModel,

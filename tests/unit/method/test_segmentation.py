@@ -12,7 +12,7 @@ from torch import nn
 
 from osmd_ray.config import LossConfig, ModelConfig
 from osmd_ray.config.schema import METHODS
-from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.data.schema import ModalitySpec
 from osmd_ray.method import encoders
 from osmd_ray.method.fusion import CTNFusion
 from osmd_ray.method.losses import (

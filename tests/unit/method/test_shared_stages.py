@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from osmd_ray.config import ModelConfig
-from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.data.schema import ModalitySpec
 from osmd_ray.method.encoders import RoleEncoder, encode_sharing_stages
 from osmd_ray.method.model import OSMDModel, build_deploy_net
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from osmd_ray.config import Config, apply_overrides
-from osmd_ray.data.contract import ModalitySpec
+from osmd_ray.data.schema import ModalitySpec
 from osmd_ray.errors import ConfigError
 from osmd_ray.method.losses import compute_losses
 from osmd_ray.method.model import OSMDModel
