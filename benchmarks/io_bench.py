@@ -282,7 +282,7 @@ def make_datasets(args: argparse.Namespace, with_s3: bool) -> dict[str, str]:
 
     from osmd_ray import storage
     from osmd_ray.data.checker import verify_dataset
-    from osmd_ray.data.cli import write_synth_dataset
+    from osmd_ray.data.synth import write_synth_dataset
 
     roots = {"local": os.path.join(_scratch(), "bench")}
     started = time.perf_counter()

@@ -22,8 +22,8 @@ import argparse
 
 import numpy as np
 
+from osmd_ray.data.scenes import hue_to_rgb, illumination
 from osmd_ray.data.schema import IGNORE_INDEX
-from osmd_ray.data.synth import _hue_to_rgb, _illumination
 from osmd_ray.data.writer import write_dataset
 
 CLASS_NAMES = ["background", "dome", "cone", "disc"]
@@ -54,7 +54,7 @@ def render(rng: np.random.Generator, n: int, size: int) -> dict[str, np.ndarray]
     ambient = rng.uniform(0.2, 0.4, size=n)
     sat = rng.uniform(0.3, 0.8, size=(n, k))
     val = rng.uniform(0.6, 1.0, size=(n, k))
-    hue = _hue_to_rgb(rng.uniform(size=(n, k)))
+    hue = hue_to_rgb(rng.uniform(size=(n, k)))
     albedo = val[..., None] * (sat[..., None] * hue + (1 - sat[..., None]))
     bg_albedo = rng.uniform(0.3, 0.9, size=(n, 3))
     bg_shade = ambient + (1 - ambient) * light[:, 2]
@@ -84,7 +84,7 @@ def render(rng: np.random.Generator, n: int, size: int) -> dict[str, np.ndarray]
         depth[:, 0] = np.where(inside, d0[:, j, None, None] - z, depth[:, 0])
         label = np.where(inside, kd, label)
         rim = np.where((alpha > 0.25) & (alpha < 0.75), True, rim & ~(alpha >= 0.75))
-    rgb = colour * _illumination(rng, n, size) + rng.normal(0.0, 0.02, size=colour.shape)
+    rgb = colour * illumination(rng, n, size) + rng.normal(0.0, 0.02, size=colour.shape)
     depth = depth + rng.normal(0.0, 0.02, size=depth.shape)
     label[rim] = IGNORE_INDEX
     return {

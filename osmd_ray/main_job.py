@@ -16,7 +16,7 @@ def ensure_synthetic_data(root: str) -> None:
     """Generate the default synthetic RGB-D set into ``root`` unless a dataset is there."""
     if os.path.exists(os.path.join(root, "manifest.json")):
         return
-    from osmd_ray.data.cli import write_synth_dataset
+    from osmd_ray.data.synth import write_synth_dataset
 
     print(f"[osmd] generating the default synthetic RGB-D set into {root}")
     write_synth_dataset(root)

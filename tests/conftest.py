@@ -29,7 +29,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_synth(tmp_path_factory) -> str:
     """A small synthetic RGB-D classification set (the real generator, tiny sizes)."""
-    from osmd_ray.data.cli import write_synth_dataset
+    from osmd_ray.data.synth import write_synth_dataset
 
     root = str(tmp_path_factory.mktemp("data") / "tiny_synth")
     write_synth_dataset(root, n_train=256, n_val=64, n_test=64, size=16, seed=0, progress=False)

@@ -13,8 +13,11 @@ from collections.abc import Callable, Sequence
 from functools import wraps
 
 from osmd_ray.data.checker import check_dataset
+from osmd_ray.data.importer import import_npz
+from osmd_ray.data.nyuv2 import import_nyuv2, parse_size
 from osmd_ray.data.schema import Manifest, read_manifest
-from osmd_ray.data.writer import DEFAULT_SHARD_MB, PARALLEL_MIN_BYTES
+from osmd_ray.data.synth import SYNTH_DEFAULTS, write_synth_dataset
+from osmd_ray.data.writer import DEFAULT_SHARD_MB, PARALLEL_MIN_BYTES, shard_bytes
 from osmd_ray.errors import DataError, StorageError
 from osmd_ray.storage import check_bucket
 
@@ -71,15 +74,6 @@ hashes every shard and scans labels and values; --quick checks existence,
 sizes, Parquet schemas and row counts only."""
 
 
-def _synth_defaults() -> dict:
-    """SYNTH_DEFAULTS for the help text, or {} while the generator is not installed."""
-    try:
-        from osmd_ray.data.synth import SYNTH_DEFAULTS
-    except ImportError:
-        return {}
-    return dict(SYNTH_DEFAULTS)
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -102,8 +96,6 @@ def _fraction(text: str) -> float:
 
 
 def _image_size(text: str) -> tuple[int, int]:
-    from osmd_ray.data.nyuv2 import parse_size
-
     try:
         return parse_size(text)
     except ValueError as e:
@@ -156,16 +148,22 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-    fmt = argparse.RawDescriptionHelpFormatter
+    _add_synth_command(commands)
+    _add_import_command(commands)
+    _add_import_nyuv2_command(commands)
+    _add_check_command(commands)
+    return data
 
-    d = _synth_defaults()
+
+def _add_synth_command(commands: argparse._SubParsersAction) -> None:
+    """``data synth``: its options, defaults from SYNTH_DEFAULTS, run by cmd_synth."""
     synth = commands.add_parser(
         "synth",
         help="write the synthetic RGB-D benchmark dataset",
         description=_SYNTH_DESCRIPTION,
         epilog="examples:\n  osmd data synth --out data/synth_cls\n"
         "  osmd data synth --task segmentation --out data/synth_seg",
-        formatter_class=fmt,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     synth.add_argument("--out", required=True, metavar="DIR", help="dataset folder or s3:// URI")
     synth.add_argument(
@@ -186,23 +184,26 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
             dest=key,
             type=_positive_int,
             metavar="N",
-            help=f"{what} (default: {d.get(key, 'the generator default')})",
+            help=f"{what} (default: {SYNTH_DEFAULTS[key]})",
         )
     synth.add_argument(
         "--seed",
         type=int,
         metavar="K",
-        help=f"random seed (default: {d.get('seed', 'the generator default')})",
+        help=f"random seed (default: {SYNTH_DEFAULTS['seed']})",
     )
     _add_write_options(synth)
     synth.set_defaults(func=cmd_synth)
 
+
+def _add_import_command(commands: argparse._SubParsersAction) -> None:
+    """``data import``: NPZ files, one per split, run by cmd_import."""
     imp = commands.add_parser(
         "import",
         help="import NPZ files (one per split) as a dataset",
         description=_IMPORT_DESCRIPTION,
         epilog="example:\n  osmd data import --out data/mine --train train.npz --test test.npz",
-        formatter_class=fmt,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     imp.add_argument("--out", required=True, metavar="DIR", help="dataset folder or s3:// URI")
     imp.add_argument("--train", required=True, metavar="FILE", help="training split (.npz)")
@@ -234,6 +235,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     _add_write_options(imp)
     imp.set_defaults(func=cmd_import)
 
+
+def _add_import_nyuv2_command(commands: argparse._SubParsersAction) -> None:
+    """``data import-nyuv2``: NYU Depth V2 for segmentation, run by cmd_import_nyuv2."""
     nyu = commands.add_parser(
         "import-nyuv2",
         help="import NYU Depth V2 (PNG folders or the official .mat) for segmentation",
@@ -241,7 +245,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
         epilog=(
             "example:\n  osmd data import-nyuv2 --src ../shared/data/nyuv2-mini --out data/nyuv2"
         ),
-        formatter_class=fmt,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     nyu.add_argument("--src", required=True, metavar="DIR", help="NYU Depth V2 source folder")
     nyu.add_argument("--out", required=True, metavar="DIR", help="dataset folder or s3:// URI")
@@ -268,11 +272,14 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     _add_write_options(nyu)
     nyu.set_defaults(func=cmd_import_nyuv2)
 
+
+def _add_check_command(commands: argparse._SubParsersAction) -> None:
+    """``data check``: a dataset against its manifest, run by cmd_check."""
     check = commands.add_parser(
         "check",
         help="check a dataset against its manifest",
         description=_CHECK_DESCRIPTION,
-        formatter_class=fmt,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("root", metavar="DIR", help="dataset folder or s3:// URI")
     check.add_argument(
@@ -281,45 +288,6 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help="skip checksums and value scans (default: full check)",
     )
     check.set_defaults(func=cmd_check)
-    return data
-
-
-def write_synth_dataset(
-    out: str,
-    *,
-    overwrite: bool = False,
-    progress: bool = True,
-    shard_mb: float = DEFAULT_SHARD_MB,
-    task: str = "classification",
-    **params: int,
-) -> Manifest:
-    """Generate the synthetic classification set (SYNTH_DEFAULTS for what is not given), or
-    with ``task="segmentation"`` the depth-band scenes (SEG_SYNTH_DEFAULTS), in shards of
-    about ``shard_mb`` MiB."""
-    from osmd_ray.data.synth import SYNTH_DEFAULTS, generate_classification
-    from osmd_ray.data.synth_seg import SEG_SYNTH_DEFAULTS, generate_segmentation
-    from osmd_ray.data.writer import write_dataset
-
-    generate, defaults = (
-        (generate_segmentation, SEG_SYNTH_DEFAULTS)
-        if task == "segmentation"
-        else (generate_classification, SYNTH_DEFAULTS)
-    )
-    try:
-        splits, info = generate(**{**defaults, **params})
-    except ValueError as e:  # the generator's own rules on its parameters (e.g. even size)
-        raise DataError(f"synthetic data: {e}") from None
-    return write_dataset(
-        out,
-        splits,
-        task=task,
-        num_classes=info["num_classes"],
-        class_names=info.get("class_names"),
-        description=info.get("description", ""),
-        target_shard_bytes=shard_bytes(shard_mb),
-        overwrite=overwrite,
-        progress=progress,
-    )
 
 
 @_reports_data_errors
@@ -340,8 +308,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
 @_reports_data_errors
 def cmd_import(args: argparse.Namespace) -> int:
     """Import NPZ files."""
-    from osmd_ray.data.importer import import_npz
-
     check_bucket(args.out, "--out")
     manifest = import_npz(
         args.out,
@@ -360,8 +326,6 @@ def cmd_import(args: argparse.Namespace) -> int:
 @_reports_data_errors
 def cmd_import_nyuv2(args: argparse.Namespace) -> int:
     """Import NYU Depth V2."""
-    from osmd_ray.data.nyuv2 import import_nyuv2
-
     check_bucket(args.out, "--out")
     manifest = import_nyuv2(
         args.src,
@@ -389,11 +353,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"OK {args.root} ({depth})")
     print(summary(read_manifest(args.root)))
     return 0
-
-
-def shard_bytes(shard_mb: float) -> int:
-    """--shard-mb in bytes (MiB), at least one."""
-    return max(1, int(shard_mb * 2**20))
 
 
 def summary(m: Manifest) -> str:

@@ -19,8 +19,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from osmd_ray.data.scenes import (
+    BACKGROUND_DEPTH,
+    HAZE_BETA,
+    hue_to_rgb,
+    illumination,
+    transmission,
+)
 from osmd_ray.data.schema import IGNORE_INDEX
-from osmd_ray.data.synth import _BACKGROUND_DEPTH, _BETA, _hue_to_rgb, _illumination
 
 SEG_SYNTH_DEFAULTS: dict = dict(n_train=1000, n_val=500, n_test=1000, size=32, seed=0)
 """Defaults of ``osmd data synth --task segmentation`` (split sizes, image side, seed)."""
@@ -37,11 +43,11 @@ _CHUNK = 1024
 
 DESCRIPTION = (
     f"{_DISCS} discs at random depths in [{_BANDS[0]}, {_BANDS[-1]}) over a background at "
-    f"depth {_BACKGROUND_DEPTH}, nearer discs occluding farther ones; a pixel's label is "
+    f"depth {BACKGROUND_DEPTH}, nearer discs occluding farther ones; a pixel's label is "
     "background or the depth band of its disc (near [2, 3), mid [3, 4), far [4, 5)). Depth "
     "(privileged) shows the label directly; RGB (ordinary) only through haze: saturated random "
-    f"hues blended towards a grey fog with transmission exp(-{_BETA} (d - 1)), a smooth random "
-    "illumination and pixel noise; disc sizes do not depend on depth. Antialiased rims are "
+    f"hues blended towards a grey fog with transmission exp(-{HAZE_BETA} (d - 1)), a smooth "
+    "random illumination and pixel noise; disc sizes do not depend on depth. Antialiased rims are "
     f"unlabelled ({IGNORE_INDEX})."
 )
 
@@ -55,10 +61,10 @@ def _render(rng: np.random.Generator, n: int, size: int) -> dict[str, np.ndarray
     hue = rng.uniform(size=(n, _DISCS))
     fog = rng.uniform(*_FOG_RANGE, size=n)
 
-    bg_t = np.exp(-_BETA * (_BACKGROUND_DEPTH - 1.0))
+    bg_t = transmission(BACKGROUND_DEPTH)
     colour = bg_t * rng.uniform(size=(n, 3, 1, 1)) + (1 - bg_t) * fog[:, None, None, None]
     colour = np.broadcast_to(colour, (n, 3, size, size)).copy()
-    depth = np.full((n, 1, size, size), _BACKGROUND_DEPTH)
+    depth = np.full((n, 1, size, size), BACKGROUND_DEPTH)
     label = np.zeros((n, size, size), dtype=np.int64)
     rim = np.zeros((n, size, size), dtype=bool)
     coords = np.arange(size) + 0.5
@@ -66,8 +72,8 @@ def _render(rng: np.random.Generator, n: int, size: int) -> dict[str, np.ndarray
         dy = coords[None, :, None] - centre[:, k, 0, None, None]
         dx = coords[None, None, :] - centre[:, k, 1, None, None]
         alpha = np.clip(radius[:, k, None, None] - np.sqrt(dy**2 + dx**2) + 0.5, 0.0, 1.0)
-        t = np.exp(-_BETA * (depths[:, k] - 1.0))
-        disc = t[:, None] * _hue_to_rgb(hue[:, k]) + (1 - t[:, None]) * fog[:, None]
+        t = transmission(depths[:, k])
+        disc = t[:, None] * hue_to_rgb(hue[:, k]) + (1 - t[:, None]) * fog[:, None]
         a = alpha[:, None]
         colour = a * disc[:, :, None, None] + (1 - a) * colour
         inside = alpha >= 0.5
@@ -76,7 +82,7 @@ def _render(rng: np.random.Generator, n: int, size: int) -> dict[str, np.ndarray
         label = np.where(inside, band[:, None, None], label)
         # A new rim marks its pixels; a later disc's interior clears the marks it covers.
         rim = np.where((alpha > 0.25) & (alpha < 0.75), True, rim & ~(alpha >= 0.75))
-    rgb = colour * _illumination(rng, n, size) + rng.normal(0.0, _RGB_NOISE, size=colour.shape)
+    rgb = colour * illumination(rng, n, size) + rng.normal(0.0, _RGB_NOISE, size=colour.shape)
     depth = depth + rng.normal(0.0, _DEPTH_NOISE, size=depth.shape)
     label[rim] = IGNORE_INDEX
     return {

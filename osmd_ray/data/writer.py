@@ -493,6 +493,11 @@ def rows_per_shard_for(row_bytes: int, target_shard_bytes: int) -> int:
     return max(1, target_shard_bytes // max(1, row_bytes))
 
 
+def shard_bytes(shard_mb: float) -> int:
+    """--shard-mb in bytes (MiB), at least one."""
+    return max(1, int(shard_mb * 2**20))
+
+
 def write_dataset(
     out: str,
     splits: Mapping[str, Mapping[str, np.ndarray]],

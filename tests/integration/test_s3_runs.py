@@ -26,7 +26,7 @@ def _fs():
 
 def _tiny_dataset(bucket: str) -> str:
     """The TINY synthetic set written to ``bucket``; its URI."""
-    from osmd_ray.data.cli import write_synth_dataset
+    from osmd_ray.data.synth import write_synth_dataset
 
     data = f"{bucket}/data/tiny"
     write_synth_dataset(data, **TINY)
@@ -42,7 +42,7 @@ def test_synth_check_train_resume_and_predict_on_s3(
 ):
     """The README's path on S3: synth to S3, check, train from S3 with checkpoints on S3,
     interrupted and resumed from the S3 checkpoint, then predict from the model on S3."""
-    from osmd_ray.data.cli import write_synth_dataset
+    from osmd_ray.data.synth import write_synth_dataset
     from osmd_ray.train.runner import train
 
     monkeypatch.chdir(tmp_path)  # any local leftovers would land here, where we look
@@ -116,7 +116,7 @@ def test_truncated_and_foreign_objects_are_named_by_check_and_refused_by_trainin
 ):
     import pyarrow as pa
 
-    from osmd_ray.data.cli import write_synth_dataset
+    from osmd_ray.data.synth import write_synth_dataset
     from osmd_ray.errors import DataError
     from osmd_ray.train.runner import train
 

@@ -395,7 +395,7 @@ def fake_measure(run_dir: str) -> DeployStats:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> str:
-    from osmd_ray.data.cli import write_synth_dataset
+    from osmd_ray.data.synth import write_synth_dataset
 
     root = str(tmp_path_factory.mktemp("data") / "tiny")
     # 64 training rows per worker: one batch of the default size each (config check).

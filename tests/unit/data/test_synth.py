@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from osmd_ray.data.scenes import HAZE_BETA
 from osmd_ray.data.synth import (
-    _BETA,
-    _DEPTH_BINS,
+    DEPTH_BINS,
     SYNTH_DEFAULTS,
     generate_classification,
     label_from_depth,
@@ -116,8 +116,8 @@ def test_rgb_holds_the_label_through_haze(data) -> None:
     darkest = (_quadrants(rgb.min(1)) * pixels).sum(2) / np.maximum(pixels.sum(2), 1)
     background = (_quadrants(rgb.mean(1)) * ~disc).sum(2) / (~disc).sum(2)
     transmission = np.clip(1.0 - darkest / background, 1e-3, 1.0).max(1)
-    depth = 1.0 - np.log(transmission) / _BETA
-    predicted = np.clip(np.searchsorted(_DEPTH_BINS, depth, side="right") - 1, 0, 3)
+    depth = 1.0 - np.log(transmission) / HAZE_BETA
+    predicted = np.clip(np.searchsorted(DEPTH_BINS, depth, side="right") - 1, 0, 3)
     # About 0.90 with this crude estimator (docs/headroom.md); a lower bound on what RGB holds.
     assert (predicted == train["label"]).mean() > 0.85
 
