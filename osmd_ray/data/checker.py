@@ -231,4 +231,3 @@ def verify_dataset(root: str, deep: bool = False) -> Manifest:
             f"dataset {root} failed its check ({len(problems)} problem(s)):\n" + "\n".join(problems)
         )
     return manifest
-

@@ -36,6 +36,23 @@ class _NpzSplit:
 
 def _load_npz(path: str, role: str, task: str) -> _NpzSplit:
     """Load and validate one NPZ file; every DataError names the file and the key."""
+    arrays = _read_npz(path)
+    label = _pop_label(path, arrays, task)
+    n = len(label)
+    for key, arr in arrays.items():
+        if arr.ndim == 0 or arr.shape[0] != n:
+            raise DataError(
+                f"{path}: key {key!r} has shape {arr.shape}, but 'label' has {n} rows "
+                "(the first axis must be the samples)"
+            )
+    sample_id = _pop_sample_id(path, arrays, role, n)
+    present = _pop_masks(path, arrays)
+    _check_modalities(path, arrays)
+    return _NpzSplit(path, arrays, label, present, sample_id)
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """Every array of the NPZ file at ``path`` (local or a URI), without unpickling."""
     fs, fpath = storage.url_to_fs(path)
     if not fs.isfile(fpath):
         raise DataError(f"{path}: file not found")
@@ -56,7 +73,12 @@ def _load_npz(path: str, role: str, task: str) -> _NpzSplit:
                         f"{path}: key {key!r} holds an object array, which would need pickle to "
                         f"load; store numeric arrays ({e})"
                     ) from None
+    return arrays
 
+
+def _pop_label(path: str, arrays: dict[str, np.ndarray], task: str) -> np.ndarray:
+    """Take ``label`` out of ``arrays``: integers of the task's shape, at least one row,
+    nothing negative but (segmentation) the ignore index."""
     if "label" not in arrays:
         raise DataError(f"{path}: no 'label' array (keys: {', '.join(sorted(arrays)) or 'none'})")
     label = arrays.pop("label")
@@ -68,8 +90,7 @@ def _load_npz(path: str, role: str, task: str) -> _NpzSplit:
             f"{path}: key 'label' has shape {label.shape}; {task} expects "
             + ("(N,)" if task == "classification" else "(N, H, W)")
         )
-    n = len(label)
-    if n == 0:
+    if len(label) == 0:
         raise DataError(f"{path}: key 'label' holds no rows")
     negative = label < 0
     if task == "segmentation":
@@ -79,24 +100,24 @@ def _load_npz(path: str, role: str, task: str) -> _NpzSplit:
         raise DataError(
             f"{path}: key 'label' holds negative labels{allowed}, e.g. {int(label[negative][0])}"
         )
-    for key, arr in arrays.items():
-        if arr.ndim == 0 or arr.shape[0] != n:
-            raise DataError(
-                f"{path}: key {key!r} has shape {arr.shape}, but 'label' has {n} rows "
-                "(the first axis must be the samples)"
-            )
+    return label
 
+
+def _pop_sample_id(path: str, arrays: dict[str, np.ndarray], role: str, n: int) -> np.ndarray:
+    """Take ``sample_id`` out of ``arrays`` as (n,) str, or make <role>-<row> ids."""
     sample_id = arrays.pop("sample_id", None)
     if sample_id is None:
-        sample_id = np.array([f"{role}-{i:07d}" for i in range(n)])
-    elif sample_id.ndim != 1 or sample_id.dtype.kind not in "USiu":
+        return np.array([f"{role}-{i:07d}" for i in range(n)])
+    if sample_id.ndim != 1 or sample_id.dtype.kind not in "USiu":
         raise DataError(
             f"{path}: key 'sample_id' must be a 1-D array of strings or integers, got "
             f"{sample_id.dtype} {sample_id.shape}"
         )
-    else:
-        sample_id = np.array([s.decode() if isinstance(s, bytes) else str(s) for s in sample_id])
+    return np.array([s.decode() if isinstance(s, bytes) else str(s) for s in sample_id])
 
+
+def _pop_masks(path: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Take the has_<m> arrays out of ``arrays``: modality name -> (N,) bool."""
     masks = {k: arrays.pop(k) for k in [k for k in arrays if k.startswith("has_")]}
     present: dict[str, np.ndarray] = {}
     for key, mask in masks.items():
@@ -105,7 +126,11 @@ def _load_npz(path: str, role: str, task: str) -> _NpzSplit:
         if mask.dtype != np.bool_ or mask.ndim != 1:
             raise DataError(f"{path}: key {key!r} must be a 1-D bool array, got {mask.dtype}")
         present[key[4:]] = mask
+    return present
 
+
+def _check_modalities(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """What is left are the modalities: at least one, numeric, of a shape that has a kind."""
     if not arrays:
         raise DataError(f"{path}: holds no modality arrays, only label/sample_id/has_*")
     for key, arr in arrays.items():
@@ -117,7 +142,6 @@ def _load_npz(path: str, role: str, task: str) -> _NpzSplit:
             infer_kind(arr.shape[1:])
         except DataError as e:
             raise DataError(f"{path}: key {key!r}: {e}") from None
-    return _NpzSplit(path, arrays, label, present, sample_id)
 
 
 def _check_consistent(parts: dict[str, _NpzSplit]) -> None:

@@ -150,7 +150,7 @@ def detect_layout(src: str | Path) -> str:
 def _resize(a: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
     """Resize an (H, W, 3) uint8, (H, W) uint8 or (H, W) float32 array to ``size`` (H, W)
     with Pillow (which reads them as modes RGB, L and F)."""
-    from PIL import Image
+    from PIL import Image  # lazy: every `osmd data` command imports this module
 
     h, w = size
     if a.shape[:2] == (h, w):
@@ -190,7 +190,7 @@ def _png_names(folder: Path) -> dict[str, Path]:
 
 
 def _load_png(path: Path, modes: Sequence[str], what: str) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image  # lazy: every `osmd data` command imports this module
 
     try:
         with Image.open(path) as im:
@@ -293,7 +293,7 @@ def _load_splits(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path}: not found (the official splits.mat belongs beside {MAT_NAME})")
     try:
-        from scipy.io import loadmat
+        from scipy.io import loadmat  # lazy: heavy, and only the .mat layout needs it
     except ImportError:
         raise DataError("reading splits.mat needs scipy (pip install scipy)") from None
     try:
@@ -333,7 +333,7 @@ def val_count(n_train: int) -> int:
 def _read_mat_layout(
     src: Path, classes: int, size: tuple[int, int], mapping: str | Path | None, progress: bool
 ) -> tuple[dict[str, list[tuple[str, tuple]]], str]:
-    import h5py
+    import h5py  # lazy: only the official .mat layout needs it
 
     mat_path = src / MAT_NAME
     if mapping is None:
@@ -397,7 +397,7 @@ def _read_mat_layout(
 def _bar(items: Sequence[Any], desc: str, enabled: bool) -> Iterable[Any]:
     if not enabled:
         return items
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # lazy: only when a progress bar is shown
 
     return tqdm(items, desc=desc, unit="frame")
 

@@ -74,7 +74,7 @@ def read_split(
     per epoch for four local files here, while the manifest already lists every shard
     (benchmarks/RESULTS.md, data I/O).
     """
-    import ray.data
+    import ray.data  # lazy: seconds to import, and only Ray readers need it
 
     manifest = manifest or read_manifest(root)
     cols = select_columns(manifest, columns, root)

@@ -246,51 +246,9 @@ def _parse_manifest(d: dict[str, Any], p: list[str]) -> Manifest:
         p.append(f"num_classes must be a positive integer, found {num_classes!r}")
     if not is_int(d["ignore_index"]):
         p.append(f"ignore_index must be an integer, found {d['ignore_index']!r}")
-    label_shape = d["label_shape"]
-    if not _is_shape(label_shape):
-        p.append(f"label_shape must be a list of positive integers, found {label_shape!r}")
-        label_shape = []
-    elif task == "classification" and label_shape:
-        p.append(f"label_shape must be [] for classification, found {label_shape}")
-    elif task == "segmentation" and len(label_shape) != 2:
-        p.append(f"label_shape must be [H, W] for segmentation, found {label_shape}")
-
-    modalities: dict[str, ModalitySpec] = {}
-    if not isinstance(d["modalities"], dict) or not d["modalities"]:
-        p.append("modalities must be a non-empty object")
-    else:
-        for name, spec in d["modalities"].items():
-            if not isinstance(spec, dict):
-                p.append(f"modalities.{name} must be an object with kind, shape and dtype")
-                continue
-            kind, shape, dtype = spec.get("kind"), spec.get("shape"), spec.get("dtype")
-            if kind not in KINDS:
-                p.append(f"modalities.{name}.kind must be one of {KINDS}, found {kind!r}")
-            if not _is_shape(shape):
-                p.append(f"modalities.{name}.shape must be a list of positive integers")
-                continue
-            if kind in KINDS and len(shape) != KIND_NDIM[kind]:
-                p.append(f"modalities.{name}.shape {shape} does not fit kind {kind}")
-            if not _valid_dtype(dtype):
-                p.append(f"modalities.{name}.dtype must be a numeric numpy dtype, found {dtype!r}")
-            if name in ("sample_id", "label") or name.startswith("has_"):
-                p.append(f"modality name {name!r} is reserved for another column")
-            modalities[name] = ModalitySpec(name, kind, tuple(shape), dtype)
-
-    splits: dict[str, list[ShardInfo]] = {}
-    if not isinstance(d["splits"], dict) or not d["splits"]:
-        p.append("splits must be a non-empty object")
-    else:
-        for split, shards in d["splits"].items():
-            if split not in SPLITS:
-                p.append(f"split {split!r} is not one of {', '.join(SPLITS)}")
-            if not isinstance(shards, list):
-                p.append(f"splits.{split} must be a list of shards")
-                continue
-            parsed = [
-                _parse_shard(raw, f"splits.{split}[{i}]", split, p) for i, raw in enumerate(shards)
-            ]
-            splits[split] = [s for s in parsed if s is not None]
+    label_shape = _parse_label_shape(d["label_shape"], task, p)
+    modalities = _parse_modalities(d["modalities"], p)
+    splits = _parse_splits(d["splits"], p)
 
     optional = d["optional_modalities"]
     if not isinstance(optional, list) or not all(isinstance(m, str) for m in optional):
@@ -300,22 +258,7 @@ def _parse_manifest(d: dict[str, Any], p: list[str]) -> Manifest:
         if modalities and m not in modalities:
             p.append(f"optional_modalities names {m!r}, which is not a modality")
 
-    normalization = d["normalization"]
-    if not isinstance(normalization, dict):
-        p.append("normalization must be an object")
-        normalization = {}
-    for name, spec in modalities.items():
-        stats = normalization.get(name)
-        channels = spec.shape[0]
-        for key in ("mean", "std"):
-            values = stats.get(key) if isinstance(stats, dict) else None
-            if not (
-                isinstance(values, list)
-                and len(values) == channels
-                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-            ):
-                p.append(f"normalization.{name}.{key} must be {channels} finite number(s)")
-
+    normalization = _parse_normalization(d["normalization"], modalities, p)
     class_names = d["class_names"]
     if class_names is not None and not (
         isinstance(class_names, list)
@@ -339,6 +282,86 @@ def _parse_manifest(d: dict[str, Any], p: list[str]) -> Manifest:
         class_names=class_names,
         description=d["description"],
     )
+
+
+def _parse_label_shape(label_shape: Any, task: str, p: list[str]) -> list[int]:
+    """``label_shape`` as found when it is a shape, else [] (with the problem in ``p``)."""
+    if not _is_shape(label_shape):
+        p.append(f"label_shape must be a list of positive integers, found {label_shape!r}")
+        return []
+    if task == "classification" and label_shape:
+        p.append(f"label_shape must be [] for classification, found {label_shape}")
+    elif task == "segmentation" and len(label_shape) != 2:
+        p.append(f"label_shape must be [H, W] for segmentation, found {label_shape}")
+    return label_shape
+
+
+def _parse_modalities(raw: Any, p: list[str]) -> dict[str, ModalitySpec]:
+    """The ``modalities`` object; an entry without a valid shape is left out."""
+    modalities: dict[str, ModalitySpec] = {}
+    if not isinstance(raw, dict) or not raw:
+        p.append("modalities must be a non-empty object")
+        return modalities
+    for name, spec in raw.items():
+        if not isinstance(spec, dict):
+            p.append(f"modalities.{name} must be an object with kind, shape and dtype")
+            continue
+        kind, shape, dtype = spec.get("kind"), spec.get("shape"), spec.get("dtype")
+        if kind not in KINDS:
+            p.append(f"modalities.{name}.kind must be one of {KINDS}, found {kind!r}")
+        if not _is_shape(shape):
+            p.append(f"modalities.{name}.shape must be a list of positive integers")
+            continue
+        if kind in KINDS and len(shape) != KIND_NDIM[kind]:
+            p.append(f"modalities.{name}.shape {shape} does not fit kind {kind}")
+        if not _valid_dtype(dtype):
+            p.append(f"modalities.{name}.dtype must be a numeric numpy dtype, found {dtype!r}")
+        if name in ("sample_id", "label") or name.startswith("has_"):
+            p.append(f"modality name {name!r} is reserved for another column")
+        modalities[name] = ModalitySpec(name, kind, tuple(shape), dtype)
+    return modalities
+
+
+def _parse_splits(raw: Any, p: list[str]) -> dict[str, list[ShardInfo]]:
+    """The ``splits`` object: the valid shards of each split that is a list."""
+    splits: dict[str, list[ShardInfo]] = {}
+    if not isinstance(raw, dict) or not raw:
+        p.append("splits must be a non-empty object")
+        return splits
+    for split, shards in raw.items():
+        if split not in SPLITS:
+            p.append(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        if not isinstance(shards, list):
+            p.append(f"splits.{split} must be a list of shards")
+            continue
+        parsed = [
+            _parse_shard(entry, f"splits.{split}[{i}]", split, p) for i, entry in enumerate(shards)
+        ]
+        splits[split] = [s for s in parsed if s is not None]
+    return splits
+
+
+def _parse_normalization(
+    raw: Any, modalities: dict[str, ModalitySpec], p: list[str]
+) -> dict[str, Any]:
+    """The ``normalization`` object ({} when it is not one), checking that every modality
+    has one finite mean and std per channel."""
+    normalization = raw
+    if not isinstance(normalization, dict):
+        p.append("normalization must be an object")
+        normalization = {}
+    for name, spec in modalities.items():
+        stats = normalization.get(name)
+        channels = spec.shape[0]
+        for key in ("mean", "std"):
+            values = stats.get(key) if isinstance(stats, dict) else None
+            if not (
+                isinstance(values, list)
+                and len(values) == channels
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+            ):
+                p.append(f"normalization.{name}.{key} must be {channels} finite number(s)")
+    return normalization
 
 
 def _parse_shard(raw: Any, where: str, split: str, p: list[str]) -> ShardInfo | None:
@@ -436,4 +459,3 @@ def column_to_numpy(col: pa.ChunkedArray) -> np.ndarray:
         arr = col.to_numpy()
     # Zero-copy views of Arrow buffers are read-only; callers (torch.from_numpy) want to own.
     return arr if arr.flags.writeable else arr.copy()
-

@@ -11,7 +11,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
@@ -133,54 +133,9 @@ def _plan(
     class_names: list[str] | None,
 ) -> _Plan:
     """Check everything about the input that does not need a pass over the values."""
-    if task not in TASKS:
-        raise DataError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    if not is_int(num_classes) or num_classes < 1:
-        raise DataError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if task == "segmentation" and 0 <= ignore_index < num_classes:
-        raise DataError(f"ignore_index {ignore_index} lies inside the classes [0, {num_classes})")
-    if class_names is not None and len(class_names) != num_classes:
-        raise DataError(f"{len(class_names)} class_names given for {num_classes} classes")
-    unknown = [s for s in splits if s not in SPLITS]
-    if unknown:
-        raise DataError(f"unknown split(s) {unknown}; splits are {', '.join(SPLITS)}")
-    if "train" not in splits:
-        raise DataError("a train split is required (normalisation statistics come from it)")
-
-    names = [k for k in splits["train"] if k not in ("label", "sample_id")]
-    if not names:
-        raise DataError("split 'train' holds no modality arrays, only label/sample_id")
-    for name in names:
-        if name.startswith("has_"):
-            raise DataError(
-                f"split 'train': {name!r} looks like a presence mask; pass it as "
-                f"present={{'train': {{{name[4:]!r}: mask}}}} instead of as a modality"
-            )
-    kinds = dict(kinds or {})
-    for name in kinds:
-        if name not in names:
-            raise DataError(f"kinds names {name!r}, which is not a modality ({names})")
-
-    modalities: dict[str, ModalitySpec] = {}
-    for name in names:
-        arr = splits["train"][name]
-        if not isinstance(arr, np.ndarray) or arr.ndim < 2:
-            raise DataError(
-                f"split 'train', modality {name!r}: expected an array (N, *shape), got "
-                f"{getattr(arr, 'shape', type(arr).__name__)}"
-            )
-        if arr.dtype.kind not in "iuf":
-            raise DataError(
-                f"split 'train', modality {name!r}: dtype {arr.dtype} is not an integer or float "
-                "type"
-            )
-        shape = tuple(int(d) for d in arr.shape[1:])
-        kind = kinds.get(name) or infer_kind(shape)
-        if kind not in KINDS:
-            raise DataError(f"modality {name!r}: kind {kind!r} is not one of {', '.join(KINDS)}")
-        if len(shape) != KIND_NDIM[kind]:
-            raise DataError(f"modality {name!r}: per-sample shape {shape} does not fit kind {kind}")
-        modalities[name] = ModalitySpec(name, kind, shape, arr.dtype.name)
+    _check_arguments(splits, task, num_classes, ignore_index, class_names)
+    names = _modality_names(splits["train"], kinds)
+    modalities = _modality_specs(splits["train"], names, dict(kinds or {}))
 
     present = present or {}
     for split in present:
@@ -200,74 +155,175 @@ def _plan(
                 f"{where}: modalities {sorted(keys)} differ from split 'train''s {sorted(names)} "
                 "(every split must hold the same modalities)"
             )
-        if "label" not in data:
-            raise DataError(f"{where}: no 'label' array")
-        label = data["label"]
-        if not isinstance(label, np.ndarray) or label.dtype.kind not in "iu":
-            raise DataError(
-                f"{where}: label must be an integer array, got "
-                f"{getattr(label, 'dtype', type(label).__name__)}"
-            )
-        n = label.shape[0] if label.ndim else 0
-        if n == 0:
-            raise DataError(f"{where} has no rows; leave the split out instead")
-        want_ndim = 1 if task == "classification" else 3
-        if label.ndim != want_ndim:
-            raise DataError(
-                f"{where}: label has shape {label.shape}; {task} expects "
-                + ("(N,)" if task == "classification" else "(N, H, W)")
-            )
-        if label_shape is None:
-            label_shape = tuple(int(d) for d in label.shape[1:])
-        elif tuple(label.shape[1:]) != label_shape:
-            raise DataError(
-                f"{where}: label maps of shape {label.shape[1:]} differ from {label_shape}"
-            )
-        for name, spec in modalities.items():
-            arr = data[name]
-            if not isinstance(arr, np.ndarray):
-                raise DataError(f"{where}, modality {name!r}: not a numpy array")
-            if arr.shape[0] != n:
-                raise DataError(
-                    f"{where}, modality {name!r}: {arr.shape[0]} rows but label has {n}"
-                )
-            if tuple(arr.shape[1:]) != spec.shape:
-                raise DataError(
-                    f"{where}, modality {name!r}: per-sample shape {tuple(arr.shape[1:])} "
-                    f"differs from split 'train''s {spec.shape}"
-                )
-            if arr.dtype.name != spec.dtype:
-                raise DataError(
-                    f"{where}, modality {name!r}: dtype {arr.dtype.name} differs from split "
-                    f"'train''s {spec.dtype}"
-                )
-        if "sample_id" in data:
-            ids = np.asarray(data["sample_id"])
-            if ids.shape != (n,):
-                raise DataError(f"{where}: sample_id has shape {ids.shape}, expected ({n},)")
-            id_list = [str(s) for s in ids.tolist()]
-            if any(not s for s in id_list):
-                raise DataError(f"{where}: sample_id holds an empty string")
-            if len(set(id_list)) != n:
-                raise DataError(f"{where}: sample_id values are not unique")
-        else:
-            id_list = [f"{split}-{i:07d}" for i in range(n)]
-        split_masks = {}
-        for m, mask in present.get(split, {}).items():
-            if m not in modalities:
-                raise DataError(f"present[{split!r}] names {m!r}, which is not a modality")
-            mask = np.asarray(mask)
-            if mask.dtype != np.bool_ or mask.shape != (n,):
-                raise DataError(
-                    f"{where}: present mask for {m!r} must be a bool array of shape ({n},), got "
-                    f"{mask.dtype} {mask.shape}"
-                )
-            split_masks[m] = mask
-        for m in optional:
-            split_masks.setdefault(m, np.ones(n, dtype=bool))
-        rows[split], sample_ids[split], masks[split] = n, id_list, split_masks
+        n, label_shape = _check_label(where, data, task, label_shape)
+        _check_split_modalities(where, data, modalities, n)
+        rows[split] = n
+        sample_ids[split] = _sample_ids(split, where, data, n)
+        masks[split] = _split_masks(split, where, present, modalities, optional, n)
     assert label_shape is not None
     return _Plan(modalities, label_shape, rows, sample_ids, masks, optional)
+
+
+def _check_arguments(
+    splits: Mapping[str, Mapping[str, np.ndarray]],
+    task: str,
+    num_classes: int,
+    ignore_index: int,
+    class_names: list[str] | None,
+) -> None:
+    """The task, the classes and the split names."""
+    if task not in TASKS:
+        raise DataError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if not is_int(num_classes) or num_classes < 1:
+        raise DataError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if task == "segmentation" and 0 <= ignore_index < num_classes:
+        raise DataError(f"ignore_index {ignore_index} lies inside the classes [0, {num_classes})")
+    if class_names is not None and len(class_names) != num_classes:
+        raise DataError(f"{len(class_names)} class_names given for {num_classes} classes")
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise DataError(f"unknown split(s) {unknown}; splits are {', '.join(SPLITS)}")
+    if "train" not in splits:
+        raise DataError("a train split is required (normalisation statistics come from it)")
+
+
+def _modality_names(train: Mapping[str, np.ndarray], kinds: Mapping[str, str] | None) -> list[str]:
+    """The modalities of the training split (every key but label and sample_id), checking
+    that none is a presence mask and that ``kinds`` names only modalities."""
+    names = [k for k in train if k not in ("label", "sample_id")]
+    if not names:
+        raise DataError("split 'train' holds no modality arrays, only label/sample_id")
+    for name in names:
+        if name.startswith("has_"):
+            raise DataError(
+                f"split 'train': {name!r} looks like a presence mask; pass it as "
+                f"present={{'train': {{{name[4:]!r}: mask}}}} instead of as a modality"
+            )
+    for name in kinds or {}:
+        if name not in names:
+            raise DataError(f"kinds names {name!r}, which is not a modality ({names})")
+    return names
+
+
+def _modality_specs(
+    train: Mapping[str, np.ndarray], names: list[str], kinds: Mapping[str, str]
+) -> dict[str, ModalitySpec]:
+    """Kind, per-sample shape and dtype of each modality, read off the training split."""
+    modalities: dict[str, ModalitySpec] = {}
+    for name in names:
+        arr = train[name]
+        if not isinstance(arr, np.ndarray) or arr.ndim < 2:
+            raise DataError(
+                f"split 'train', modality {name!r}: expected an array (N, *shape), got "
+                f"{getattr(arr, 'shape', type(arr).__name__)}"
+            )
+        if arr.dtype.kind not in "iuf":
+            raise DataError(
+                f"split 'train', modality {name!r}: dtype {arr.dtype} is not an integer or float "
+                "type"
+            )
+        shape = tuple(int(d) for d in arr.shape[1:])
+        kind = kinds.get(name) or infer_kind(shape)
+        if kind not in KINDS:
+            raise DataError(f"modality {name!r}: kind {kind!r} is not one of {', '.join(KINDS)}")
+        if len(shape) != KIND_NDIM[kind]:
+            raise DataError(f"modality {name!r}: per-sample shape {shape} does not fit kind {kind}")
+        modalities[name] = ModalitySpec(name, kind, shape, arr.dtype.name)
+    return modalities
+
+
+def _check_label(
+    where: str,
+    data: Mapping[str, np.ndarray],
+    task: str,
+    label_shape: tuple[int, ...] | None,
+) -> tuple[int, tuple[int, ...]]:
+    """The rows of one split and its label maps' shape (() for classification), which must
+    match ``label_shape`` of the splits before it (None for the first)."""
+    if "label" not in data:
+        raise DataError(f"{where}: no 'label' array")
+    label = data["label"]
+    if not isinstance(label, np.ndarray) or label.dtype.kind not in "iu":
+        raise DataError(
+            f"{where}: label must be an integer array, got "
+            f"{getattr(label, 'dtype', type(label).__name__)}"
+        )
+    n = label.shape[0] if label.ndim else 0
+    if n == 0:
+        raise DataError(f"{where} has no rows; leave the split out instead")
+    want_ndim = 1 if task == "classification" else 3
+    if label.ndim != want_ndim:
+        raise DataError(
+            f"{where}: label has shape {label.shape}; {task} expects "
+            + ("(N,)" if task == "classification" else "(N, H, W)")
+        )
+    if label_shape is None:
+        label_shape = tuple(int(d) for d in label.shape[1:])
+    elif tuple(label.shape[1:]) != label_shape:
+        raise DataError(f"{where}: label maps of shape {label.shape[1:]} differ from {label_shape}")
+    return n, label_shape
+
+
+def _check_split_modalities(
+    where: str, data: Mapping[str, np.ndarray], modalities: dict[str, ModalitySpec], n: int
+) -> None:
+    """Every modality of one split: ``n`` rows of the training split's shape and dtype."""
+    for name, spec in modalities.items():
+        arr = data[name]
+        if not isinstance(arr, np.ndarray):
+            raise DataError(f"{where}, modality {name!r}: not a numpy array")
+        if arr.shape[0] != n:
+            raise DataError(f"{where}, modality {name!r}: {arr.shape[0]} rows but label has {n}")
+        if tuple(arr.shape[1:]) != spec.shape:
+            raise DataError(
+                f"{where}, modality {name!r}: per-sample shape {tuple(arr.shape[1:])} "
+                f"differs from split 'train''s {spec.shape}"
+            )
+        if arr.dtype.name != spec.dtype:
+            raise DataError(
+                f"{where}, modality {name!r}: dtype {arr.dtype.name} differs from split "
+                f"'train''s {spec.dtype}"
+            )
+
+
+def _sample_ids(split: str, where: str, data: Mapping[str, np.ndarray], n: int) -> list[str]:
+    """The split's sample ids (non-empty, unique), or <split>-<row> when it gives none."""
+    if "sample_id" not in data:
+        return [f"{split}-{i:07d}" for i in range(n)]
+    ids = np.asarray(data["sample_id"])
+    if ids.shape != (n,):
+        raise DataError(f"{where}: sample_id has shape {ids.shape}, expected ({n},)")
+    id_list = [str(s) for s in ids.tolist()]
+    if any(not s for s in id_list):
+        raise DataError(f"{where}: sample_id holds an empty string")
+    if len(set(id_list)) != n:
+        raise DataError(f"{where}: sample_id values are not unique")
+    return id_list
+
+
+def _split_masks(
+    split: str,
+    where: str,
+    present: Mapping[str, Mapping[str, np.ndarray]],
+    modalities: dict[str, ModalitySpec],
+    optional: list[str],
+    n: int,
+) -> dict[str, np.ndarray]:
+    """has_<m> of every optional modality in one split: the mask given, or all true."""
+    split_masks = {}
+    for m, mask in present.get(split, {}).items():
+        if m not in modalities:
+            raise DataError(f"present[{split!r}] names {m!r}, which is not a modality")
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_ or mask.shape != (n,):
+            raise DataError(
+                f"{where}: present mask for {m!r} must be a bool array of shape ({n},), got "
+                f"{mask.dtype} {mask.shape}"
+            )
+        split_masks[m] = mask
+    for m in optional:
+        split_masks.setdefault(m, np.ones(n, dtype=bool))
+    return split_masks
 
 
 def _channel_stats(arr: np.ndarray, mask: np.ndarray | None) -> dict[str, list[float]]:
@@ -553,18 +609,47 @@ def write_dataset(
         row_group_size=max(1, min(rows_per_shard, _ROW_GROUP_BYTES // row_bytes)),
     )
     if parallel is None:
-        parallel = (
-            len(jobs) > 1
-            and row_bytes * sum(plan.rows.values()) >= PARALLEL_MIN_BYTES
-            and bool(os.environ.get("RAY_ADDRESS"))
-        )
-
+        parallel = _parallel_by_default(len(jobs), row_bytes * sum(plan.rows.values()))
     train = splits["train"]
     normalization = {
         name: _channel_stats(train[name], plan.present["train"].get(name))
         for name in plan.modalities
     }
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        task=task,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        label_shape=plan.label_shape,
+        modalities=plan.modalities,
+        splits={},  # _write_files adds the shards once they are written
+        normalization=normalization,
+        optional_modalities=plan.optional,
+        class_names=list(class_names) if class_names is not None else None,
+        description=description,
+    )
+    return _write_files(out, list(splits), jobs, fmt, manifest, parallel, overwrite, progress)
 
+
+def _parallel_by_default(shards: int, nbytes: int) -> bool:
+    """What ``parallel=None`` means: Ray tasks for several shards of at least
+    PARALLEL_MIN_BYTES in all, on a cluster (RAY_ADDRESS) only."""
+    return shards > 1 and nbytes >= PARALLEL_MIN_BYTES and bool(os.environ.get("RAY_ADDRESS"))
+
+
+def _write_files(
+    out: str,
+    split_names: list[str],
+    jobs: list[_ShardJob],
+    fmt: _ShardFormat,
+    manifest: Manifest,
+    parallel: bool,
+    overwrite: bool,
+    progress: bool,
+) -> Manifest:
+    """Write the shards of ``jobs``, then ``manifest`` with their entries as its splits, to
+    ``out`` (staged beside a dataset already there and swapped in once complete); on any
+    failure remove what was written. Return the manifest written."""
     fs, base = dataset_fs(out)
     if "memory" in fs.protocol:
         parallel = False  # memory:// lives in this process; Ray tasks would write elsewhere
@@ -574,7 +659,7 @@ def write_dataset(
 
     bar = _progress(len(jobs), f"writing {out}", progress)
     try:
-        for split in splits:
+        for split in split_names:
             fs.makedirs(join_path(target, split), exist_ok=True)
         if parallel:
             infos = _write_shards_in_ray(fs, target, jobs, fmt, bar)
@@ -583,22 +668,10 @@ def write_dataset(
             for job in jobs:
                 infos.append(_write_shard(fs, target, job, fmt))
                 bar.update(1)
-        shards: dict[str, list[ShardInfo]] = {split: [] for split in splits}
+        shards: dict[str, list[ShardInfo]] = {split: [] for split in split_names}
         for job, info in zip(jobs, infos, strict=True):
             shards[job.split].append(info)
-        manifest = Manifest(
-            schema_version=SCHEMA_VERSION,
-            task=task,
-            num_classes=num_classes,
-            ignore_index=ignore_index,
-            label_shape=plan.label_shape,
-            modalities=plan.modalities,
-            splits=shards,
-            normalization=normalization,
-            optional_modalities=plan.optional,
-            class_names=list(class_names) if class_names is not None else None,
-            description=description,
-        )
+        manifest = replace(manifest, splits=shards)
         with storage.atomic_writer(join_path(target, MANIFEST_NAME), fs) as f:
             f.write(manifest.to_json().encode("utf-8"))
         if staged:
@@ -626,7 +699,7 @@ def _write_shards_in_ray(
     its temporary file) and waited for, so none writes after the caller cleans up; the
     task's own exception is raised (e.g. the DataError that names a NaN row).
     """
-    import ray
+    import ray  # lazy: seconds to import, and only parallel writes need it
 
     # Connect to RAY_ADDRESS or start a local instance, as `osmd train` does.
     cluster.ensure_ray(worker_cpus=2, use_gpu=False)
@@ -689,7 +762,6 @@ class _NoBar:
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # lazy: only when a progress bar is shown
 
     return tqdm(total=total, desc=desc, unit="shard")
-
