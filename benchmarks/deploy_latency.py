@@ -65,7 +65,7 @@ BATCHES = (1, 64)
 def exported_net(cfg: Any, manifest: Any, workdir: str) -> nn.Module:
     """Build the model of ``cfg``, export its deployment network as a run does, load it back."""
     from osmd_ray.deploy import export_deploy, load_deploy
-    from osmd_ray.method.model import build_model
+    from osmd_ray.methods import build_model
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, manifest)

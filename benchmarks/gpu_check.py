@@ -45,11 +45,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from osmd_ray.blocks.stages import part_parameter_groups  # noqa: E402
 from osmd_ray.config import Config, load_config  # noqa: E402
 from osmd_ray.data.schema import Manifest, ModalitySpec  # noqa: E402
-from osmd_ray.method.model import build_model  # noqa: E402
-from osmd_ray.method.stages import part_parameter_groups  # noqa: E402
-from osmd_ray.train.loop import batch_losses, build_optimizer, deepspeed_config  # noqa: E402
+from osmd_ray.methods import build_model  # noqa: E402
+from osmd_ray.train.epoch import batch_losses, build_optimizer  # noqa: E402
+from osmd_ray.train.loop import deepspeed_config  # noqa: E402
 
 MODES = ("torch", "zero2", "zero3")
 # The image configuration DESIGN and issue 4 give the NYUv2 segmentation config: 480x640

@@ -1,6 +1,6 @@
 """Cost of the JMMD term against batch size, quadratic vs linear-time estimator (issue 9, item 3).
 
-Part 1, the term alone: ``osmd_ray.method.losses.alignment_loss`` (the ``jan`` term exactly
+Part 1, the term alone: ``osmd_ray.blocks.losses.alignment_loss`` (the ``jan`` term exactly
 as training computes it: JMMD over (features, softmax of H_p's logits), privileged side
 detached), forward + backward, for batch sizes 16..4096 and both ``loss.jmmd_estimator``
 values. Features have ``model.feature_dim`` columns and the logits the dataset's class count.
@@ -74,7 +74,7 @@ def term_inputs(n: int, dim: int, classes: int, seed: int) -> dict[str, torch.Te
 
 def term_step(inputs: dict[str, torch.Tensor], loss_cfg: Any) -> float:
     """One forward + backward of the jan term, as compute_losses calls it."""
-    from osmd_ray.method.losses import alignment_loss
+    from osmd_ray.blocks.losses import alignment_loss
 
     for key in ("z_h", "priv_logits_h"):
         inputs[key].grad = None
@@ -123,10 +123,11 @@ def time_term(n: int, loss_cfg: Any, dim: int, classes: int, repeats: int) -> di
 
 def step_share(cfg: Any, manifest: Any, steps: int, repeats: int) -> dict[str, Any]:
     """Training step time with w_jan=0, and w_jan=1 for each estimator, timed in turn."""
-    import osmd_ray.method.losses as losses_mod
-    from osmd_ray.method.losses import compute_losses
-    from osmd_ray.method.model import build_model, privileged_mask
-    from osmd_ray.method.stages import part_parameter_groups
+    import osmd_ray.blocks.losses as losses_mod
+    from osmd_ray.blocks.losses import compute_losses
+    from osmd_ray.blocks.nets import privileged_mask
+    from osmd_ray.blocks.stages import part_parameter_groups
+    from osmd_ray.methods import build_model
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, manifest)

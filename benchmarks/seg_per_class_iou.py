@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from osmd_ray import load_deploy
+from osmd_ray.blocks.metrics import confusion_matrix, per_class_iou
 from osmd_ray.data.reading import read_split_numpy
 from osmd_ray.data.schema import read_manifest
-from osmd_ray.metrics import confusion_matrix, per_class_iou
 
 
 def main() -> None:

@@ -93,9 +93,9 @@ def plain_rates(
     """samples/s of a single-process PyTorch loop of the config's model (no Ray, no DeepSpeed)."""
     import torch
 
-    from osmd_ray.method.model import build_model
-    from osmd_ray.method.stages import part_parameter_groups
-    from osmd_ray.train.loop import batch_losses, build_optimizer, lr_schedule
+    from osmd_ray.blocks.stages import part_parameter_groups
+    from osmd_ray.methods import build_model
+    from osmd_ray.train.epoch import batch_losses, build_optimizer, lr_schedule
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -153,20 +153,18 @@ def ray_train_fn(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
+    from osmd_ray.blocks.stages import part_parameter_groups
     from osmd_ray.config import config_from_dict
     from osmd_ray.data.schema import Manifest
-    from osmd_ray.method.model import build_model
-    from osmd_ray.method.stages import part_parameter_groups
-    from osmd_ray.train.loop import (
+    from osmd_ray.methods import build_model
+    from osmd_ray.train.epoch import (
         batch_losses,
         batch_to_device,
         build_optimizer,
-        deepspeed_config,
         lr_schedule,
         nonfinite_terms,
-        set_cpu_threads,
-        uses_bf16,
     )
+    from osmd_ray.train.loop import deepspeed_config, set_cpu_threads, uses_bf16
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     threads_found = torch.get_num_threads()

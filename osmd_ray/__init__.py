@@ -1,6 +1,8 @@
 """osmd_ray: one-stage modality distillation on Ray Train + DeepSpeed."""
 
-__version__ = "0.1.0"
+from osmd_ray.version import __version__
+
+__all__ = ["__version__", "load_deploy"]
 
 
 def load_deploy(path: str):

@@ -1,4 +1,4 @@
-"""The ``osmd`` command line: data, train, predict, the main job, compare and sweep.
+"""The ``osmd`` command line: data, train, lab, predict, the main job, compare and sweep.
 
 Every command takes ``key.sub=value`` overrides where it takes a config; errors in the
 input (config, data, run folder) end with a one-line message and exit code 2, never a
@@ -12,8 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from osmd_ray import __version__
 from osmd_ray.errors import INPUT_ERRORS, describe
+from osmd_ray.version import __version__
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -61,6 +61,48 @@ def _metrics_line(metrics: dict) -> str:
                 parts.append(f"{split}.{path}.miou={values['miou']:.4f}")
     parts.append(f"train_time_s={metrics['train_time_s']:.1f}")
     return "  ".join(parts)
+
+
+def _add_lab(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "lab",
+        help="train one config in this process (no Ray, no DeepSpeed) and print its figures",
+        description=(
+            "The in-process engine, for method work at lab speed: the workers' own network, "
+            "epoch, optimiser, schedule and evaluation in this one process, the dataset in "
+            "memory, global batch data.batch_size x scaling.num_workers. Writes nothing; "
+            "prints one JSON line: test_deploy, val_deploy, train_deploy (the deployment "
+            "path on the training split), test_teacher where the method has a teacher path, "
+            "and train_s. Accuracy, or mIoU for a segmentation dataset."
+        ),
+        epilog="example: osmd lab --config configs/osmd_synth.yaml method=labels_only seed=1",
+    )
+    p.add_argument("--config", required=True, help="YAML training config (see configs/)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines on stderr")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. seed=1")
+    p.set_defaults(func=_cmd_lab)
+
+
+def _cmd_lab(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from osmd_ray.config import load_config
+    from osmd_ray.train.local import train_in_process
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, args.overrides)
+
+    def say(line: str) -> None:
+        print(f"[osmd lab {cfg.method}] {line}", file=sys.stderr, flush=True)
+
+    _, figures = train_in_process(cfg, say=None if args.quiet else say)
+    print(json.dumps({"overrides": list(args.overrides), **figures}), flush=True)
+    return 0
 
 
 def _add_predict(subparsers: argparse._SubParsersAction) -> None:
@@ -129,7 +171,7 @@ def _add_main(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_main(args: argparse.Namespace) -> int:
-    from osmd_ray.main_job import run_main_job
+    from osmd_ray.experiments.main_job import run_main_job
 
     run_main_job(args.config, args.out, args.overrides)
     return 0
@@ -176,7 +218,7 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from osmd_ray.compare import compare
+    from osmd_ray.experiments.compare import compare
 
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     result = compare(args.config, out, args.overrides, args.seeds, args.max_concurrent)
@@ -220,7 +262,7 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from osmd_ray.sweep import sweep
+    from osmd_ray.experiments.sweep import sweep
 
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     result = sweep(args.config, out, args.overrides, resume=args.resume)
@@ -241,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_data_commands(subparsers)
     _add_train(subparsers)
+    _add_lab(subparsers)
     _add_predict(subparsers)
     _add_main(subparsers)
     _add_compare(subparsers)

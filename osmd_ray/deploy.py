@@ -2,13 +2,13 @@
 
 An export is a folder with two files:
 
-- ``model.safetensors``: the :class:`~osmd_ray.method.model.DeployNet` state dict, CPU,
+- ``model.safetensors``: the :class:`~osmd_ray.blocks.nets.DeployNet` state dict, CPU,
   floating tensors in fp32. safetensors holds raw tensors only, so loading executes no code
   (never ``torch.load`` of a pickle);
 - ``meta.json``: format version, package version, method, task (and for segmentation the
   ``label_shape`` H x W of the label maps it predicts), classes, the input modality
-  specs (for every method but full_multimodal the ordinary modalities only), the model config, the
-  inputs' normalisation statistics, the sha256 of ``model.safetensors`` and free-form
+  specs (the ordinary modalities only, unless the method deploys privileged ones), the model
+  config, the inputs' normalisation statistics, the sha256 of ``model.safetensors`` and free-form
   ``extra`` metadata; ``sha256["meta.json"]`` is the digest of meta.json's own content (all
   of it but that entry), so an edited meta.json is detected too.
 
@@ -40,17 +40,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from osmd_ray import __version__
+from osmd_ray import storage
+from osmd_ray.blocks.encoders import Normalization, resolve_normalization
+from osmd_ray.blocks.nets import DeployNet, TrainingNet
 from osmd_ray.config import ModelConfig
 from osmd_ray.data.schema import ModalitySpec
-from osmd_ray.errors import DeployError
-from osmd_ray.method.encoders import Normalization, resolve_normalization
-from osmd_ray.method.model import (
-    DEPLOY_NEEDS_PRIVILEGED_SPECS,
-    DeployNet,
-    OSMDModel,
-    build_deploy_net,
-)
+from osmd_ray.errors import ConfigError, DeployError
+from osmd_ray.methods import build_deploy_net, get_method
+from osmd_ray.version import __version__
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -132,7 +129,7 @@ def _cpu_state(net: DeployNet) -> dict[str, Tensor]:
 
 
 def _check_export_args(
-    model: OSMDModel,
+    model: TrainingNet,
     method: str,
     ordinary: Sequence[ModalitySpec],
     privileged: Sequence[ModalitySpec],
@@ -150,7 +147,8 @@ def _check_export_args(
 
     if as_json(ordinary) != as_json(model.ordinary):
         problems.append(f"ordinary {[s.name for s in ordinary]} differs from the model's")
-    if method in DEPLOY_NEEDS_PRIVILEGED_SPECS and as_json(privileged) != as_json(model.privileged):
+    privileged_specs = get_method(method).deploy.privileged_specs
+    if privileged_specs and as_json(privileged) != as_json(model.privileged):
         problems.append(f"privileged {[s.name for s in privileged]} differs from the model's")
     if num_classes != model.num_classes:
         problems.append(f"num_classes {num_classes} but the model has {model.num_classes}")
@@ -184,7 +182,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 
 def export_deploy(
-    model: OSMDModel,
+    model: TrainingNet,
     out_dir: str,
     *,
     method: str,
@@ -211,10 +209,10 @@ def export_deploy(
         )
     net = model.deploy_module()
     inputs = list(net.input_modalities)
-    # imputation's network normalises privileged-shaped reconstructions: keep their statistics.
-    built_from = list(model.ordinary) + (
-        list(model.privileged) if method in DEPLOY_NEEDS_PRIVILEGED_SPECS else []
-    )
+    # A network built from the privileged specs (E_p) normalises privileged-shaped inputs,
+    # real or reconstructed: keep their statistics.
+    privileged_specs = model.plan.privileged_specs
+    built_from = list(model.ordinary) + (list(model.privileged) if privileged_specs else [])
     stats = resolve_normalization(built_from, normalization)
     for name, values in stats.items():
         built = model.normalization[name]
@@ -233,13 +231,9 @@ def export_deploy(
         "num_classes": num_classes,
         "class_names": list(class_names) if class_names is not None else None,
         "ordinary": [_spec_to_json(s) for s in ordinary],
-        # Only full_multimodal (the non-deployable upper bound) takes privileged inputs;
-        # imputation's network needs their specs to rebuild G and E_p, never their values.
-        "privileged": (
-            [_spec_to_json(s) for s in privileged]
-            if method in DEPLOY_NEEDS_PRIVILEGED_SPECS
-            else []
-        ),
+        # Only a network that reads them (the non-deployable upper bound) takes privileged
+        # inputs; one that reconstructs them needs their specs to rebuild E_p, not their values.
+        "privileged": [_spec_to_json(s) for s in privileged] if privileged_specs else [],
         "input_modalities": [s.name for s in inputs],
         "model_config": dataclasses.asdict(model_cfg),
         "normalization": stats,
@@ -389,7 +383,6 @@ def load_deploy(path: str) -> DeployedModel:
 
     ``path`` may be an ``s3://`` URI: the export is downloaded to a temporary folder first.
     """
-    from osmd_ray import storage
 
     if storage.is_remote(path):
         try:
@@ -445,6 +438,8 @@ def _load_local(path: str) -> DeployedModel:
         )
     except KeyError as err:
         raise DeployError(f"{meta_path} lacks the field {err}") from err
+    except ConfigError as err:  # a method this version of the package does not know
+        raise DeployError(f"{meta_path} names an unknown method: {err}") from err
     try:
         state = load_file(str(weights_path), device="cpu")
     except Exception as err:  # safetensors raises its own error type for a damaged header

@@ -9,9 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from osmd_ray import storage
+from osmd_ray import load_deploy, storage
+from osmd_ray.blocks.metrics import confusion_matrix, segmentation_scores
+from osmd_ray.data.reading import read_split_numpy
 from osmd_ray.data.schema import read_manifest
 from osmd_ray.errors import DataError
+from osmd_ray.viz import write_segmentation_pictures
 
 
 def predict_split(
@@ -34,9 +37,6 @@ def predict_split(
     the first ``viz_count`` rows.
     """
     import pyarrow as pa
-
-    from osmd_ray import load_deploy
-    from osmd_ray.data.reading import read_split_numpy
 
     model = load_deploy(model_dir)
     manifest = read_manifest(data_root)
@@ -64,8 +64,6 @@ def predict_split(
         )
         columns, summary = _segmentation_columns(model, manifest, arrays, inputs, batch_size)
         if viz_dir is not None:
-            from osmd_ray.viz import write_segmentation_pictures
-
             rgb, depth = _viz_images(manifest, inputs, arrays)
             written = write_segmentation_pictures(
                 viz_dir,
@@ -136,8 +134,6 @@ def _segmentation_columns(
     """Columns (label maps as fixed-shape int16 tensors) and the pixel accuracy / mIoU text."""
     import pyarrow as pa
     import torch
-
-    from osmd_ray.metrics import confusion_matrix, segmentation_scores
 
     prediction = model.predict({m: arrays[m] for m in inputs}, batch_size=batch_size)
     columns: dict[str, Any] = {

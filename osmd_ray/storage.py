@@ -174,9 +174,7 @@ def temporary_name(path: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_writer(
-    path: str, fs: fsspec.AbstractFileSystem | None = None
-) -> Iterator[BinaryIO]:
+def atomic_writer(path: str, fs: fsspec.AbstractFileSystem | None = None) -> Iterator[BinaryIO]:
     """A binary file whose content appears at ``path`` whole when the block ends, or not at all.
 
     ``path`` is a local path or URI, or, with ``fs``, a path inside that fsspec filesystem.

@@ -118,4 +118,3 @@ def clip(value: Any, limit: int = 60) -> str:
     """repr of a value, shortened so one pasted blob cannot flood the message."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-

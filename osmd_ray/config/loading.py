@@ -299,4 +299,3 @@ def _source(where: str) -> typing.Iterator[None]:
         yield
     except ConfigError as e:
         raise ConfigError(f"{e} [in {where}]", e.key) from None
-

@@ -215,7 +215,8 @@ class StorageConfig:
 @dataclass
 class Config:
     method: str = "osmd"
-    """osmd, ordinary_only, full_multimodal, two_stage_hallucination, logit_kd or imputation."""
+    """osmd, ordinary_only, full_multimodal, two_stage_hallucination, logit_kd, imputation or
+    labels_only (osmd_ray.methods)."""
     seed: int = 0
     """Seed of initialisation, data order and dropout."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -228,20 +229,18 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
-METHODS = (
+METHOD_NAMES = (
     "osmd",
     "ordinary_only",
     "full_multimodal",
     "two_stage_hallucination",
     "logit_kd",
     "imputation",
+    "labels_only",
 )
-
-
-STAGED_METHODS = {"two_stage_hallucination": 3, "logit_kd": 2, "imputation": 2}
-
-
-"""Baselines trained in stages, and how many (each stage needs at least one epoch)."""
+"""The choices of the ``method`` key. Each is one module of :mod:`osmd_ray.methods`, whose
+table lists them in this order (tests/unit/methods checks that the two agree); what a
+method needs of a config beyond its keys' own rules is checked there."""
 
 
 NORMS = ("batch", "group")
@@ -296,4 +295,3 @@ SEED_LIMIT = 2**32
 
 
 """Seeds must be below this: numpy's legacy and Ray Data's seeding reject larger ones."""
-

@@ -1,12 +1,13 @@
 """The training loop every Ray Train worker runs: one DeepSpeed rank per worker (DESIGN §6).
 
-This file is the only place where a training step, validation, checkpointing and resuming
-happen. The driver side (building the trainer, writing the run folder) is in ``runner.py``.
+The epoch itself is :func:`osmd_ray.train.epoch.run_epoch`, which the in-process engine runs
+too; this module adds what only the workers do: the DeepSpeed engine, the data shards and
+their prefetch, resuming from and writing checkpoints, the sums over ranks, progress and
+wandb. The driver side (building the trainer, writing the run folder) is in ``runner.py``.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import logging
@@ -16,34 +17,39 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from osmd_ray.config import Config, config_from_dict, flatten_keys
-from osmd_ray.data.schema import Manifest
-from osmd_ray.errors import NonFiniteLossError
-from osmd_ray.method.stages import (
-    method_stages,
+from osmd_ray.blocks.stages import (
+    Stage,
     part_parameter_groups,
     recalibrate_batchnorm,
-    set_stage_modes,
     stage_at_epoch,
-    stage_lr_factor,
 )
+from osmd_ray.config import Config, config_from_dict, flatten_keys
+from osmd_ray.data.schema import Manifest
+from osmd_ray.deploy import nonfinite_tensors
+from osmd_ray.errors import NonFiniteLossError
+from osmd_ray.methods import build_model, get_method
+from osmd_ray.train.deepspeed_setup import skip_cpu_shared_memory_op
+from osmd_ray.train.epoch import (
+    EpochTotals,
+    all_reduce_max,
+    all_reduce_sum,
+    batch_to_device,
+    build_optimizer,
+    evaluate,
+    lr_schedule,
+    run_epoch,
+    seed_everything,
+)
+from osmd_ray.train.tracking import start_wandb
 
 CHECKPOINT_TAG = "ds"
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "model.safetensors"
-# Paths evaluated on val and test, per method; "deploy" is what the deployment model computes.
-EVAL_PATHS = {
-    "osmd": ("deploy", "teacher"),
-    "full_multimodal": ("deploy",),
-    "ordinary_only": ("deploy",),
-    "two_stage_hallucination": ("deploy", "teacher"),
-    "logit_kd": ("deploy", "teacher"),
-    "imputation": ("deploy",),
-}
 
 
 def deepspeed_config(cfg: Config, use_bf16: bool) -> dict[str, Any]:
@@ -82,164 +88,6 @@ def uses_bf16(cfg: Config) -> bool:
     return cfg.train.precision == "bf16"
 
 
-def build_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:
-    """The client optimiser DeepSpeed wraps: AdamW in its default (foreach) form. The fused
-    kernel was not faster under ZeRO-2/3 on an H200 (benchmarks/RESULTS.md, "GPU check")."""
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-
-def batch_losses(
-    outputs: dict[str, torch.Tensor],
-    batch: Mapping[str, torch.Tensor],
-    cfg: Config,
-    terms: Mapping[str, float] | None = None,
-    ignore_index: int = -100,
-) -> dict[str, torch.Tensor]:
-    """The run's loss terms for one batch (``terms``: the current stage's objective), as the
-    workers compute them; the benchmarks call this too, so they time the same step.
-    ``ignore_index``: the dataset's label of unlabelled pixels (segmentation)."""
-    from osmd_ray.method.losses import compute_losses
-    from osmd_ray.method.model import privileged_mask
-
-    return compute_losses(
-        outputs,
-        batch["label"].long(),
-        privileged_mask(batch, cfg.data.privileged),
-        cfg.method,
-        cfg.loss,
-        ignore_index=ignore_index,
-        terms=terms,
-        kd_temperature=cfg.baselines.kd_temperature,
-    )
-
-
-def lr_schedule(
-    optimizer: torch.optim.Optimizer, cfg: Config, rows_per_worker: int, parts: list[str]
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per part (one optimiser group each): cosine decay to zero within every stage that
-    trains the part (or constant), 0 while a stage freezes it; stepped by DeepSpeed.
-
-    Its state is part of the DeepSpeed checkpoint, so a resumed run continues the curve.
-    """
-    steps_per_epoch = max(1, rows_per_worker // cfg.data.batch_size)
-    stages = method_stages(cfg)
-    factors = [stage_lr_factor(stages, part, steps_per_epoch, cfg.train.schedule) for part in parts]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
-
-
-def batch_to_device(
-    batch: Mapping[str, torch.Tensor], device: torch.device
-) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _all_reduce_max(values: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return values
-
-
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def nonfinite_terms(losses: Mapping[str, torch.Tensor], device: torch.device) -> list[str]:
-    """Names of the loss terms that are non-finite on any rank (a collective: call on all)."""
-    names = sorted(losses)
-    flags = torch.tensor(
-        [0.0 if bool(torch.isfinite(losses[n].detach()).all()) else 1.0 for n in names],
-        device=device,
-    )
-    flags = _all_reduce_max(flags)
-    return [n for n, f in zip(names, flags.tolist(), strict=True) if f > 0]
-
-
-@torch.no_grad()
-def evaluate(
-    engine: Any,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    method: str,
-    device: torch.device,
-    manifest: Manifest | None = None,
-) -> dict[str, dict[str, float]]:
-    """Accuracy and mean loss per path over a split, summed across ranks; for segmentation
-    (``manifest.task``) pixel accuracy, mIoU and the loss per labelled pixel, from confusion
-    matrices summed across ranks (:mod:`osmd_ray.metrics`; the ignore index counts nowhere).
-
-    Ray Data splits val/test into equal parts (up to workers - 1 rows of a split whose size
-    is not a multiple of the worker count are left out), so every rank runs the same number
-    of forward passes, which ZeRO-3's collective forward needs. A collective: call on all.
-    """
-    import torch.nn.functional as functional
-
-    engine.eval()
-    paths = EVAL_PATHS[method]
-    if manifest is not None and manifest.task == "segmentation":
-        return _evaluate_segmentation(engine, batches, paths, device, manifest)
-    # Per path: correct predictions and summed loss; last entry: rows seen.
-    sums = torch.zeros(2 * len(paths) + 1, dtype=torch.float64)
-    for raw in batches:
-        batch = batch_to_device(raw, device)
-        labels = batch["label"].long()
-        outputs = engine(batch)
-        for i, path in enumerate(paths):
-            logits = outputs[f"{path}_logits"].float()
-            sums[2 * i] += float((logits.argmax(dim=1) == labels).sum())
-            sums[2 * i + 1] += float(functional.cross_entropy(logits, labels, reduction="sum"))
-        sums[-1] += labels.shape[0]
-    sums = _all_reduce_sum(sums.to(device)).cpu()
-    count = float(sums[-1])
-    if count == 0:
-        raise RuntimeError("evaluation split is empty")
-    return {
-        path: {"accuracy": float(sums[2 * i]) / count, "loss": float(sums[2 * i + 1]) / count}
-        for i, path in enumerate(paths)
-    }
-
-
-def _evaluate_segmentation(
-    engine: Any,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    paths: tuple[str, ...],
-    device: torch.device,
-    manifest: Manifest,
-) -> dict[str, dict[str, float]]:
-    import torch.nn.functional as functional
-
-    from osmd_ray.metrics import confusion_matrix, segmentation_scores
-
-    k, ignore = manifest.num_classes, manifest.ignore_index
-    confusions = torch.zeros((len(paths), k, k), dtype=torch.float64)
-    losses = torch.zeros(len(paths), dtype=torch.float64)
-    for raw in batches:
-        batch = batch_to_device(raw, device)
-        labels = batch["label"].long()
-        outputs = engine(batch)
-        for i, path in enumerate(paths):
-            logits = outputs[f"{path}_logits"].float()
-            confusions[i] += confusion_matrix(logits.argmax(dim=1), labels, k, ignore).cpu()
-            losses[i] += float(
-                functional.cross_entropy(logits, labels, ignore_index=ignore, reduction="sum")
-            )
-    sums = _all_reduce_sum(torch.cat([confusions.flatten(), losses]).to(device)).cpu()
-    confusions = sums[: confusions.numel()].reshape(confusions.shape)
-    results = {}
-    for i, path in enumerate(paths):
-        try:
-            scores = segmentation_scores(confusions[i])
-        except ValueError:
-            raise RuntimeError("evaluation split has no labelled pixel") from None
-        pixels = scores.pop("pixels")
-        results[path] = {**scores, "loss": float(sums[confusions.numel() + i]) / pixels}
-    return results
-
-
 @torch.no_grad()
 def average_buffers(module: torch.nn.Module, world: int) -> None:
     """Average floating-point buffers (BatchNorm running statistics) over ranks.
@@ -252,17 +100,7 @@ def average_buffers(module: torch.nn.Module, world: int) -> None:
         return
     for buffer in module.buffers():
         if buffer.is_floating_point():
-            buffer.copy_(_all_reduce_sum(buffer.detach().clone()) / world)
-
-
-def _seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+            buffer.copy_(all_reduce_sum(buffer.detach().clone()) / world)
 
 
 def _full_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
@@ -293,10 +131,8 @@ def check_finite_weights(
     Called before a checkpoint is written, so a diverged model is never reported: a finite
     loss can still come with non-finite gradients that reach the weights.
     """
-    from osmd_ray.deploy import nonfinite_tensors
-
     bad = nonfinite_tensors(weights) if weights is not None else []
-    flag = _all_reduce_max(torch.tensor([1.0 if bad else 0.0], device=device))
+    flag = all_reduce_max(torch.tensor([1.0 if bad else 0.0], device=device))
     if float(flag[0]) > 0:
         where = f": {', '.join(bad[:5])}" if bad else ""
         kept = f"the last checkpoint holds epoch {epoch}" if epoch else "none was written"
@@ -379,6 +215,158 @@ def _load_state(checkpoint_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
+@dataclass
+class _WorkerRun:
+    """A worker's training state: the engine, and where the run stands."""
+
+    engine: Any
+    start_epoch: int
+    step: int
+    history: list[dict[str, Any]]
+    train_time: float
+    pending: PrefetchedBatches | None
+    """The next epoch's batches, their pipeline already started."""
+
+
+def _epoch_batches(cfg: Config, train_shard: Any, epoch: int, rank: int) -> PrefetchedBatches:
+    """Epoch ``epoch``'s training batches, their pipeline started now in the background."""
+    return PrefetchedBatches(
+        lambda: train_shard.iter_torch_batches(
+            batch_size=cfg.data.batch_size,
+            drop_last=True,  # equal step counts on every rank, or DeepSpeed collectives hang
+            local_shuffle_buffer_size=4 * cfg.data.batch_size,
+            local_shuffle_seed=cfg.seed * 7919 + epoch * 31 + rank,
+        )
+    )
+
+
+def _start(
+    cfg: Config, manifest: Manifest, train_shard: Any, rank: int, world: int, say: Any
+) -> _WorkerRun:
+    """Build the model and its DeepSpeed engine, resumed from Ray's checkpoint if there is
+    one, with the first epoch's batches prefetching meanwhile."""
+    import ray.train
+
+    with contextlib.ExitStack() as stack:
+        # The checkpoint's folder stays open until DeepSpeed has loaded it, so a remote
+        # checkpoint is downloaded once; its state says which epoch to prefetch.
+        checkpoint = ray.train.get_checkpoint()
+        checkpoint_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
+        state = _load_state(checkpoint_dir) if checkpoint_dir else None
+        start_epoch = state["epoch"] + 1 if state else 0
+        pending = (
+            _epoch_batches(cfg, train_shard, start_epoch, rank)
+            if start_epoch < cfg.train.epochs
+            else None
+        )
+        import deepspeed  # after the prefetch started: importing DeepSpeed takes seconds
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        # Same seed on every rank for the initial weights (DeepSpeed also broadcasts rank 0's).
+        seed_everything(cfg.seed)
+        model = build_model(cfg, manifest)
+        # One group per part, so a stage of a staged method can freeze parts (lr 0).
+        parts, groups = part_parameter_groups(model)
+        optimizer = build_optimizer(groups, cfg)
+        skip_cpu_shared_memory_op()  # a 2-minute compile of an op training never calls
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lr_schedule(optimizer, cfg, manifest.num_rows("train") // world, parts),
+            config=deepspeed_config(cfg, uses_bf16(cfg)),
+        )
+        run = _WorkerRun(engine, start_epoch, 0, [], 0.0, pending)
+        if state is not None:
+            engine.load_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+            run.step, run.history = state["step"], state["history"]
+            run.train_time = state["train_time_s"]
+            if rank == 0:
+                say(f"resumed from the checkpoint of epoch {start_epoch} (step {run.step})")
+    return run
+
+
+def _epoch_means(
+    totals: EpochTotals, timed: WaitTimer, epoch_time: float, world: int, device: Any
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean of every loss term over all ranks' steps; data wait and span over ranks."""
+    own = [float(totals.batches), timed.wait_s, timed.first_wait_s, epoch_time]
+    summed = all_reduce_sum(
+        torch.cat([totals.sums, torch.tensor(own, dtype=torch.float64)]).to(device)
+    ).cpu()
+    n_steps = max(float(summed[-4]), 1.0)
+    train_losses = {n: float(summed[i]) / n_steps for i, n in enumerate(totals.names)}
+    wait_s, first_wait_s, span_s = (float(v) for v in summed[-3:])
+    data_wait = {
+        "wait_s": wait_s / world,  # mean over ranks
+        "first_batch_wait_s": first_wait_s / world,
+        "span_s": span_s / world,  # the training part of the epoch, mean over ranks
+        "share": wait_s / span_s if span_s > 0 else 0.0,
+    }
+    return train_losses, data_wait
+
+
+def _show_epoch(
+    record: dict[str, Any],
+    test: dict[str, Any] | None,
+    cfg: Config,
+    stage_count: int,
+    say: Any,
+    tracker: Any,
+) -> None:
+    """Rank 0: the epoch's progress line, and its metrics to wandb."""
+    val, data_wait = record["val"], record["data_wait"]
+    val_text = "  ".join(
+        f"val.{p}.{k}={m[k]:.3f}" for p, m in val.items() for k in ("accuracy", "miou") if k in m
+    )
+    total = record["train"]["loss"].get("total", math.nan)
+    stage_text = f" [{record['stage']}]" if stage_count > 1 else ""
+    say(
+        f"epoch {record['epoch']}/{cfg.train.epochs}{stage_text}  loss={total:.4f}  {val_text}  "
+        f"({record['epoch_time_s']:.1f}s, data wait {100 * data_wait['share']:.0f}%)"
+    )
+    if tracker is None:
+        return
+    tracker.log(
+        flatten_keys({"train": record["train"], "val": val, "data_wait": data_wait}, "/"),
+        step=record["epoch"],
+    )
+    if test is not None:
+        tracker.summary.update(flatten_keys({"test": test, "val": val}, "/"))
+
+
+def _checkpoint(
+    run: _WorkerRun, epoch: int, test: Any, cfg: Config, device: Any, rank: int, world: int
+) -> None:
+    """Write this epoch's checkpoint (every rank its DeepSpeed shards, rank 0 the state and
+    the full weights) and report it with the epoch's metrics to Ray Train."""
+    import ray.train
+    from safetensors.torch import save_file
+
+    weights = _full_state_dict(run.engine, cfg.train.zero_stage)
+    check_finite_weights(weights, epoch, run.step, device)
+    val = run.history[-1]["val"]
+    with tempfile.TemporaryDirectory(prefix="osmd-ckpt-") as checkpoint_dir:
+        # Every rank writes its own DeepSpeed shards; Ray merges the folders.
+        run.engine.save_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+        if rank == 0:
+            state = {
+                "epoch": epoch,
+                "step": run.step,
+                "history": run.history,
+                "train_time_s": run.train_time,
+                "world_size": world,
+                "test": test,
+            }
+            with open(os.path.join(checkpoint_dir, STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=1)
+            save_file(weights, os.path.join(checkpoint_dir, WEIGHTS_FILE))
+        # A barrier: every rank reports, equally often, never under a rank-0 guard.
+        ray.train.report(
+            {"epoch": epoch + 1, **flatten_keys({"val": val, "test": test or {}}, "/")},
+            checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+        )
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker.
 
@@ -397,216 +385,97 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     say = _progress_reporter(loop_config.get("progress"))
     device = ray.train.torch.get_device()
-    bf16 = uses_bf16(cfg)
+    shards = {split: ray.train.get_dataset_shard(split) for split in ("train", "val", "test")}
+    method = get_method(cfg.method)
+    stages = method.stages(cfg)
+    run = _start(cfg, manifest, shards["train"], rank, world, say)
+    wandb = loop_config.get("wandb") if rank == 0 else None
+    tracker = start_wandb(wandb, cfg) if wandb else None
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    test_shard = ray.train.get_dataset_shard("test")
-    eval_size = cfg.data.eval_batch_size
+    def evaluate_split(split: str) -> dict[str, dict[str, float]]:
+        batches = shards[split].iter_torch_batches(batch_size=cfg.data.eval_batch_size)
+        return evaluate(run.engine, batches, method.evaluates, device, manifest)
 
-    def epoch_batches(epoch: int) -> PrefetchedBatches:
-        """Epoch ``epoch``'s training batches, their pipeline started now in the background."""
-        return PrefetchedBatches(
-            lambda: train_shard.iter_torch_batches(
-                batch_size=cfg.data.batch_size,
-                drop_last=True,  # equal step counts on every rank, or DeepSpeed collectives hang
-                local_shuffle_buffer_size=4 * cfg.data.batch_size,
-                local_shuffle_seed=cfg.seed * 7919 + epoch * 31 + rank,
-            )
-        )
-
-    with contextlib.ExitStack() as stack:
-        # The checkpoint's folder stays open until DeepSpeed has loaded it, so a remote
-        # checkpoint is downloaded once; its state says which epoch to prefetch.
-        checkpoint = ray.train.get_checkpoint()
-        checkpoint_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
-        state = _load_state(checkpoint_dir) if checkpoint_dir else None
-        start_epoch = state["epoch"] + 1 if state else 0
-        pending = epoch_batches(start_epoch) if start_epoch < cfg.train.epochs else None
-
-        # Imported after the prefetch started: importing DeepSpeed takes seconds.
-        import deepspeed
-        from safetensors.torch import save_file
-
-        from osmd_ray.method.model import build_model
-        from osmd_ray.train.deepspeed_setup import skip_cpu_shared_memory_op
-
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        # Same seed on every rank for the initial weights (DeepSpeed also broadcasts rank 0's).
-        _seed_everything(cfg.seed)
-        model = build_model(cfg, manifest)
-        # One group per part, so a stage of a staged baseline can freeze parts (lr 0).
-        parts, groups = part_parameter_groups(model)
-        optimizer = build_optimizer(groups, cfg)
-        stages = method_stages(cfg)
-        skip_cpu_shared_memory_op()  # a 2-minute compile of an op training never calls
-        engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=lr_schedule(optimizer, cfg, manifest.num_rows("train") // world, parts),
-            config=deepspeed_config(cfg, bf16),
-        )
-        step, history, train_time = 0, [], 0.0
-        if state is not None:
-            engine.load_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
-            step, history, train_time = state["step"], state["history"], state["train_time_s"]
-            if rank == 0:
-                say(f"resumed from the checkpoint of epoch {start_epoch} (step {step})")
-
-    tracker = None
-    if rank == 0 and loop_config.get("wandb"):
-        from osmd_ray.tracking import start_wandb
-
-        tracker = start_wandb(loop_config["wandb"], cfg)
-
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(run.start_epoch, cfg.train.epochs):
         # Seeded per epoch and rank: a resumed run draws the same dropout and shuffles.
-        _seed_everything(cfg.seed * 100_003 + epoch * 1009 + rank)
+        seed_everything(cfg.seed * 100_003 + epoch * 1009 + rank)
         stage = stage_at_epoch(stages, epoch)
-        set_stage_modes(engine.module, stage)
         started = time.perf_counter()
-        sums = torch.zeros(0)
-        names: list[str] = []
-        batches = 0
-        timed = WaitTimer(pending)
-        # The epoch's last batches (host memory), for the BatchNorm statistics after it;
-        # every batch counts, skipped ones too, so all ranks run equally many forwards.
-        recent: collections.deque[Any] = collections.deque(
-            maxlen=cfg.train.bn_recalibration_batches
+        timed = WaitTimer(run.pending)
+        totals = run_epoch(
+            run.engine,
+            run.engine.module,
+            stage,
+            timed,
+            _deepspeed_step(run.engine),
+            cfg,
+            device=device,
+            ignore_index=manifest.ignore_index,
+            epoch=epoch,
+            global_step=run.step,
+            say=say,
+            rank=rank,
         )
-        for raw in timed:
-            recent.append(raw)
-            batch = batch_to_device(raw, device)
-            outputs = engine(batch)
-            losses = batch_losses(
-                outputs, batch, cfg, terms=stage.terms, ignore_index=manifest.ignore_index
-            )
-            bad = nonfinite_terms(losses, device)
-            step += 1
-            if bad:
-                message = (
-                    f"non-finite loss at epoch {epoch + 1}, step {step}: term(s) "
-                    f"{', '.join(bad)} (values on rank {rank}: "
-                    + ", ".join(f"{n}={float(losses[n]):.4g}" for n in bad)
-                    + "). Lower train.lr, check the data with `osmd data check`, or set "
-                    "train.nonfinite=skip to drop such steps."
-                )
-                if cfg.train.nonfinite == "skip":
-                    if rank == 0:
-                        say(f"skipped: {message}")
-                    continue
-                raise NonFiniteLossError(message)
-            engine.backward(losses["total"])
-            engine.step()
-            if not names:
-                names = sorted(losses)
-                sums = torch.zeros(len(names), dtype=torch.float64)
-            sums += torch.tensor([float(losses[n].detach()) for n in names], dtype=torch.float64)
-            batches += 1
+        run.step = totals.step
         epoch_time = time.perf_counter() - started
         # The next epoch's pipeline starts while this one validates and checkpoints.
-        pending = epoch_batches(epoch + 1) if epoch + 1 < cfg.train.epochs else None
-        recalibrate_batchnorm(
-            engine.module, lambda raw: engine(batch_to_device(raw, device)), recent
-        )
-        recent.clear()
-        average_buffers(engine.module, world)
-        train_time += time.perf_counter() - started
-
-        # Mean of every loss term over all ranks' steps; data wait and span summed.
-        own = [float(batches), timed.wait_s, timed.first_wait_s, epoch_time]
-        totals = _all_reduce_sum(
-            torch.cat([sums, torch.tensor(own, dtype=torch.float64)]).to(device)
-        ).cpu()
-        n_steps = max(float(totals[-4]), 1.0)
-        train_losses = {n: float(totals[i]) / n_steps for i, n in enumerate(names)}
-        wait_s, first_wait_s, span_s = (float(v) for v in totals[-3:])
-        data_wait = {
-            "wait_s": wait_s / world,  # mean over ranks
-            "first_batch_wait_s": first_wait_s / world,
-            "span_s": span_s / world,  # the training part of the epoch, mean over ranks
-            "share": wait_s / span_s if span_s > 0 else 0.0,
-        }
-
-        val = evaluate(
-            engine, val_shard.iter_torch_batches(batch_size=eval_size), cfg.method, device, manifest
-        )
         last = epoch + 1 == cfg.train.epochs
+        run.pending = None if last else _epoch_batches(cfg, shards["train"], epoch + 1, rank)
+        recalibrate_batchnorm(
+            run.engine.module,
+            lambda raw, engine=run.engine: engine(batch_to_device(raw, device)),
+            totals.recent,
+        )
+        totals.recent.clear()
+        average_buffers(run.engine.module, world)
+        run.train_time += time.perf_counter() - started
+        train_losses, data_wait = _epoch_means(totals, timed, epoch_time, world, device)
+        record = _epoch_record(epoch, run.step, epoch_time, stage, train_losses, data_wait)
+        record["val"] = evaluate_split("val")
         # Test once, after the last epoch, and keep it in that epoch's checkpoint: Ray's
         # result carries the metrics of the latest checkpoint, and a rerun of a finished
         # run reads them back from there.
-        test = (
-            evaluate(
-                engine,
-                test_shard.iter_torch_batches(batch_size=eval_size),
-                cfg.method,
-                device,
-                manifest,
-            )
-            if last
-            else None
-        )
-        record = {
-            "epoch": epoch + 1,
-            "step": step,
-            "epoch_time_s": epoch_time,
-            "stage": stage.name,
-            "train": {"loss": train_losses},
-            "data_wait": data_wait,
-            "val": val,
-        }
-        history.append(record)
+        test = evaluate_split("test") if last else None
+        run.history.append(record)
         if rank == 0:
-            val_text = "  ".join(
-                f"val.{p}.{k}={m[k]:.3f}"
-                for p, m in val.items()
-                for k in ("accuracy", "miou")
-                if k in m
-            )
-            total = train_losses.get("total", math.nan)
-            stage_text = f" [{stage.name}]" if len(stages) > 1 else ""
-            say(
-                f"epoch {epoch + 1}/{cfg.train.epochs}{stage_text}  loss={total:.4f}  {val_text}  "
-                f"({epoch_time:.1f}s, data wait {100 * data_wait['share']:.0f}%)"
-            )
-            if tracker is not None:
-                tracker.log(
-                    flatten_keys(
-                        {"train": record["train"], "val": val, "data_wait": data_wait}, "/"
-                    ),
-                    step=epoch + 1,
-                )
-                if test is not None:
-                    tracker.summary.update(flatten_keys({"test": test, "val": val}, "/"))
-
-        weights = _full_state_dict(engine, cfg.train.zero_stage)
-        check_finite_weights(weights, epoch, step, device)
-        with tempfile.TemporaryDirectory(prefix="osmd-ckpt-") as checkpoint_dir:
-            # Every rank writes its own DeepSpeed shards; Ray merges the folders.
-            engine.save_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
-            if rank == 0:
-                state = {
-                    "epoch": epoch,
-                    "step": step,
-                    "history": history,
-                    "train_time_s": train_time,
-                    "world_size": world,
-                    "test": test,
-                }
-                with open(os.path.join(checkpoint_dir, STATE_FILE), "w", encoding="utf-8") as f:
-                    json.dump(state, f, indent=1)
-                save_file(weights, os.path.join(checkpoint_dir, WEIGHTS_FILE))
-            # A barrier: every rank reports, equally often, never under a rank-0 guard.
-            ray.train.report(
-                {"epoch": epoch + 1, **flatten_keys({"val": val, "test": test or {}}, "/")},
-                checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-            )
+            _show_epoch(record, test, cfg, len(stages), say, tracker)
+        _checkpoint(run, epoch, test, cfg, device, rank, world)
         if loop_config.get("stop_after_epoch") == epoch + 1:
             # Fault injection for resume tests: fail as a crash would, after the checkpoint.
             raise RuntimeError(f"stopped after epoch {epoch + 1} on request (stop_after_epoch)")
 
     if tracker is not None:
         tracker.finish()
+
+
+def _epoch_record(
+    epoch: int,
+    step: int,
+    epoch_time: float,
+    stage: Stage,
+    train_losses: dict[str, float],
+    data_wait: dict[str, float],
+) -> dict[str, Any]:
+    """One entry of history.json (``val`` is added once the epoch is evaluated)."""
+    return {
+        "epoch": epoch + 1,
+        "step": step,
+        "epoch_time_s": epoch_time,
+        "stage": stage.name,
+        "train": {"loss": train_losses},
+        "data_wait": data_wait,
+    }
+
+
+def _deepspeed_step(engine: Any) -> Callable[[torch.Tensor], None]:
+    """A training step under DeepSpeed: its backward, then its step (which clips the
+    gradients, steps the optimiser and the schedule, and under ZeRO syncs the shards)."""
+
+    def step(total: torch.Tensor) -> None:
+        engine.backward(total)
+        engine.step()
+
+    return step
 
 
 def _progress_reporter(queue: Any) -> Any:

@@ -36,11 +36,14 @@ from osmd_ray.config import (
     validate,
 )
 from osmd_ray.data.checker import verify_dataset
+from osmd_ray.data.reading import read_split, read_split_table
 from osmd_ray.data.schema import SPLITS, Manifest
+from osmd_ray.deploy import export_deploy
 from osmd_ray.errors import ConfigError, DataError, RunError
 from osmd_ray.figures import save_png
-from osmd_ray.tracking import wandb_settings
+from osmd_ray.methods import build_model, check_config
 from osmd_ray.train.loop import STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
+from osmd_ray.train.tracking import wandb_settings
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -215,7 +218,6 @@ class ProgressPrinter:
 
 def streamed_dataset(cfg: Config, manifest: Manifest, split: str, columns: list[str]) -> Any:
     """A split streamed from storage by Ray Data read tasks, shards in seeded random order."""
-    from osmd_ray.data.reading import read_split
 
     return read_split(
         cfg.data.root,
@@ -236,8 +238,6 @@ def in_memory_dataset(cfg: Config, manifest: Manifest, split: str, columns: list
     """
     import numpy as np
     import ray.data
-
-    from osmd_ray.data.reading import read_split_table
 
     table = read_split_table(cfg.data.root, split, columns, manifest=manifest)
     if split == "train":
@@ -262,6 +262,7 @@ def train(
     tests of resuming); rerunning without it continues from there. ``callbacks`` go to Ray
     Train (see build_trainer).
     """
+    method = check_config(cfg)
     storage.set_endpoint(cfg.storage.endpoint_url)
     # A missing bucket or refused credentials fail here in seconds, naming the bucket.
     storage.check_bucket(cfg.data.root, "the dataset, data.root")
@@ -313,7 +314,7 @@ def train(
         "train_time_s": state["train_time_s"],
         "epochs": len(history),
         "wall_time_s": wall,
-        "privileged_at_test": cfg.method == "full_multimodal",
+        "privileged_at_test": method.deploy.reads_privileged,
     }
     _write_json(storage.join(run_dir, HISTORY_FILE), history)
     _write_json(storage.join(run_dir, METRICS_FILE), metrics)
@@ -373,8 +374,6 @@ def export_from_checkpoint(cfg: Config, manifest: Manifest, weights: str, run_di
     """Rebuild the model from a checkpoint's consolidated weights and export deploy/."""
     from safetensors.torch import load_file
 
-    from osmd_ray.method.model import build_model
-
     model = build_model(cfg, manifest)
     model.load_state_dict(load_file(weights), strict=True)
     model.eval()
@@ -394,7 +393,6 @@ def _export_model(
     cfg: Config, manifest: Manifest, model: Any, deploy_dir: str, run_dir: str
 ) -> None:
     """Export ``model`` (built by build_model, weights loaded) to the local ``deploy_dir``."""
-    from osmd_ray.deploy import export_deploy
 
     roles = {
         "ordinary": [manifest.modalities[m] for m in cfg.data.ordinary],
@@ -441,5 +439,3 @@ def _write_json(path: str, payload: Any) -> None:
     """Write JSON so that an exception or a full disk leaves the previous file, never half of
     one, and no temporary file behind (storage.write_bytes: one PUT on an object store)."""
     storage.write_bytes(path, json.dumps(payload, indent=2).encode("utf-8"))
-
-

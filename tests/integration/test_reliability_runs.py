@@ -68,10 +68,10 @@ def faulty_loop(*faults: Fault):
     def loop(loop_config):
         import ray.train
 
-        from osmd_ray.method import losses
+        from osmd_ray.train import epoch
 
         rank = ray.train.get_context().get_world_rank()
-        original = losses.compute_losses
+        original = epoch.compute_losses
         calls = [0]
 
         def compute_losses(outputs, *args, **kwargs):
@@ -82,12 +82,12 @@ def faulty_loop(*faults: Fault):
                     result = _inject(fault, result, outputs)
             return result
 
-        # The loop imports compute_losses from the module when it starts, so this takes.
-        losses.compute_losses = compute_losses
+        # batch_losses looks compute_losses up in its module at every call, so this takes.
+        epoch.compute_losses = compute_losses
         try:
             train_loop_per_worker(loop_config)
         finally:
-            losses.compute_losses = original
+            epoch.compute_losses = original
 
     return loop
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from osmd_ray.cli import main
-from tests.unit.test_metrics import direct_scores
+from tests.unit.blocks.test_metrics import direct_scores
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from osmd_processes import REPO, end_session, ray_did_not_start, start_osmd
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
 
 from osmd_ray.config import load_config
-from osmd_ray.sweep import load_sweep_spec, remove_recorded_placement_groups, run_sweep
+from osmd_ray.experiments.sweep import load_sweep_spec, remove_recorded_placement_groups, run_sweep
 from osmd_ray.train.runner import train
 
 pytestmark = pytest.mark.integration

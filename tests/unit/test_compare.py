@@ -18,11 +18,12 @@ import pytest
 import torch
 import yaml
 
-from osmd_ray import compare as compare_mod
 from osmd_ray.cli import main
-from osmd_ray.compare import (
+from osmd_ray.config import dump_yaml, load_config
+from osmd_ray.errors import ConfigError, SpecError
+from osmd_ray.experiments import compare as compare_mod
+from osmd_ray.experiments.compare import (
     DeployStats,
-    Stat,
     format_summary,
     gap_closures,
     load_spec,
@@ -30,10 +31,8 @@ from osmd_ray.compare import (
     plan_runs,
     run_compare,
     summarize,
-    within_noise,
 )
-from osmd_ray.config import dump_yaml, load_config
-from osmd_ray.errors import ConfigError, SpecError
+from osmd_ray.experiments.stats import Stat, within_noise
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = str(REPO / "configs" / "osmd_synth.yaml")
@@ -231,7 +230,7 @@ def test_ablations_change_exactly_their_piece():
 
 def _grads(cfg, model, batch) -> dict[str, torch.Tensor]:
     """Gradients of the run's whole objective on every parameter (zeros where none)."""
-    from osmd_ray.train.loop import batch_losses
+    from osmd_ray.train.epoch import batch_losses
 
     model.zero_grad(set_to_none=True)
     batch_losses(model(batch), batch, cfg)["total"].backward()
@@ -252,7 +251,7 @@ def test_labels_only_control_trains_the_deployment_network_without_privileged_da
     not only the deployment parameters': the global gradient-norm clipping (train.grad_clip)
     scales the deployment path's step by the norm over all of them."""
     from osmd_ray.data.schema import ModalitySpec
-    from osmd_ray.method.model import OSMDModel
+    from osmd_ray.methods import build_training_net
 
     runs = {r.variant: r.cfg for r in plan_runs(load_spec(REPO / "configs" / name), "O")}
     rgb = ModalitySpec("rgb", "image", (3, 8, 8), "uint8")
@@ -269,7 +268,7 @@ def test_labels_only_control_trains_the_deployment_network_without_privileged_da
         cfg = runs[variant]
         cfg.model.width, cfg.model.depth, cfg.model.feature_dim = 4, 2, 8
         torch.manual_seed(0)
-        model = OSMDModel("osmd", [rgb], [depth], 3, cfg.model, None, output_size)
+        model = build_training_net("osmd", [rgb], [depth], 3, cfg.model, None, output_size)
         first, second = _grads(cfg, model, batch), _grads(cfg, model, other_depth)
         deploy = {n for n, _ in model.deploy_module().named_parameters()}
         assert any(first[n].abs().sum() > 0 for n in deploy)
@@ -584,7 +583,7 @@ def test_measure_deploy_counts_parameters_and_times_both_batch_sizes(tmp_path):
     from osmd_ray.config import ModelConfig
     from osmd_ray.data.schema import ModalitySpec
     from osmd_ray.deploy import export_deploy
-    from osmd_ray.method.model import OSMDModel
+    from osmd_ray.methods import build_training_net
 
     rgb = ModalitySpec("rgb", "image", (3, 8, 8), "uint8")
     depth = ModalitySpec("depth", "image", (1, 8, 8), "float32")
@@ -594,7 +593,7 @@ def test_measure_deploy_counts_parameters_and_times_both_batch_sizes(tmp_path):
     }
     cfg = ModelConfig(width=4, depth=2, feature_dim=8)
     torch.manual_seed(0)
-    model = OSMDModel("osmd", [rgb], [depth], 3, cfg, stats).eval()
+    model = build_training_net("osmd", [rgb], [depth], 3, cfg, stats).eval()
     export_deploy(
         model,
         str(tmp_path / "deploy"),

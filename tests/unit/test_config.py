@@ -32,6 +32,7 @@ from osmd_ray.config import (
 from osmd_ray.config.schema import LOSS_WEIGHTS
 from osmd_ray.data.schema import ModalitySpec
 from osmd_ray.errors import ConfigError
+from osmd_ray.methods import check_config
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -43,8 +44,9 @@ def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
 
 
 def error_of(overrides: list[str], path: Path | None = None) -> ConfigError:
+    """The error of a config as a run checks it: its keys, then what its method needs."""
     with pytest.raises(ConfigError) as info:
-        load_config(path, overrides)
+        check_config(load_config(path, overrides))
     return info.value
 
 
@@ -384,7 +386,7 @@ def test_bad_values_and_contradictions_name_the_key(overrides, key, fragment):
     ],
 )
 def test_edge_values_that_are_allowed(overrides):
-    load_config(None, overrides)
+    check_config(load_config(None, overrides))
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -539,8 +541,8 @@ def test_check_against_manifest_suggests_a_near_name():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path, tmp_path):
     """Training configs, compare specs and sweep specs alike, each checked by its own loader."""
-    from osmd_ray.compare import load_spec, plan_runs
-    from osmd_ray.sweep import base_config, load_sweep_spec
+    from osmd_ray.experiments.compare import load_spec, plan_runs
+    from osmd_ray.experiments.sweep import base_config, load_sweep_spec
 
     top = yaml.safe_load(path.read_text(encoding="utf-8"))
     if "variants" in top:

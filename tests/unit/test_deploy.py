@@ -11,11 +11,12 @@ import torch
 
 import osmd_ray
 from osmd_ray import deploy as deploy_mod
+from osmd_ray.blocks.nets import TrainingNet
 from osmd_ray.config import ModelConfig
 from osmd_ray.data.schema import ModalitySpec
 from osmd_ray.deploy import export_deploy, load_deploy
 from osmd_ray.errors import DeployError
-from osmd_ray.method.model import OSMDModel
+from osmd_ray.methods import build_training_net
 
 RGB = ModalitySpec("rgb", "image", (3, 10, 10), "uint8")
 META = ModalitySpec("meta", "vector", (4,), "float32")
@@ -40,11 +41,11 @@ def numpy_batch(specs, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
     return batch
 
 
-def trained_like(method, ordinary, cfg=CFG) -> OSMDModel:
+def trained_like(method, ordinary, cfg=CFG) -> TrainingNet:
     """A model whose BatchNorm running statistics moved away from their defaults, so that
     the buffers must survive the export too."""
     torch.manual_seed(0)
-    model = OSMDModel(method, ordinary, [DEPTH], NUM_CLASSES, cfg, STATS)
+    model = build_training_net(method, ordinary, [DEPTH], NUM_CLASSES, cfg, STATS)
     model.train()
     with torch.no_grad():
         for seed in range(3):
@@ -53,7 +54,7 @@ def trained_like(method, ordinary, cfg=CFG) -> OSMDModel:
     return model.eval()
 
 
-def export(model: OSMDModel, out_dir, **extra) -> None:
+def export(model: TrainingNet, out_dir, **extra) -> None:
     export_deploy(
         model,
         str(out_dir),

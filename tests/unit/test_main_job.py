@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from osmd_ray.main_job import format_table, gap_closure, results_table
+from osmd_ray.experiments.main_job import format_table, results_table
+from osmd_ray.experiments.stats import gap_closure
 
 
 def test_gap_closure_definition():

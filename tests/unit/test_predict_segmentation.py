@@ -10,16 +10,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from osmd_ray.blocks.nets import TrainingNet
 from osmd_ray.cli import main
 from osmd_ray.config import ModelConfig
 from osmd_ray.data.schema import read_manifest
 from osmd_ray.data.writer import write_dataset
 from osmd_ray.deploy import export_deploy, load_deploy
 from osmd_ray.errors import DataError
-from osmd_ray.method.model import OSMDModel
+from osmd_ray.methods import build_training_net
 from osmd_ray.predict import predict_split
-from osmd_ray.train.loop import evaluate
-from tests.unit.test_metrics import direct_scores
+from osmd_ray.train.epoch import evaluate
+from tests.unit.blocks.test_metrics import direct_scores
 
 H, W, K = 8, 10, 3
 CFG = ModelConfig(width=4, depth=2, feature_dim=8)
@@ -44,11 +45,13 @@ def seg_data(tmp_path) -> Path:
 
 
 @pytest.fixture
-def seg_export(seg_data, tmp_path) -> tuple[OSMDModel, Path]:
+def seg_export(seg_data, tmp_path) -> tuple[TrainingNet, Path]:
     manifest = read_manifest(str(seg_data))
     ordinary, privileged = [manifest.modalities["rgb"]], [manifest.modalities["depth"]]
     torch.manual_seed(0)
-    model = OSMDModel("osmd", ordinary, privileged, K, CFG, manifest.normalization, (H, W)).eval()
+    model = build_training_net(
+        "osmd", ordinary, privileged, K, CFG, manifest.normalization, (H, W)
+    ).eval()
     out = tmp_path / "deploy"
     export_deploy(
         model,
@@ -141,7 +144,7 @@ def test_workers_evaluation_scores_label_maps_like_a_direct_count(seg_data, seg_
     batches = [
         {k: torch.from_numpy(v[i : i + 2]) for k, v in arrays.items()} for i in range(0, 5, 2)
     ]
-    results = evaluate(model, batches, "osmd", torch.device("cpu"), manifest)
+    results = evaluate(model, batches, ("deploy", "teacher"), torch.device("cpu"), manifest)
     with torch.no_grad():
         logits = model({k: torch.from_numpy(v) for k, v in arrays.items()})["deploy_logits"]
     accuracy, miou = direct_scores(logits.argmax(1).numpy(), arrays["label"], K, -100)

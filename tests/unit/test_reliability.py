@@ -391,8 +391,7 @@ def test_every_valid_config_trains_a_step_or_is_a_config_error(
 ):
     """A config that validation accepts never reaches a traceback from inside torch: the model
     builds for the data's shapes and one forward/backward gives finite losses and gradients."""
-    from osmd_ray.method.losses import compute_losses
-    from osmd_ray.method.model import build_model
+    from osmd_ray.methods import build_model, method_losses
 
     names = ("w_deploy", "w_teacher", "w_priv", "w_jan", "w_mimic", "w_recon")
     overrides = [
@@ -427,7 +426,7 @@ def test_every_valid_config_trains_a_step_or_is_a_config_error(
         model.train()
         batch = _batch(rows, seed=rows)
         outputs = model(batch)
-        losses = compute_losses(outputs, batch["label"], None, cfg.method, cfg.loss)
+        losses = method_losses(outputs, batch["label"], None, cfg.method, cfg.loss)
         assert all(bool(torch.isfinite(v).all()) for v in losses.values()), losses
         losses["total"].backward()
     finally:
@@ -563,10 +562,10 @@ STATS = {
 
 def small_model(seed: int = 0, method: str = "osmd"):
     from osmd_ray.config import ModelConfig
-    from osmd_ray.method.model import OSMDModel
+    from osmd_ray.methods import build_training_net
 
     torch.manual_seed(seed)
-    model = OSMDModel(
+    model = build_training_net(
         method, [RGB], [DEPTH], 3, ModelConfig(width=4, depth=2, feature_dim=8), STATS
     )
     return model.eval()
@@ -749,7 +748,7 @@ def test_disk_full_while_writing_predictions_keeps_the_previous_file(tmp_path, m
 
 
 def test_nonfinite_terms_names_every_bad_term():
-    from osmd_ray.train.loop import nonfinite_terms
+    from osmd_ray.train.epoch import nonfinite_terms
 
     losses = {
         "deploy": torch.tensor(0.5),
@@ -791,7 +790,7 @@ SECRET = "osmd-secret-marker-7c1e"
     ],
 )
 def test_wandb_mode_honours_wandb_mode_over_an_api_key(monkeypatch, tmp_path, env, mode):
-    from osmd_ray.tracking import wandb_settings
+    from osmd_ray.train.tracking import wandb_settings
 
     for name in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(name, raising=False)

@@ -13,7 +13,7 @@ import yaml
 from osmd_ray.cli import main
 from osmd_ray.config import load_config
 from osmd_ray.errors import ConfigError, SweepSpecError
-from osmd_ray.sweep import (
+from osmd_ray.experiments.sweep import (
     base_config,
     check_space,
     format_value,

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from osmd_ray.blocks.encoders import RoleEncoder, encode_sharing_stages
 from osmd_ray.config import ModelConfig
 from osmd_ray.data.schema import ModalitySpec
-from osmd_ray.method.encoders import RoleEncoder, encode_sharing_stages
-from osmd_ray.method.model import OSMDModel, build_deploy_net
+from osmd_ray.methods import build_deploy_net, build_training_net
 
 RGB = ModalitySpec("rgb", "image", (3, 16, 16), "uint8")
 DEPTH = ModalitySpec("depth", "image", (1, 16, 16), "float32")
@@ -70,7 +70,7 @@ def test_deploy_net_with_shared_stages_costs_less_and_matches_the_model():
     flops = {}
     for shared in (0, 2):
         cfg = ModelConfig(**base, hallucination_shared_stages=shared)
-        model = OSMDModel("osmd", [RGB], [DEPTH], 4, cfg, None).eval()
+        model = build_training_net("osmd", [RGB], [DEPTH], 4, cfg, None).eval()
         deploy = model.deploy_module()
         torch.testing.assert_close(deploy(batch), model(batch)["deploy_logits"])
         fresh = build_deploy_net("osmd", [RGB], [], 4, cfg, None).eval()

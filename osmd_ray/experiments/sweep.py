@@ -48,17 +48,23 @@ import yaml
 from osmd_ray import cluster, storage
 from osmd_ray.config import (
     Config,
+    DataConfig,
     apply_overrides,
+    check_against_manifest,
     config_from_dict,
     config_to_dict,
     dump_yaml,
     flatten_keys,
     load_config,
 )
+from osmd_ray.data.checker import verify_dataset
 from osmd_ray.errors import ConfigError, SweepSpecError
+from osmd_ray.experiments.main_job import ensure_synthetic_data
+from osmd_ray.experiments.spec_file import read_spec, reject_unknown, spec_base
 from osmd_ray.figures import save_png
+from osmd_ray.methods import check_config
 from osmd_ray.ray_private_api import on_worker_group_start
-from osmd_ray.spec_file import read_spec, reject_unknown, spec_base
+from osmd_ray.train.runner import finished_run_metrics, train
 
 SPEC_KEYS = (
     "base",
@@ -377,6 +383,10 @@ def base_config(spec: SweepSpec, out: str, overrides: Sequence[str] = ()) -> Con
         # Tune runs each trial in a working directory of its own: a relative root would
         # point nowhere there.
         cfg = apply_overrides(cfg, [f"data.root={os.path.abspath(cfg.data.root)}"])
+    try:
+        check_config(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"sweep spec '{spec.path}', base and overrides: {e}", e.key) from None
     check_space(spec, cfg)
     return cfg
 
@@ -390,7 +400,7 @@ def check_space(spec: SweepSpec, cfg: Config) -> None:
     for param in spec.space:
         for value in param.extremes():
             try:
-                apply_overrides(cfg, [f"{param.key}={format_value(value)}"])
+                check_config(apply_overrides(cfg, [f"{param.key}={format_value(value)}"]))
             except ConfigError as e:
                 raise SweepSpecError(
                     f"sweep spec '{spec.path}': key 'space.{param.key}': value {value!r} "
@@ -410,8 +420,6 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], out: str) -> None
     """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from osmd_ray.train.runner import train
 
     cfg = apply_overrides(config_from_dict(base), param_overrides(params))
     trial_id = ray.tune.get_context().get_trial_id()
@@ -487,7 +495,6 @@ def epoch_metrics(val: Mapping[str, Any]) -> dict[str, Any]:
 def _finished_run(run_dir: str, cfg: Config) -> bool:
     """The trial's run folder holds this run, finished (history.json is written before
     metrics.json, so it is there too)."""
-    from osmd_ray.train.runner import finished_run_metrics
 
     return finished_run_metrics(cfg, run_dir) is not None
 
@@ -577,9 +584,6 @@ def run_sweep(
 
 
 def _check_data(cfg: Config) -> None:
-    from osmd_ray.config import DataConfig, check_against_manifest
-    from osmd_ray.data.checker import verify_dataset
-    from osmd_ray.main_job import ensure_synthetic_data
 
     if not storage.is_remote(cfg.data.root) and os.path.normpath(cfg.data.root) == os.path.normpath(
         DataConfig().root

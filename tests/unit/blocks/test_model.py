@@ -1,4 +1,4 @@
-"""OSMDModel: parts per method, parameter sharing, the deployment network, build_model."""
+"""The methods' networks: parts per method, parameter sharing, the deployment network, build_model."""
 
 from __future__ import annotations
 
@@ -7,16 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from osmd_ray.blocks.encoders import DecoderEncoder
+from osmd_ray.blocks.nets import privileged_mask, standardised_inverse
 from osmd_ray.config import Config, ModelConfig
 from osmd_ray.data.schema import ModalitySpec
-from osmd_ray.method.encoders import DecoderEncoder
-from osmd_ray.method.model import (
-    OSMDModel,
-    build_deploy_net,
-    build_model,
-    privileged_mask,
-    standardised_inverse,
-)
+from osmd_ray.methods import build_deploy_net, build_model, build_training_net
 
 RGB = ModalitySpec("rgb", "image", (3, 12, 12), "uint8")
 DEPTH = ModalitySpec("depth", "image", (1, 12, 12), "float32")
@@ -40,7 +35,7 @@ def make_batch(specs, rows: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def make_model(method: str, cfg: ModelConfig = CFG, ordinary=(RGB,), privileged=(DEPTH,)):
     torch.manual_seed(0)
-    return OSMDModel(method, list(ordinary), list(privileged), NUM_CLASSES, cfg, None)
+    return build_training_net(method, list(ordinary), list(privileged), NUM_CLASSES, cfg, None)
 
 
 def param_ids(module) -> set[int]:
@@ -113,7 +108,7 @@ def _grad_owners(model, loss) -> set[str]:
 
 def test_teacher_and_deployment_paths_share_fusion_and_head():
     model = make_model("osmd")
-    assert model.teacher_parts == (model.F, model.H)
+    assert not {"F_t", "H_t"} & set(dict(model.named_children()))
     deploy = model.deploy_module()
     assert deploy.F is model.F and deploy.H is model.H
     batch = make_batch([RGB, DEPTH])
@@ -187,7 +182,6 @@ def test_inverse_recon_target_reaches_the_recon_term_and_ignores_rows_without_pr
 
 def test_logit_kd_teacher_is_separate_from_the_student():
     model = make_model("logit_kd")
-    assert model.teacher_parts == (model.F_t, model.H_t)
     assert not param_ids(model.T_o) & param_ids(model.E_o)
     batch = make_batch([RGB, DEPTH])
     assert _grad_owners(model, model(batch)["teacher_logits"].sum()) == {"T_o", "E_p", "F_t", "H_t"}
@@ -227,7 +221,6 @@ def test_dense_recon_decodes_depth_from_the_hallucination_feature_map():
 def test_separate_fusion_and_head_when_share_fusion_is_off():
     cfg = ModelConfig(width=4, depth=2, feature_dim=8, share_fusion=False)
     model = make_model("osmd", cfg)
-    assert model.teacher_parts == (model.F_t, model.H_t)
     assert not param_ids(model.F_t) & param_ids(model.F)
     assert not param_ids(model.H_t) & param_ids(model.H)
     batch = make_batch([RGB, DEPTH])
@@ -377,7 +370,7 @@ def test_privileged_mask_combines_has_columns():
 
 
 def test_invalid_roles_are_rejected():
-    with pytest.raises(ValueError, match="method='nope'"):
+    with pytest.raises(ValueError, match="config key 'method' .* got 'nope'"):
         make_model("nope")
     with pytest.raises(ValueError, match="both ordinary and privileged"):
         make_model("osmd", privileged=(RGB,))

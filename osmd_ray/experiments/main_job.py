@@ -8,6 +8,9 @@ from typing import Any
 
 from osmd_ray import storage
 from osmd_ray.config import apply_overrides, load_config
+from osmd_ray.data.synth import write_synth_dataset
+from osmd_ray.experiments.stats import gap_closure
+from osmd_ray.train.runner import train
 
 METHODS_IN_TABLE = ("ordinary_only", "full_multimodal", "osmd")
 
@@ -16,16 +19,9 @@ def ensure_synthetic_data(root: str) -> None:
     """Generate the default synthetic RGB-D set into ``root`` unless a dataset is there."""
     if os.path.exists(os.path.join(root, "manifest.json")):
         return
-    from osmd_ray.data.synth import write_synth_dataset
 
     print(f"[osmd] generating the default synthetic RGB-D set into {root}")
     write_synth_dataset(root)
-
-
-def gap_closure(method: float, ordinary_only: float, full_multimodal: float) -> float:
-    """(method - ordinary_only) / (full_multimodal - ordinary_only), DESIGN §3."""
-    gap = full_multimodal - ordinary_only
-    return float("nan") if gap == 0 else (method - ordinary_only) / gap
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -65,7 +61,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run_main_job(config_path: str, out: str, overrides: Sequence[str] = ()) -> list[dict]:
     """Train the three methods into ``out/<method>`` and print and save the table."""
-    from osmd_ray.train.runner import train
 
     base = load_config(config_path, overrides)
     ensure_synthetic_data(base.data.root)

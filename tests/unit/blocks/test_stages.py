@@ -7,29 +7,35 @@ import pytest
 import torch
 from torch import nn
 
-from osmd_ray.config import Config, apply_overrides
-from osmd_ray.data.schema import ModalitySpec
-from osmd_ray.errors import ConfigError
-from osmd_ray.method.losses import compute_losses
-from osmd_ray.method.model import OSMDModel
-from osmd_ray.method.stages import (
-    method_stages,
+from osmd_ray.blocks.nets import TrainingNet
+from osmd_ray.blocks.stages import (
     part_parameter_groups,
     set_stage_modes,
     split_epochs,
     stage_at_epoch,
     stage_lr_factor,
 )
+from osmd_ray.config import Config, apply_overrides
+from osmd_ray.data.schema import ModalitySpec
+from osmd_ray.methods import check_config, get_method
+
+
+def method_stages(cfg: Config):
+    return get_method(cfg.method).stages(cfg)
+from osmd_ray.errors import ConfigError
+from osmd_ray.methods import build_training_net, method_losses
 
 RGB = ModalitySpec("rgb", "image", (3, 8, 8), "uint8")
 DEPTH = ModalitySpec("depth", "image", (1, 8, 8), "float32")
 
 
 def cfg_for(method: str, *extra: str) -> Config:
-    return apply_overrides(
+    cfg = apply_overrides(
         Config(),
         [f"method={method}", "model.width=4", "model.depth=2", "model.feature_dim=8", *extra],
     )
+    check_config(cfg)
+    return cfg
 
 
 @pytest.mark.parametrize(
@@ -87,9 +93,9 @@ def test_lr_factor_is_zero_for_frozen_parts_and_restarts_cosine_per_stage():
     assert e_o(0) == 0.0 and e_o(9) == 0.0 and e_o(10) == 1.0 and 0 < e_o(19) < 0.1
 
 
-def _model(method: str, cfg: Config) -> OSMDModel:
+def _model(method: str, cfg: Config) -> TrainingNet:
     torch.manual_seed(0)
-    return OSMDModel(method, [RGB], [DEPTH], 3, cfg.model, None)
+    return build_training_net(method, [RGB], [DEPTH], 3, cfg.model, None)
 
 
 def _batch(rows: int = 8) -> dict[str, torch.Tensor]:
@@ -122,7 +128,7 @@ def test_a_stage_moves_exactly_its_own_parts(method):
         set_stage_modes(model, stage)
         for _ in range(2):
             batch = _batch()
-            losses = compute_losses(
+            losses = method_losses(
                 model(batch), batch["label"], None, method, cfg.loss, terms=stage.terms
             )
             opt.zero_grad()
@@ -152,7 +158,7 @@ def test_hallucination_lr_scale_multiplies_only_E_h_and_D_h():
 
 
 def test_recalibrated_batchnorm_holds_the_plain_statistics_of_the_given_batches():
-    from osmd_ray.method.stages import recalibrate_batchnorm
+    from osmd_ray.blocks.stages import recalibrate_batchnorm
 
     torch.manual_seed(0)
     trained = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))

@@ -45,15 +45,21 @@ from osmd_ray.config import (
     Config,
     DataConfig,
     apply_overrides,
+    check_against_manifest,
     dump_yaml,
     flatten_keys,
     load_config,
     saved_config_matches,
 )
+from osmd_ray.data.checker import verify_dataset
+from osmd_ray.deploy import load_deploy
 from osmd_ray.errors import ConfigError, SpecError, describe
+from osmd_ray.experiments.main_job import ensure_synthetic_data
+from osmd_ray.experiments.spec_file import read_spec, reject_unknown, spec_base
+from osmd_ray.experiments.stats import NOISE_RULE, Stat, gap_closure, within_noise
 from osmd_ray.figures import save_png
-from osmd_ray.main_job import gap_closure
-from osmd_ray.spec_file import read_spec, reject_unknown, spec_base
+from osmd_ray.methods import check_config
+from osmd_ray.train import runner
 
 SPEC_KEYS = ("base", "overrides", "variants", "seeds", "datasets", "reference", "target")
 VARIANT_KEYS = ("name", "overrides")
@@ -79,12 +85,6 @@ CSV_COLUMNS = (
     "latency_ms_b64",
     "run_dir",
 )
-NOISE_RULE = (
-    "a difference from the target is *within seed noise* when |mean(variant) - mean(target)| "
-    "<= the larger of the two sample standard deviations over seeds (a rule of thumb with a "
-    "few seeds, not a significance test; with fewer than 2 seeds on either side it is not judged)"
-)
-
 TrainFn = Callable[[Config, str], Mapping[str, Any]]
 MeasureFn = Callable[[str], "DeployStats"]
 
@@ -322,6 +322,7 @@ def plan_runs(spec: CompareSpec, out: str, overrides: Sequence[str] = ()) -> lis
                     cfg = apply_overrides(
                         base, [*root_override, *variant.overrides, *overrides, f"seed={seed}"]
                     )
+                    check_config(cfg)
                 except ConfigError as e:
                     raise ConfigError(f"variant {variant.name!r}: {e}", e.key) from None
                 if not cfg.tracking.group:  # wandb shows a compare's runs together
@@ -337,9 +338,6 @@ def check_datasets(runs: Sequence[PlannedRun]) -> None:
 
     The default synthetic set is generated when it is missing, as ``osmd main`` does.
     """
-    from osmd_ray.config import check_against_manifest
-    from osmd_ray.data.checker import verify_dataset
-    from osmd_ray.main_job import ensure_synthetic_data
 
     manifests: dict[str, Any] = {}
     for run in runs:
@@ -444,8 +442,7 @@ def run_compare(
         flush=True,
     )
     if train_fn is None:
-        from osmd_ray.train.runner import train as train_fn
-
+        train_fn = runner.train  # looked up now, so that tests can stand in for it
         if todo:
             _start_ray(todo[0].cfg, min(max_concurrent, len(todo)))
     _train_all(todo, train_fn, max_concurrent, result)
@@ -538,8 +535,6 @@ def measure_deploy(run_dir: str, repeats: int = 7) -> DeployStats:
     import numpy as np
     import torch
 
-    from osmd_ray.deploy import load_deploy
-
     model = load_deploy(os.path.join(run_dir, "deploy"))
     params = sum(p.numel() for p in model.net.parameters())
     rng = np.random.default_rng(0)
@@ -617,29 +612,6 @@ def collect_rows(
     return rows
 
 
-@dataclass(frozen=True)
-class Stat:
-    mean: float
-    std: float
-    """Sample standard deviation; nan with fewer than 2 values."""
-    n: int
-
-    @classmethod
-    def of(cls, values: Iterable[float]) -> Stat:
-        vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-        if not vals:
-            return cls(math.nan, math.nan, 0)
-        std = statistics.stdev(vals) if len(vals) > 1 else math.nan
-        return cls(statistics.fmean(vals), std, len(vals))
-
-    def fmt(self, digits: int = 4) -> str:
-        if self.n == 0:
-            return "n/a"
-        if self.n == 1:
-            return f"{self.mean:.{digits}f} (1 seed)"
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
-
-
 def metric_key(rows: Sequence[Mapping[str, Any]]) -> str:
     """The deployment metric of a dataset's rows: ``test_deploy_miou`` when every run has a
     mIoU (segmentation), else ``test_deploy_accuracy``."""
@@ -673,13 +645,6 @@ def gap_closures(
         if not math.isnan(closure):
             values.append(closure)
     return values
-
-
-def within_noise(variant: Stat, target: Stat) -> bool | None:
-    """The rule in NOISE_RULE; None when either side has fewer than 2 seeds."""
-    if variant.n < 2 or target.n < 2:
-        return None
-    return abs(variant.mean - target.mean) <= max(variant.std, target.std)
 
 
 def summarize(

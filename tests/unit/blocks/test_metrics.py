@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from osmd_ray.metrics import confusion_matrix, per_class_iou, segmentation_scores
+from osmd_ray.blocks.metrics import confusion_matrix, per_class_iou, segmentation_scores
 
 
 def direct_scores(pred: np.ndarray, label: np.ndarray, k: int, ignore: int) -> tuple[float, float]:

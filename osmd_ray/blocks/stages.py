@@ -1,15 +1,7 @@
 """Training stages: which parts each epoch updates, and with which loss terms.
 
-OS-MD and the single-model baselines train in one stage. The baselines of DESIGN §3 that are
-pipelines train in stages that split the same epoch budget (``baselines.*`` in the config):
-
-- ``two_stage_hallucination`` (Hoffman 2016, Garcia 2018): ``teacher`` trains the
-  full_multimodal path and H_p (E_o, E_p, F, H, H_p); ``hallucination`` trains E_h to mimic
-  the frozen E_p's features; ``fusion`` trains E_o, F and H on (z_o, frozen z_h);
-- ``logit_kd`` (Hinton 2015): ``teacher`` trains the full_multimodal teacher (T_o, E_p, F_t,
-  H_t); ``student`` trains E_o and H on the labels and the teacher's softened logits;
-- ``imputation``: ``generator`` trains G (L1 to the privileged input); ``task`` trains E_o,
-  E_p, F and H on (ordinary, reconstructed) with G frozen.
+A method (:mod:`osmd_ray.methods`) trains in one stage or in several that split the same
+epoch budget (:func:`split_epochs`); this module holds the mechanics every method shares.
 
 A part outside a stage's ``trains`` is frozen for that stage: its learning rate is 0 (so
 neither AdamW's step nor its weight decay moves it; one optimiser, created once, serves every
@@ -30,9 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from osmd_ray.config import Config
-from osmd_ray.method.losses import osmd_weights
-
 
 @dataclass(frozen=True)
 class Stage:
@@ -41,9 +30,11 @@ class Stage:
     trains: tuple[str, ...] | None
     """Top-level parts updated in this stage; None: every part."""
     terms: Mapping[str, float]
-    """Loss term -> weight (names of osmd_ray.method.losses.TERMS)."""
+    """Loss term -> weight (names of osmd_ray.blocks.losses.TERMS)."""
     lr_scale: Mapping[str, float] = field(default_factory=dict)
     """Top-level part -> learning-rate multiplier in this stage (1 for parts not named)."""
+    kd_source: str = "teacher_logits"
+    """The output the ``kd`` term distils into the deployment path (if the stage has one)."""
 
     def updates(self, part: str) -> bool:
         return self.trains is None or part in self.trains
@@ -66,43 +57,6 @@ def split_epochs(total: int, shares: Sequence[float]) -> list[int]:
         i = max(range(len(epochs)), key=lambda k: raw[k] - epochs[k])
         epochs[i] += 1
     return epochs
-
-
-def method_stages(cfg: Config) -> list[Stage]:
-    """The stages of ``cfg.method``, in order; their epochs sum to ``cfg.train.epochs``."""
-    epochs, base = cfg.train.epochs, cfg.baselines
-    if cfg.method == "osmd":
-        scale = cfg.model.hallucination_lr_scale
-        lr_scale = {"E_h": scale, "D_h": scale} if scale != 1.0 else {}
-        return [Stage("joint", epochs, None, osmd_weights(cfg.loss), lr_scale)]
-    if cfg.method in ("ordinary_only", "full_multimodal"):
-        return [Stage("joint", epochs, None, {"deploy": 1.0})]
-    if cfg.method == "two_stage_hallucination":
-        shares = [base.two_stage_teacher, base.two_stage_hallucination, base.two_stage_fusion]
-        e = split_epochs(epochs, shares)
-        return [
-            Stage("teacher", e[0], ("E_o", "E_p", "F", "H", "H_p"), {"teacher": 1.0, "priv": 1.0}),
-            Stage("hallucination", e[1], ("E_h",), {"mimic": 1.0}),
-            Stage("fusion", e[2], ("E_o", "F", "H"), {"deploy": 1.0}),
-        ]
-    if cfg.method == "logit_kd":
-        e = split_epochs(epochs, [base.kd_teacher_fraction, 1 - base.kd_teacher_fraction])
-        return [
-            Stage("teacher", e[0], ("T_o", "E_p", "F_t", "H_t"), {"teacher": 1.0}),
-            Stage(
-                "student",
-                e[1],
-                ("E_o", "H"),
-                {"deploy": 1.0 - base.kd_weight, "kd": base.kd_weight},
-            ),
-        ]
-    if cfg.method == "imputation":
-        e = split_epochs(epochs, [base.imputation_fraction, 1 - base.imputation_fraction])
-        return [
-            Stage("generator", e[0], ("G",), {"impute": 1.0}),
-            Stage("task", e[1], ("E_o", "E_p", "F", "H"), {"deploy": 1.0}),
-        ]
-    raise ValueError(f"no stages defined for method {cfg.method!r}")
 
 
 def stage_at_epoch(stages: Sequence[Stage], epoch: int) -> Stage:
@@ -180,7 +134,7 @@ def recalibrate_batchnorm(
     Why: BatchNorm's running statistics are an exponential average (momentum 0.1) over the
     last ~10 steps, taken while the weights moved. After a short training (7 steps an epoch
     on the synthetic set) they describe an earlier network, and eval-mode accuracy fell to
-    chance (full_multimodal, 5 epochs: 0.36 with them, 0.90 recomputed; docs/results.md).
+    chance (the multimodal network, 5 epochs: 0.36 with them, 0.90 recomputed; docs/results.md).
     """
     layers = [
         m

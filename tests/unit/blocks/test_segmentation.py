@@ -10,18 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from osmd_ray.config import LossConfig, ModelConfig
-from osmd_ray.config.schema import METHODS
-from osmd_ray.data.schema import ModalitySpec
-from osmd_ray.method import encoders
-from osmd_ray.method.fusion import CTNFusion
-from osmd_ray.method.losses import (
+from osmd_ray.blocks import encoders
+from osmd_ray.blocks.fusion import CTNFusion
+from osmd_ray.blocks.losses import (
     alignment_loss,
-    compute_losses,
     dense_alignment_loss,
     distillation_loss,
 )
-from osmd_ray.method.model import OSMDModel, build_deploy_net
+from osmd_ray.blocks.nets import TrainingNet
+from osmd_ray.config import LossConfig, ModelConfig
+from osmd_ray.data.schema import ModalitySpec
+from osmd_ray.methods import METHODS, build_deploy_net, build_training_net, method_losses
 
 H, W, K = 12, 16, 5
 RGB = ModalitySpec("rgb", "image", (3, H, W), "uint8")
@@ -39,9 +38,9 @@ def batch(rows: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def seg_model(method: str, privileged=(DEPTH,), cfg: ModelConfig = CFG) -> OSMDModel:
+def seg_model(method: str, privileged=(DEPTH,), cfg: ModelConfig = CFG) -> TrainingNet:
     torch.manual_seed(0)
-    return OSMDModel(method, [RGB], list(privileged), K, cfg, None, (H, W))
+    return build_training_net(method, [RGB], list(privileged), K, cfg, None, (H, W))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -55,7 +54,7 @@ def test_every_method_predicts_a_label_map_and_trains(method, privileged):
             assert out[key].shape == (4, K, H, W), key
     labels = torch.randint(0, K, (4, H, W))
     labels[0, :3] = -100
-    losses = compute_losses(out, labels, None, method, LossConfig())
+    losses = method_losses(out, labels, None, method, LossConfig())
     losses["total"].backward()
     assert torch.isfinite(losses["total"])
     trained = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum()]
@@ -106,7 +105,7 @@ def test_unsupported_dense_settings_say_what_to_change():
     with pytest.raises(ValueError, match="hallucination_shared_stages"):
         seg_model("osmd", cfg=ModelConfig(width=4, depth=2, hallucination_shared_stages=1))
     with pytest.raises(ValueError, match="image among the ordinary"):
-        OSMDModel("osmd", [IMU], [DEPTH], K, CFG, None, (H, W))
+        build_training_net("osmd", [IMU], [DEPTH], K, CFG, None, (H, W))
     with pytest.raises(ValueError, match="segmentation uses small_cnn or timm"):
         seg_model("osmd", cfg=ModelConfig(image_encoder="torchvision:resnet18"))
 
@@ -140,7 +139,7 @@ def test_dense_jmmd_is_the_pooled_term_plus_the_drawn_pixels_term():
 def test_dense_jmmd_trains_the_hallucination_encoder():
     model = seg_model("osmd")
     out = model(batch())
-    losses = compute_losses(
+    losses = method_losses(
         out, torch.zeros(4, H, W, dtype=torch.long), None, "osmd", LossConfig(), terms={"jan": 1}
     )
     losses["total"].backward()
@@ -164,7 +163,7 @@ def test_rows_without_depth_stay_out_of_the_privileged_encoder():
     b["depth"][1] = float("nan")
     out = model(b)
     assert torch.equal(out["z_p"][1], torch.zeros_like(out["z_p"][1]))
-    losses = compute_losses(out, torch.zeros(4, H, W, dtype=torch.long), None, "osmd", LossConfig())
+    losses = method_losses(out, torch.zeros(4, H, W, dtype=torch.long), None, "osmd", LossConfig())
     assert torch.isfinite(losses["total"])
 
 
@@ -195,7 +194,7 @@ def test_timm_dense_encoder_merges_the_feature_pyramid(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
     cfg = ModelConfig(image_encoder="timm:tiny", feature_dim=8)
-    model = OSMDModel("osmd", [RGB], [DEPTH], K, cfg, None, (H, W))
+    model = build_training_net("osmd", [RGB], [DEPTH], K, cfg, None, (H, W))
     assert isinstance(model.E_o.encoders["rgb"].body, encoders.TimmDenseEncoder)
     assert calls == {"name": "tiny", "pretrained": False, "features_only": True}
     out = model(batch())

@@ -1,5 +1,5 @@
-"""The generator G of the ``imputation`` baseline (DESIGN §3): ordinary inputs -> privileged
-inputs, so that a full_multimodal model can run at deployment on (ordinary, reconstructed).
+"""A generator G: ordinary inputs -> privileged inputs, so that a network made for both can
+run at deployment on (ordinary, reconstructed) (the imputation baseline of DESIGN §3).
 
 Two shapes of G, chosen from the modalities:
 
@@ -20,9 +20,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from osmd_ray.config import ModelConfig
-from osmd_ray.data.schema import ModalitySpec
-from osmd_ray.method.encoders import (
+from osmd_ray.blocks.encoders import (
     Normalization,
     Normalize,
     RoleEncoder,
@@ -30,6 +28,8 @@ from osmd_ray.method.encoders import (
     parameter_dtype,
     resolve_normalization,
 )
+from osmd_ray.config import ModelConfig
+from osmd_ray.data.schema import ModalitySpec
 
 
 def _same_size_images(specs: Sequence[ModalitySpec]) -> bool:

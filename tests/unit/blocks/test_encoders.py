@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from osmd_ray.config import ModelConfig
-from osmd_ray.data.schema import ModalitySpec
-from osmd_ray.method.encoders import (
+from osmd_ray.blocks.encoders import (
     Normalize,
     RoleEncoder,
     SmallCNN,
     build_modality_encoder,
     resolve_normalization,
 )
+from osmd_ray.config import ModelConfig
+from osmd_ray.data.schema import ModalitySpec
 
 CFG = ModelConfig(width=4, depth=2, feature_dim=12)
 RGB = ModalitySpec("rgb", "image", (3, 16, 12), "uint8")

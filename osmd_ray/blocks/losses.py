@@ -15,14 +15,15 @@
   does not scale with ``model.feature_dim``
 - ``recon``   mean((D_h(z_h) - pooled privileged input)^2) (or its mean absolute error,
   ``loss.recon_loss=l1``): dense supervision of E_h by the privileged input itself (see
-  ``OSMDModel.privileged_target``)
+  ``TrainingNet.privileged_target``)
 
-Terms of the staged baselines (:mod:`osmd_ray.method.stages` gives each stage its weights):
+- ``kd``      T^2 KL(softmax(source / T) || softmax(deploy / T)), source detached: the output
+  the stage names (``Stage.kd_source``: a separate teacher's logits, the teacher path, or the
+  privileged head H_p(z_p)), rows with the privileged modalities
+- ``impute``  mean |G(x_o) - x_p| in the normalised privileged space, same rows
 
-- ``kd``      T^2 KL(softmax(teacher / T) || softmax(deploy / T)), teacher detached (logit_kd:
-  its full_multimodal teacher; osmd with ``loss.w_kd``: the privileged head H_p(z_p), or the
-  teacher path with ``loss.kd_source=teacher``), rows with the privileged modalities
-- ``impute``  mean |G(x_o) - x_p| in the normalised privileged space (imputation), same rows
+Which terms a method optimises, with which weights, is its stages' business
+(:mod:`osmd_ray.methods`); this module computes whatever terms it is given.
 
 A term with no usable rows is an exact 0 that stays connected to the graph (no NaN, and every
 parameter still gets a gradient, as DeepSpeed expects on every rank).
@@ -36,11 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from osmd_ray.blocks.jmmd import jmmd, mmd
 from osmd_ray.config import LossConfig
-from osmd_ray.config.schema import RECON_LOSSES
-from osmd_ray.method.jmmd import jmmd, mmd
+from osmd_ray.config.schema import ALIGNMENTS, RECON_LOSSES
 
-ALIGNMENTS = ("jmmd", "mmd")
 TERMS = ("deploy", "teacher", "priv", "jan", "mimic", "recon", "kd", "impute")
 
 
@@ -126,19 +126,6 @@ def recon_loss(prediction: Tensor, target: Tensor, kind: str = "mse") -> Tensor:
     raise ValueError(f"loss.recon_loss={kind!r}: use one of {RECON_LOSSES}")
 
 
-def osmd_weights(cfg: LossConfig) -> dict[str, float]:
-    """The single-stage OS-MD objective's term weights, from the ``loss`` config."""
-    return {
-        "deploy": cfg.w_deploy,
-        "teacher": cfg.w_teacher,
-        "priv": cfg.w_priv,
-        "jan": cfg.w_jan,
-        "mimic": cfg.w_mimic,
-        "recon": cfg.w_recon,
-        "kd": cfg.w_kd,
-    }
-
-
 def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """Hinton et al.'s soft-target term: T^2 KL(p_teacher^T || p_student^T), mean over the
     predictions (rows, or rows x pixels for (B, K, H, W) logits); the teacher is detached (it
@@ -155,23 +142,20 @@ def compute_losses(
     outputs: dict[str, Tensor],
     labels: Tensor,
     has_privileged: Tensor | None,
-    method: str,
     cfg: LossConfig,
+    terms: Mapping[str, float],
     ignore_index: int = -100,
-    terms: Mapping[str, float] | None = None,
     kd_temperature: float = 4.0,
+    kd_source: str = "teacher_logits",
 ) -> dict[str, Tensor]:
     """Each active term, unweighted, under its name, and ``total`` (the weighted sum).
 
     ``has_privileged`` (B,) bool marks the rows that have the privileged modalities; ``None``
-    falls back to ``outputs["has_privileged"]`` (set by the model from ``has_<name>``
+    falls back to ``outputs["has_privileged"]`` (set by the network from ``has_<name>``
     columns), and then to "every row". ``terms`` (term -> weight) is the current stage's
-    objective; without it, osmd uses ``cfg``'s weights and every other method the deployment
-    task loss alone (a weight would merely rescale the learning rate). A term whose weight is
-    0 is neither computed nor reported.
+    objective, ``kd_source`` the output the ``kd`` term distils. A term whose weight is 0 is
+    neither computed nor reported.
     """
-    if terms is None:
-        terms = osmd_weights(cfg) if method == "osmd" else {"deploy": 1.0}
     weights = dict(terms)
     unknown = sorted(set(weights) - set(TERMS))
     if unknown:
@@ -233,12 +217,10 @@ def compute_losses(
             else _zero(outputs["recon"])
         )
     if weights["kd"] != 0:
-        # osmd distils its privileged head by default (loss.kd_source); logit_kd its teacher.
-        source = "teacher_logits"
-        if method == "osmd" and cfg.kd_source == "privileged":
-            source = "priv_logits"
         terms["kd"] = (
-            distillation_loss(rows(outputs["deploy_logits"]), rows(outputs[source]), kd_temperature)
+            distillation_loss(
+                rows(outputs["deploy_logits"]), rows(outputs[kd_source]), kd_temperature
+            )
             if n_valid
             else _zero(outputs["deploy_logits"])
         )

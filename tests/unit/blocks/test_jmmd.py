@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from osmd_ray.method.jmmd import jmmd, mmd, multi_kernel_matrix
+from osmd_ray.blocks.jmmd import jmmd, mmd, multi_kernel_matrix
 
 
 def naive_jmmd(xs, ys, num_kernels: int, kernel_mul: float) -> torch.Tensor:
@@ -262,8 +262,8 @@ def test_estimator_argument_is_checked():
 
 
 def test_loss_config_selects_the_estimator():
+    from osmd_ray.blocks.losses import alignment_loss
     from osmd_ray.config import LossConfig
-    from osmd_ray.method.losses import alignment_loss
 
     gen = torch.Generator().manual_seed(2)
     z_p, z_h = torch.randn(10, 6, generator=gen), torch.randn(10, 6, generator=gen) + 1

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from osmd_ray.config.schema import FUSIONS
+
 
 def translator(dim: int) -> nn.Sequential:
     """T of the cross translation network: Linear, ReLU, Linear (dim -> dim)."""
@@ -57,9 +59,6 @@ class SumFusion(nn.Module):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return a + b
-
-
-FUSIONS = ("ctn", "concat", "sum")
 
 
 def build_fusion(kind: str, dim: int, shared_translator: bool = True) -> nn.Module:

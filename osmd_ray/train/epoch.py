@@ -1,0 +1,259 @@
+"""One training epoch and one evaluation pass: the loop body both engines run.
+
+Nothing here knows Ray or DeepSpeed. The Ray Train workers (:mod:`osmd_ray.train.loop`) run
+:func:`run_epoch` on a DeepSpeed engine, one rank each; the in-process engine
+(:mod:`osmd_ray.train.local`) runs it on the bare network with a plain AdamW step. What
+differs between them, how a loss becomes a weight update, is the ``step`` they pass in. The
+sums over ranks go through ``torch.distributed`` when a process group is up (the workers)
+and are the local values otherwise.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as functional
+from torch import Tensor, nn
+
+from osmd_ray.blocks.losses import compute_losses
+from osmd_ray.blocks.metrics import confusion_matrix, segmentation_scores
+from osmd_ray.blocks.nets import privileged_mask
+from osmd_ray.blocks.stages import Stage, set_stage_modes, stage_lr_factor
+from osmd_ray.config import Config
+from osmd_ray.data.schema import Manifest
+from osmd_ray.errors import NonFiniteLossError
+from osmd_ray.methods import get_method
+
+Batch = Mapping[str, Tensor]
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's global generators from one seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:
+    """AdamW in its default (foreach) form, over one group per part. The fused kernel was
+    not faster under ZeRO-2/3 on an H200 (benchmarks/RESULTS.md, "GPU check")."""
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, cfg: Config, rows_per_worker: int, parts: list[str]
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per part (one optimiser group each): cosine decay to zero within every stage that
+    trains the part (or constant), 0 while a stage freezes it; stepped once per step.
+
+    Its state is part of the DeepSpeed checkpoint, so a resumed run continues the curve.
+    """
+    steps_per_epoch = max(1, rows_per_worker // cfg.data.batch_size)
+    stages = get_method(cfg.method).stages(cfg)
+    factors = [stage_lr_factor(stages, part, steps_per_epoch, cfg.train.schedule) for part in parts]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+
+
+def batch_losses(
+    outputs: dict[str, Tensor],
+    batch: Batch,
+    cfg: Config,
+    stage: Stage | None = None,
+    ignore_index: int = -100,
+) -> dict[str, Tensor]:
+    """The loss terms of ``stage`` for one batch, as every engine computes them (the
+    benchmarks call this too, so they time the same step). ``stage`` defaults to the
+    method's last (the one that trains its deployment path). ``ignore_index``: the dataset's
+    label of unlabelled pixels (segmentation)."""
+    if stage is None:
+        stage = get_method(cfg.method).stages(cfg)[-1]
+    return compute_losses(
+        outputs,
+        batch["label"].long(),
+        privileged_mask(batch, cfg.data.privileged),
+        cfg.loss,
+        stage.terms,
+        ignore_index=ignore_index,
+        kd_temperature=cfg.baselines.kd_temperature,
+        kd_source=stage.kd_source,
+    )
+
+
+def batch_to_device(batch: Batch, device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def all_reduce_max(values: Tensor) -> Tensor:
+    """The element-wise maximum over ranks (the values themselves in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def all_reduce_sum(values: Tensor) -> Tensor:
+    """The element-wise sum over ranks (the values themselves in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def nonfinite_terms(losses: Mapping[str, Tensor], device: torch.device) -> list[str]:
+    """Names of the loss terms that are non-finite on any rank (a collective: call on all)."""
+    names = sorted(losses)
+    flags = torch.tensor(
+        [0.0 if bool(torch.isfinite(losses[n].detach()).all()) else 1.0 for n in names],
+        device=device,
+    )
+    flags = all_reduce_max(flags)
+    return [n for n, f in zip(names, flags.tolist(), strict=True) if f > 0]
+
+
+@dataclass
+class EpochTotals:
+    """What one rank's epoch added up: each loss term summed over its steps (``names`` in
+    ``sums``' order), the steps taken, the global step after the epoch, and the epoch's last
+    batches (host memory) for the BatchNorm statistics after it."""
+
+    names: list[str] = field(default_factory=list)
+    sums: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    batches: int = 0
+    step: int = 0
+    recent: collections.deque[Any] = field(default_factory=collections.deque)
+
+
+def run_epoch(
+    forward: Callable[[Batch], dict[str, Tensor]],
+    net: nn.Module,
+    stage: Stage,
+    batches: Iterable[Batch],
+    step: Callable[[Tensor], None],
+    cfg: Config,
+    *,
+    device: torch.device,
+    ignore_index: int,
+    epoch: int,
+    global_step: int,
+    say: Callable[[str], None] | None = None,
+    rank: int = 0,
+) -> EpochTotals:
+    """Train ``net`` for one epoch of ``stage`` over ``batches``.
+
+    ``forward`` runs the network (the DeepSpeed engine, or ``net`` itself); ``step(total)``
+    turns the batch's total loss into a weight update. A batch whose loss is non-finite on
+    any rank raises NonFiniteLossError, or is skipped (``train.nonfinite=skip``, reported
+    through ``say`` on rank 0). Every batch, skipped ones too, counts for the BatchNorm
+    recalibration, so that all ranks run equally many forwards.
+    """
+    set_stage_modes(net, stage)
+    totals = EpochTotals(
+        step=global_step, recent=collections.deque(maxlen=cfg.train.bn_recalibration_batches)
+    )
+    for raw in batches:
+        totals.recent.append(raw)
+        batch = batch_to_device(raw, device)
+        losses = batch_losses(forward(batch), batch, cfg, stage, ignore_index=ignore_index)
+        bad = nonfinite_terms(losses, device)
+        totals.step += 1
+        if bad:
+            message = (
+                f"non-finite loss at epoch {epoch + 1}, step {totals.step}: term(s) "
+                f"{', '.join(bad)} (values on rank {rank}: "
+                + ", ".join(f"{n}={float(losses[n]):.4g}" for n in bad)
+                + "). Lower train.lr, check the data with `osmd data check`, or set "
+                "train.nonfinite=skip to drop such steps."
+            )
+            if cfg.train.nonfinite != "skip":
+                raise NonFiniteLossError(message)
+            if rank == 0 and say is not None:
+                say(f"skipped: {message}")
+            continue
+        step(losses["total"])
+        if not totals.names:
+            totals.names = sorted(losses)
+            totals.sums = torch.zeros(len(totals.names), dtype=torch.float64)
+        totals.sums += torch.tensor(
+            [float(losses[n].detach()) for n in totals.names], dtype=torch.float64
+        )
+        totals.batches += 1
+    return totals
+
+
+@torch.no_grad()
+def evaluate(
+    forward: Any,
+    batches: Iterable[Batch],
+    paths: tuple[str, ...],
+    device: torch.device,
+    manifest: Manifest | None = None,
+) -> dict[str, dict[str, float]]:
+    """Accuracy and mean loss per path (``<path>_logits``) over a split, summed across ranks;
+    for segmentation (``manifest.task``) pixel accuracy, mIoU and the loss per labelled
+    pixel, from confusion matrices summed across ranks (the ignore index counts nowhere).
+
+    ``forward`` is the network or its DeepSpeed engine (put in eval mode here). Ray Data
+    splits val/test into equal parts (up to workers - 1 rows of a split whose size is not a
+    multiple of the worker count are left out), so every rank runs the same number of
+    forward passes, which ZeRO-3's collective forward needs. A collective: call on all.
+    """
+    forward.eval()
+    if manifest is not None and manifest.task == "segmentation":
+        return _evaluate_segmentation(forward, batches, paths, device, manifest)
+    # Per path: correct predictions and summed loss; last entry: rows seen.
+    sums = torch.zeros(2 * len(paths) + 1, dtype=torch.float64)
+    for raw in batches:
+        batch = batch_to_device(raw, device)
+        labels = batch["label"].long()
+        outputs = forward(batch)
+        for i, path in enumerate(paths):
+            logits = outputs[f"{path}_logits"].float()
+            sums[2 * i] += float((logits.argmax(dim=1) == labels).sum())
+            sums[2 * i + 1] += float(functional.cross_entropy(logits, labels, reduction="sum"))
+        sums[-1] += labels.shape[0]
+    sums = all_reduce_sum(sums.to(device)).cpu()
+    count = float(sums[-1])
+    if count == 0:
+        raise RuntimeError("evaluation split is empty")
+    return {
+        path: {"accuracy": float(sums[2 * i]) / count, "loss": float(sums[2 * i + 1]) / count}
+        for i, path in enumerate(paths)
+    }
+
+
+def _evaluate_segmentation(
+    forward: Any,
+    batches: Iterable[Batch],
+    paths: tuple[str, ...],
+    device: torch.device,
+    manifest: Manifest,
+) -> dict[str, dict[str, float]]:
+    k, ignore = manifest.num_classes, manifest.ignore_index
+    confusions = torch.zeros((len(paths), k, k), dtype=torch.float64)
+    losses = torch.zeros(len(paths), dtype=torch.float64)
+    for raw in batches:
+        batch = batch_to_device(raw, device)
+        labels = batch["label"].long()
+        outputs = forward(batch)
+        for i, path in enumerate(paths):
+            logits = outputs[f"{path}_logits"].float()
+            confusions[i] += confusion_matrix(logits.argmax(dim=1), labels, k, ignore).cpu()
+            losses[i] += float(
+                functional.cross_entropy(logits, labels, ignore_index=ignore, reduction="sum")
+            )
+    sums = all_reduce_sum(torch.cat([confusions.flatten(), losses]).to(device)).cpu()
+    confusions = sums[: confusions.numel()].reshape(confusions.shape)
+    results = {}
+    for i, path in enumerate(paths):
+        try:
+            scores = segmentation_scores(confusions[i])
+        except ValueError:
+            raise RuntimeError("evaluation split has no labelled pixel") from None
+        pixels = scores.pop("pixels")
+        results[path] = {**scores, "loss": float(sums[confusions.numel() + i]) / pixels}
+    return results
