@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from osmd_ray import load_deploy, storage
+from osmd_ray import storage
 from osmd_ray.blocks.metrics import confusion_matrix, segmentation_scores
 from osmd_ray.data.reading import read_split_numpy
 from osmd_ray.data.schema import read_manifest
+from osmd_ray.deploy import load_deploy
 from osmd_ray.errors import DataError
 from osmd_ray.viz import write_segmentation_pictures
 

@@ -40,8 +40,8 @@ def on_worker_group_start(record: Callable[[str], None]) -> Any:
     run's worker group once the group has started.
 
     Ray Train V2 has no public callback that sees the worker group; a sweep needs its
-    placement group to remove it after ASHA stopped the trial (see osmd_ray.experiments.sweep). A public
-    worker-group hook in ``ray.train.UserCallback``, or Tune removing a stopped trial's
+    placement group to remove it after ASHA stopped the trial (osmd_ray.experiments.sweep).
+    A public worker-group hook in ``ray.train.UserCallback``, or Tune removing a stopped trial's
     Train placement groups itself, would replace this.
     """
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback

@@ -1,4 +1,4 @@
-"""Driver side of a training run: Ray, the TorchTrainer, and the run folder (DESIGN §5, §6).
+"""Driver side of a training run: Ray, the TorchTrainer, fitting and the run's files (DESIGN §6).
 
     <out>/config.yaml      the fully resolved config
     <out>/metrics.json     final metrics per split and path, e.g. test.deploy.accuracy
@@ -7,9 +7,8 @@
     <out>/deploy/          the deployment model (safetensors + meta.json)
     <out>/plots/           training curves
 
-Rerunning with the same ``out`` resumes from the last checkpoint. ``out`` may be an
-``s3://bucket/prefix/run`` URI: the files above go through fsspec and the checkpoints through
-Ray Train's ``storage_filesystem`` to the same store (osmd_ray.storage).
+Rerunning with the same ``out`` resumes from the last checkpoint; the folder's layout is
+:mod:`osmd_ray.train.run_folder`.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,25 +27,23 @@ from osmd_ray.config import (
     Config,
     check_against_manifest,
     config_to_dict,
-    dump_yaml,
-    save_config,
-    saved_config_matches,
-    saved_text_matches,
-    validate,
 )
 from osmd_ray.data.checker import verify_dataset
-from osmd_ray.data.reading import read_split, read_split_table
 from osmd_ray.data.schema import SPLITS, Manifest
-from osmd_ray.deploy import export_deploy
 from osmd_ray.errors import ConfigError, DataError, RunError
-from osmd_ray.figures import save_png
-from osmd_ray.methods import build_model, check_config
+from osmd_ray.methods import check_config
+from osmd_ray.train.datasets import in_memory_dataset, streamed_dataset
 from osmd_ray.train.loop import STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
+from osmd_ray.train.run_folder import (
+    HISTORY_FILE,
+    METRICS_FILE,
+    export_from_checkpoint,
+    finished_run_metrics,
+    plot_history,
+    prepare_run_dir,
+    write_json,
+)
 from osmd_ray.train.tracking import wandb_settings
-
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.json"
-HISTORY_FILE = "history.json"
 
 
 def check_resources(cfg: Config) -> None:
@@ -70,41 +66,6 @@ def check_resources(cfg: Config) -> None:
             "with RAY_ADDRESS",
             "scaling.use_gpu",
         )
-
-
-def prepare_run_dir(cfg: Config, out: str) -> str:
-    """Create the run folder, or check that an existing one holds the same run (to resume)."""
-    if storage.is_remote(out):
-        return _prepare_remote_run_dir(cfg, out)
-    run_dir = os.path.abspath(out)
-    os.makedirs(run_dir, exist_ok=True)
-    config_path = os.path.join(run_dir, CONFIG_FILE)
-    same = saved_config_matches(config_path, cfg)
-    if same is False:
-        raise RunError(
-            f"{run_dir} already holds a run with another configuration ({config_path}). "
-            "Rerun with the same config and overrides to resume it, or choose another --out."
-        )
-    if same is None:
-        save_config(cfg, config_path)
-    return run_dir
-
-
-def _prepare_remote_run_dir(cfg: Config, out: str) -> str:
-    """prepare_run_dir for an object-store URI: an object store has no folders to create."""
-    run_dir = storage.normalize(out)
-    storage.check_bucket(run_dir, "the run folder, --out")
-    config_path = storage.join(run_dir, CONFIG_FILE)
-    saved = storage.read_text(config_path)
-    if saved is not None and not saved_text_matches(saved, cfg):
-        raise RunError(
-            f"{run_dir} already holds a run with another configuration ({config_path}). "
-            "Rerun with the same config and overrides to resume it, or choose another --out."
-        )
-    if saved is None:
-        validate(cfg)
-        storage.write_bytes(config_path, dump_yaml(cfg).encode("utf-8"))
-    return run_dir
 
 
 def build_trainer(
@@ -216,40 +177,6 @@ class ProgressPrinter:
         self.queue.shutdown()
 
 
-def streamed_dataset(cfg: Config, manifest: Manifest, split: str, columns: list[str]) -> Any:
-    """A split streamed from storage by Ray Data read tasks, shards in seeded random order."""
-
-    return read_split(
-        cfg.data.root,
-        split,
-        columns,
-        manifest=manifest,
-        shuffle_files=split == "train",
-        seed=cfg.seed,
-    )
-
-
-def in_memory_dataset(cfg: Config, manifest: Manifest, split: str, columns: list[str]) -> Any:
-    """A small split read once by the driver into Ray's object store.
-
-    Ray Data's read tasks cost seconds of start-up per read, more than a small dataset takes
-    to train on. Rows are put in a seeded random order once and cut into blocks, so the even
-    split across workers mixes the classes; workers shuffle within a window every epoch.
-    """
-    import numpy as np
-    import ray.data
-
-    table = read_split_table(cfg.data.root, split, columns, manifest=manifest)
-    if split == "train":
-        order = np.random.default_rng(cfg.seed).permutation(table.num_rows)
-        table = table.take(order)
-    rows_per_block = max(1, -(-table.num_rows // (8 * cfg.scaling.num_workers)))
-    blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
-    # from_blocks computes each block's metadata here; from_arrow would run a Ray task per
-    # block for it, which on a fresh instance starts worker processes (seconds per split).
-    return ray.data.from_blocks(blocks)
-
-
 def train(
     cfg: Config,
     out: str,
@@ -316,8 +243,8 @@ def train(
         "wall_time_s": wall,
         "privileged_at_test": method.deploy.reads_privileged,
     }
-    _write_json(storage.join(run_dir, HISTORY_FILE), history)
-    _write_json(storage.join(run_dir, METRICS_FILE), metrics)
+    write_json(storage.join(run_dir, HISTORY_FILE), history)
+    write_json(storage.join(run_dir, METRICS_FILE), metrics)
     plot_history(history, storage.join(run_dir, "plots", "history.png"))
     return metrics
 
@@ -354,88 +281,3 @@ def fit_surviving_store_outages(
                 flush=True,
             )
             storage.wait_for_bucket(run_dir, "the run folder, --out", timeout_s=wait_s)
-
-
-def finished_run_metrics(cfg: Config, out: str) -> dict[str, Any] | None:
-    """metrics.json of ``out`` when it holds this very run, finished; else None.
-
-    A run is finished once metrics.json exists: it is written after the deployment model.
-    A folder with another configuration is not this run (prepare_run_dir refuses it).
-    """
-    run_dir = storage.normalize(out)
-    saved = storage.read_text(storage.join(run_dir, CONFIG_FILE))
-    if saved is None or not saved_text_matches(saved, cfg):
-        return None
-    metrics = storage.read_text(storage.join(run_dir, METRICS_FILE))
-    return None if metrics is None else json.loads(metrics)
-
-
-def export_from_checkpoint(cfg: Config, manifest: Manifest, weights: str, run_dir: str) -> None:
-    """Rebuild the model from a checkpoint's consolidated weights and export deploy/."""
-    from safetensors.torch import load_file
-
-    model = build_model(cfg, manifest)
-    model.load_state_dict(load_file(weights), strict=True)
-    model.eval()
-    if storage.is_remote(run_dir):
-        # Export beside a temporary folder, then upload meta.json last: a reader that finds
-        # meta.json finds the weights it describes (load_deploy checks their sha256 anyway).
-        with tempfile.TemporaryDirectory(prefix="osmd-deploy-") as tmp:
-            _export_model(cfg, manifest, model, os.path.join(tmp, "deploy"), run_dir)
-            storage.upload_dir(
-                os.path.join(tmp, "deploy"), storage.join(run_dir, "deploy"), last=("meta.json",)
-            )
-        return
-    _export_model(cfg, manifest, model, os.path.join(run_dir, "deploy"), run_dir)
-
-
-def _export_model(
-    cfg: Config, manifest: Manifest, model: Any, deploy_dir: str, run_dir: str
-) -> None:
-    """Export ``model`` (built by build_model, weights loaded) to the local ``deploy_dir``."""
-
-    roles = {
-        "ordinary": [manifest.modalities[m] for m in cfg.data.ordinary],
-        "privileged": [manifest.modalities[m] for m in cfg.data.privileged],
-    }
-    export_deploy(
-        model,
-        deploy_dir,
-        method=cfg.method,
-        ordinary=roles["ordinary"],
-        privileged=roles["privileged"],
-        num_classes=manifest.num_classes,
-        model_cfg=cfg.model,
-        normalization=manifest.normalization,
-        task=manifest.task,
-        class_names=manifest.class_names,
-        extra_meta={"run": storage.split(run_dir)[1], "dataset": manifest.description},
-    )
-
-
-def plot_history(history: list[dict[str, Any]], path: str) -> None:
-    """Training loss and validation accuracy per epoch."""
-    from matplotlib.figure import Figure
-
-    if not history:
-        return
-    epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(9, 3.5))
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    for term in history[0]["train"]["loss"]:
-        ax_loss.plot(epochs, [h["train"]["loss"].get(term) for h in history], label=term)
-    ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log")
-    ax_loss.legend(fontsize=7)
-    for path_name in history[0]["val"]:
-        values = [h["val"][path_name]["accuracy"] for h in history]
-        ax_acc.plot(epochs, values, marker="o", label=f"val {path_name}")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy")
-    ax_acc.legend(fontsize=7)
-    fig.tight_layout()
-    save_png(fig, path)
-
-
-def _write_json(path: str, payload: Any) -> None:
-    """Write JSON so that an exception or a full disk leaves the previous file, never half of
-    one, and no temporary file behind (storage.write_bytes: one PUT on an object store)."""
-    storage.write_bytes(path, json.dumps(payload, indent=2).encode("utf-8"))

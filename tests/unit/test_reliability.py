@@ -533,10 +533,10 @@ def test_disk_full_while_saving_a_config_keeps_the_previous_one(tmp_path, monkey
 
 
 def test_disk_full_while_writing_metrics_keeps_the_previous_file(tmp_path, monkeypatch):
-    from osmd_ray.train import runner
+    from osmd_ray.train import run_folder
 
     path = tmp_path / "metrics.json"
-    runner._write_json(str(path), {"epochs": 1})
+    run_folder.write_json(str(path), {"epochs": 1})
     before = path.read_bytes()
 
     def fsync(fd):
@@ -544,7 +544,7 @@ def test_disk_full_while_writing_metrics_keeps_the_previous_file(tmp_path, monke
 
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(OSError):
-        runner._write_json(str(path), {"epochs": 2})
+        run_folder.write_json(str(path), {"epochs": 2})
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["metrics.json"], "no temporary file is left behind"

@@ -1,4 +1,4 @@
-"""The methods' networks: parts per method, parameter sharing, the deployment network, build_model."""
+"""The methods' networks: parts, parameter sharing, the deployment network, build_model."""
 
 from __future__ import annotations
 

@@ -17,16 +17,15 @@ from osmd_ray.blocks.stages import (
 )
 from osmd_ray.config import Config, apply_overrides
 from osmd_ray.data.schema import ModalitySpec
-from osmd_ray.methods import check_config, get_method
+from osmd_ray.errors import ConfigError
+from osmd_ray.methods import build_training_net, check_config, get_method, method_losses
+
+RGB = ModalitySpec("rgb", "image", (3, 8, 8), "uint8")
+DEPTH = ModalitySpec("depth", "image", (1, 8, 8), "float32")
 
 
 def method_stages(cfg: Config):
     return get_method(cfg.method).stages(cfg)
-from osmd_ray.errors import ConfigError
-from osmd_ray.methods import build_training_net, method_losses
-
-RGB = ModalitySpec("rgb", "image", (3, 8, 8), "uint8")
-DEPTH = ModalitySpec("depth", "image", (1, 8, 8), "float32")
 
 
 def cfg_for(method: str, *extra: str) -> Config:

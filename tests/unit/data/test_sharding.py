@@ -10,9 +10,9 @@ import os
 import numpy as np
 import pytest
 
+from osmd_ray.cli.data import main as data_main
 from osmd_ray.data import writer
 from osmd_ray.data.checker import check_dataset, verify_dataset
-from osmd_ray.data.cli import main as data_main
 from osmd_ray.data.reading import read_split_numpy
 from osmd_ray.data.schema import ModalitySpec, read_manifest
 from osmd_ray.data.writer import estimate_row_bytes, rows_per_shard_for, write_dataset

@@ -1,4 +1,4 @@
-"""The driver's run-folder logic that needs no Ray (osmd_ray.train.runner)."""
+"""The driver side that needs no Ray: the run folder (osmd_ray.train.run_folder) and the runner."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from osmd_ray import cluster
 from osmd_ray.config import apply_overrides, load_config, save_config
-from osmd_ray.train import runner
+from osmd_ray.train import run_folder, runner
 
 
 @pytest.fixture
@@ -18,21 +18,21 @@ def cfg(configs_dir, tiny_synth):
 
 def _finished_folder(cfg, path, metrics: dict) -> None:
     path.mkdir()
-    save_config(cfg, str(path / runner.CONFIG_FILE))
-    (path / runner.METRICS_FILE).write_text(json.dumps(metrics))
+    save_config(cfg, str(path / run_folder.CONFIG_FILE))
+    (path / run_folder.METRICS_FILE).write_text(json.dumps(metrics))
 
 
 def test_finished_run_metrics_needs_the_same_config_and_metrics_json(cfg, tmp_path):
     metrics = {"test": {"deploy": {"accuracy": 0.5}}, "epochs": 10}
     _finished_folder(cfg, tmp_path / "done", metrics)
-    assert runner.finished_run_metrics(cfg, str(tmp_path / "done")) == metrics
+    assert run_folder.finished_run_metrics(cfg, str(tmp_path / "done")) == metrics
     # Another configuration in the folder is not this run.
     other = apply_overrides(cfg, ["seed=7"])
-    assert runner.finished_run_metrics(other, str(tmp_path / "done")) is None
+    assert run_folder.finished_run_metrics(other, str(tmp_path / "done")) is None
     # A started but unfinished run (config.yaml, no metrics.json), or no folder at all.
-    (tmp_path / "done" / runner.METRICS_FILE).unlink()
-    assert runner.finished_run_metrics(cfg, str(tmp_path / "done")) is None
-    assert runner.finished_run_metrics(cfg, str(tmp_path / "missing")) is None
+    (tmp_path / "done" / run_folder.METRICS_FILE).unlink()
+    assert run_folder.finished_run_metrics(cfg, str(tmp_path / "done")) is None
+    assert run_folder.finished_run_metrics(cfg, str(tmp_path / "missing")) is None
 
 
 def test_rerunning_a_finished_run_returns_its_metrics_without_starting_ray(

@@ -270,7 +270,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from osmd_ray.data.cli import add_data_commands
+    from osmd_ray.cli.data import add_data_commands
 
     parser = argparse.ArgumentParser(
         prog="osmd",
@@ -308,7 +308,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("OSMD_DEBUG"):
             raise
         return EXIT_FAILED
-
-
-if __name__ == "__main__":
-    sys.exit(main())

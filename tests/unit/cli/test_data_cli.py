@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 
-from osmd_ray.data.cli import main
+from osmd_ray.cli.data import main
 from osmd_ray.data.schema import read_manifest
 
 
