@@ -181,6 +181,106 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_task(model: TrainingNet, task: str) -> None:
+    """A segmentation export needs a model built for label maps, and vice versa."""
+    if (task == "segmentation") != (model.output_size is not None):
+        raise ValueError(
+            f"export_deploy: task {task!r} but the model was built "
+            + ("for label maps" if model.output_size is not None else "for classification")
+        )
+
+
+def _checked_normalization(
+    model: TrainingNet, normalization: Normalization | None
+) -> dict[str, Any]:
+    """The statistics to record, which must be those the model normalises its inputs with.
+
+    A network built from the privileged specs (E_p) normalises privileged-shaped inputs, real
+    or reconstructed: their statistics are kept.
+    """
+    privileged_specs = model.plan.privileged_specs
+    built_from = list(model.ordinary) + (list(model.privileged) if privileged_specs else [])
+    stats = resolve_normalization(built_from, normalization)
+    for name, values in stats.items():
+        built = model.normalization[name]
+        if not (
+            np.allclose(values["mean"], built["mean"]) and np.allclose(values["std"], built["std"])
+        ):
+            raise ValueError(
+                f"export_deploy: normalization of {name!r} differs from the model's own"
+            )
+    return stats
+
+
+def _export_meta(
+    model: TrainingNet,
+    net: DeployNet,
+    *,
+    method: str,
+    ordinary: Sequence[ModalitySpec],
+    privileged: Sequence[ModalitySpec],
+    num_classes: int,
+    model_cfg: ModelConfig,
+    stats: dict[str, Any],
+    task: str,
+    class_names: Sequence[str] | None,
+    extra_meta: dict | None,
+) -> dict[str, Any]:
+    """meta.json's content, its ``sha256`` still empty."""
+    privileged_specs = model.plan.privileged_specs
+    return {
+        "format_version": FORMAT_VERSION,
+        "osmd_ray_version": __version__,
+        "method": method,
+        "task": task,
+        "label_shape": list(model.output_size or ()),
+        "num_classes": num_classes,
+        "class_names": list(class_names) if class_names is not None else None,
+        "ordinary": [_spec_to_json(s) for s in ordinary],
+        # Only a network that reads them (the non-deployable upper bound) takes privileged
+        # inputs; one that reconstructs them needs their specs to rebuild E_p, not their values.
+        "privileged": [_spec_to_json(s) for s in privileged] if privileged_specs else [],
+        "input_modalities": [s.name for s in net.input_modalities],
+        "model_config": dataclasses.asdict(model_cfg),
+        "normalization": stats,
+        "sha256": {},
+        "extra": dict(extra_meta or {}),
+    }
+
+
+def _finite_state(net: DeployNet) -> dict[str, Tensor]:
+    """:func:`_cpu_state`, refused if any tensor holds NaN or inf."""
+    state = _cpu_state(net)
+    bad = nonfinite_tensors(state)
+    if bad:
+        # A diverged model must never replace a good export (DESIGN §5, issue 8).
+        raise ValueError(
+            f"export_deploy: refusing to export non-finite weights: {len(bad)} tensor(s) hold "
+            f"NaN or inf ({_describe_names(bad)}); the training diverged, so resume from an "
+            "earlier checkpoint with a lower train.lr"
+        )
+    return state
+
+
+def _write_export(state: dict[str, Tensor], meta: dict[str, Any], out: Path) -> None:
+    """Write both files into a temporary sibling folder of ``out``, then swap it into place;
+    the temporary folder is removed if anything fails."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; an export is meant to be shared
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _fsync(tmp / WEIGHTS_FILE)
+        meta["sha256"][WEIGHTS_FILE] = _sha256(tmp / WEIGHTS_FILE)
+        # The digest is taken of what a reader will parse back, e.g. tuples as lists.
+        meta["sha256"][META_FILE] = _meta_digest(json.loads(json.dumps(meta)))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _fsync(tmp / META_FILE)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def export_deploy(
     model: TrainingNet,
     out_dir: str,
@@ -202,73 +302,28 @@ def export_deploy(
     absent, empty or an earlier export.
     """
     _check_export_args(model, method, ordinary, privileged, num_classes, model_cfg, class_names)
-    if (task == "segmentation") != (model.output_size is not None):
-        raise ValueError(
-            f"export_deploy: task {task!r} but the model was built "
-            + ("for label maps" if model.output_size is not None else "for classification")
-        )
+    _check_task(model, task)
     net = model.deploy_module()
-    inputs = list(net.input_modalities)
-    # A network built from the privileged specs (E_p) normalises privileged-shaped inputs,
-    # real or reconstructed: keep their statistics.
-    privileged_specs = model.plan.privileged_specs
-    built_from = list(model.ordinary) + (list(model.privileged) if privileged_specs else [])
-    stats = resolve_normalization(built_from, normalization)
-    for name, values in stats.items():
-        built = model.normalization[name]
-        if not (
-            np.allclose(values["mean"], built["mean"]) and np.allclose(values["std"], built["std"])
-        ):
-            raise ValueError(
-                f"export_deploy: normalization of {name!r} differs from the model's own"
-            )
-    meta: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "osmd_ray_version": __version__,
-        "method": method,
-        "task": task,
-        "label_shape": list(model.output_size or ()),
-        "num_classes": num_classes,
-        "class_names": list(class_names) if class_names is not None else None,
-        "ordinary": [_spec_to_json(s) for s in ordinary],
-        # Only a network that reads them (the non-deployable upper bound) takes privileged
-        # inputs; one that reconstructs them needs their specs to rebuild E_p, not their values.
-        "privileged": [_spec_to_json(s) for s in privileged] if privileged_specs else [],
-        "input_modalities": [s.name for s in inputs],
-        "model_config": dataclasses.asdict(model_cfg),
-        "normalization": stats,
-        "sha256": {},
-        "extra": dict(extra_meta or {}),
-    }
+    meta = _export_meta(
+        model,
+        net,
+        method=method,
+        ordinary=ordinary,
+        privileged=privileged,
+        num_classes=num_classes,
+        model_cfg=model_cfg,
+        stats=_checked_normalization(model, normalization),
+        task=task,
+        class_names=class_names,
+        extra_meta=extra_meta,
+    )
     json.dumps(meta)  # fail on non-JSON extra_meta before touching the disk
 
     out = Path(out_dir)
     if out.exists() and not _replaceable(out):
         raise FileExistsError(f"{out} exists and is not a deployment export; not replacing it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    state = _cpu_state(net)
-    bad = nonfinite_tensors(state)
-    if bad:
-        # A diverged model must never replace a good export (DESIGN §5, issue 8).
-        raise ValueError(
-            f"export_deploy: refusing to export non-finite weights: {len(bad)} tensor(s) hold "
-            f"NaN or inf ({_describe_names(bad)}); the training diverged, so resume from an "
-            "earlier checkpoint with a lower train.lr"
-        )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; an export is meant to be shared
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        _fsync(tmp / WEIGHTS_FILE)
-        meta["sha256"][WEIGHTS_FILE] = _sha256(tmp / WEIGHTS_FILE)
-        # The digest is taken of what a reader will parse back, e.g. tuples as lists.
-        meta["sha256"][META_FILE] = _meta_digest(json.loads(json.dumps(meta)))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _fsync(tmp / META_FILE)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _write_export(_finite_state(net), meta, out)
 
 
 class DeployedModel:

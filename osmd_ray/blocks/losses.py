@@ -31,7 +31,8 @@ parameter still gets a gradient, as DeepSpeed expects on every rank).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +139,141 @@ def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> T
     return kl / predictions * t * t
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """What the terms read: the network's outputs, the labels, which rows have the privileged
+    modalities (``valid``, None for all of them) and how many, and the terms' settings."""
+
+    outputs: Mapping[str, Tensor]
+    labels: Tensor
+    valid: Tensor | None
+    n_valid: int
+    cfg: LossConfig
+    ignore_index: int
+    kd_temperature: float
+    kd_source: str
+
+    def rows(self, t: Tensor) -> Tensor:
+        """``t`` restricted to the rows with the privileged modalities."""
+        return t if self.valid is None else t[self.valid]
+
+
+def _privileged_rows(
+    outputs: Mapping[str, Tensor], labels: Tensor, has_privileged: Tensor | None
+) -> Tensor | None:
+    """The (B,) bool mask of the rows with the privileged modalities, on ``labels``' device:
+    ``has_privileged``, else ``outputs["has_privileged"]``, else None (every row). A mask
+    given both ways must agree."""
+    mask = outputs.get("has_privileged") if has_privileged is None else has_privileged
+    if has_privileged is not None and "has_privileged" in outputs:
+        ran_with = outputs["has_privileged"]
+        if not torch.equal(has_privileged.reshape(-1).to(ran_with.device, torch.bool), ran_with):
+            raise ValueError("has_privileged differs from the mask the model ran E_p with")
+    return None if mask is None else mask.reshape(-1).to(labels.device, torch.bool)
+
+
+def _task_on_rows(b: _Batch, key: str) -> Tensor:
+    """task_loss of ``outputs[key]`` on the rows with the privileged modalities."""
+    return (
+        task_loss(b.rows(b.outputs[key]), b.rows(b.labels), b.ignore_index)
+        if b.n_valid
+        else _zero(b.outputs[key])
+    )
+
+
+def _deploy_term(b: _Batch) -> Tensor:
+    return task_loss(b.outputs["deploy_logits"], b.labels, b.ignore_index)
+
+
+def _teacher_term(b: _Batch) -> Tensor:
+    return _task_on_rows(b, "teacher_logits")
+
+
+def _priv_term(b: _Batch) -> Tensor:
+    return _task_on_rows(b, "priv_logits")
+
+
+def _jan_term(b: _Batch) -> Tensor:
+    out = b.outputs
+    # Distances between fewer than two samples of a side say nothing about a distribution.
+    align = dense_alignment_loss if out["z_h"].dim() == 4 else alignment_loss
+    return (
+        align(
+            b.rows(out["z_p"]),
+            b.rows(out["z_h"]),
+            b.rows(out["priv_logits"]),
+            b.rows(out["priv_logits_h"]),
+            b.cfg,
+        )
+        if b.n_valid >= 2
+        else _zero(out["z_h"]) + _zero(out["z_p"]) + _zero(out["priv_logits_h"])
+    )
+
+
+def _mimic_term(b: _Batch) -> Tensor:
+    out = b.outputs
+    return (
+        F.mse_loss(b.rows(out["z_h"]).float(), b.rows(out["z_p"]).detach().float())
+        if b.n_valid
+        else _zero(out["z_h"])
+    )
+
+
+def _recon_term(b: _Batch) -> Tensor:
+    out = b.outputs
+    return (
+        recon_loss(b.rows(out["recon"]), b.rows(out["recon_target"]), b.cfg.recon_loss)
+        if b.n_valid
+        else _zero(out["recon"])
+    )
+
+
+def _kd_term(b: _Batch) -> Tensor:
+    out = b.outputs
+    return (
+        distillation_loss(b.rows(out["deploy_logits"]), b.rows(out[b.kd_source]), b.kd_temperature)
+        if b.n_valid
+        else _zero(out["deploy_logits"])
+    )
+
+
+def _impute_term(b: _Batch) -> Tensor:
+    out = b.outputs
+    return (
+        F.l1_loss(b.rows(out["imputed"]).float(), b.rows(out["imputed_target"]).float())
+        if b.n_valid
+        else _zero(out["imputed"])
+    )
+
+
+# Each term's unweighted value; computed (and reported) in the order of TERMS.
+_TERM_LOSSES: dict[str, Callable[[_Batch], Tensor]] = {
+    "deploy": _deploy_term,
+    "teacher": _teacher_term,
+    "priv": _priv_term,
+    "jan": _jan_term,
+    "mimic": _mimic_term,
+    "recon": _recon_term,
+    "kd": _kd_term,
+    "impute": _impute_term,
+}
+
+
+def _graph_total(
+    outputs: Mapping[str, Tensor],
+    labels: Tensor,
+    values: Mapping[str, Tensor],
+    weights: Mapping[str, float],
+) -> Tensor:
+    """The weighted sum of ``values``, connected to every output that requires a gradient."""
+    # Every output joins the graph (as an exact 0 where its term is off): each parameter then
+    # gets a gradient on every rank, which DeepSpeed's ZeRO reductions expect.
+    total = sum((_zero(v) for v in outputs.values() if v.requires_grad), _zero(labels))
+    for name, value in values.items():
+        total = total + weights[name] * value
+    return total
+
+
 def compute_losses(
     outputs: dict[str, Tensor],
     labels: Tensor,
@@ -163,77 +299,10 @@ def compute_losses(
 
     if cfg.alignment not in ALIGNMENTS:
         raise ValueError(f"loss.alignment={cfg.alignment!r}: use one of {ALIGNMENTS}")
-    mask = outputs.get("has_privileged") if has_privileged is None else has_privileged
-    if has_privileged is not None and "has_privileged" in outputs:
-        ran_with = outputs["has_privileged"]
-        if not torch.equal(has_privileged.reshape(-1).to(ran_with.device, torch.bool), ran_with):
-            raise ValueError("has_privileged differs from the mask the model ran E_p with")
-    valid = None if mask is None else mask.reshape(-1).to(labels.device, torch.bool)
-
-    def rows(t: Tensor) -> Tensor:
-        return t if valid is None else t[valid]
-
+    valid = _privileged_rows(outputs, labels, has_privileged)
     n_valid = labels.shape[0] if valid is None else int(valid.sum())
+    batch = _Batch(outputs, labels, valid, n_valid, cfg, ignore_index, kd_temperature, kd_source)
     weights = {name: float(weights.get(name, 0.0)) for name in TERMS}
-    terms: dict[str, Tensor] = {}
-    if weights["deploy"] != 0:
-        terms["deploy"] = task_loss(outputs["deploy_logits"], labels, ignore_index)
-    if weights["teacher"] != 0:
-        terms["teacher"] = (
-            task_loss(rows(outputs["teacher_logits"]), rows(labels), ignore_index)
-            if n_valid
-            else _zero(outputs["teacher_logits"])
-        )
-    if weights["priv"] != 0:
-        terms["priv"] = (
-            task_loss(rows(outputs["priv_logits"]), rows(labels), ignore_index)
-            if n_valid
-            else _zero(outputs["priv_logits"])
-        )
-    if weights["jan"] != 0:
-        # Distances between fewer than two samples of a side say nothing about a distribution.
-        align = dense_alignment_loss if outputs["z_h"].dim() == 4 else alignment_loss
-        terms["jan"] = (
-            align(
-                rows(outputs["z_p"]),
-                rows(outputs["z_h"]),
-                rows(outputs["priv_logits"]),
-                rows(outputs["priv_logits_h"]),
-                cfg,
-            )
-            if n_valid >= 2
-            else _zero(outputs["z_h"]) + _zero(outputs["z_p"]) + _zero(outputs["priv_logits_h"])
-        )
-    if weights["mimic"] != 0:
-        terms["mimic"] = (
-            F.mse_loss(rows(outputs["z_h"]).float(), rows(outputs["z_p"]).detach().float())
-            if n_valid
-            else _zero(outputs["z_h"])
-        )
-    if weights["recon"] != 0:
-        terms["recon"] = (
-            recon_loss(rows(outputs["recon"]), rows(outputs["recon_target"]), cfg.recon_loss)
-            if n_valid
-            else _zero(outputs["recon"])
-        )
-    if weights["kd"] != 0:
-        terms["kd"] = (
-            distillation_loss(
-                rows(outputs["deploy_logits"]), rows(outputs[kd_source]), kd_temperature
-            )
-            if n_valid
-            else _zero(outputs["deploy_logits"])
-        )
-    if weights["impute"] != 0:
-        terms["impute"] = (
-            F.l1_loss(rows(outputs["imputed"]).float(), rows(outputs["imputed_target"]).float())
-            if n_valid
-            else _zero(outputs["imputed"])
-        )
-    # Every output joins the graph (as an exact 0 where its term is off): each parameter then
-    # gets a gradient on every rank, which DeepSpeed's ZeRO reductions expect.
-    total = sum((_zero(v) for v in outputs.values() if v.requires_grad), _zero(labels))
-    for name, value in terms.items():
-        total = total + weights[name] * value
-    terms["total"] = total
-    return terms
+    values = {name: _TERM_LOSSES[name](batch) for name in TERMS if weights[name] != 0}
+    values["total"] = _graph_total(outputs, labels, values, weights)
+    return values
