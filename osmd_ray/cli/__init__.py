@@ -193,7 +193,8 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
             "run is reported, the others go on, and the exit code is 1."
         ),
         epilog="example: osmd compare --config configs/compare_synth.yaml --out runs/compare "
-        "--seeds 3 train.epochs=5   (spec format: osmd_ray/compare.py, configs/compare_synth.yaml)",
+        "--seeds 3 train.epochs=5   (spec format: osmd_ray/experiments/compare.py, "
+        "configs/compare_synth.yaml)",
     )
     p.add_argument(
         "--config", required=True, help="compare spec YAML (e.g. configs/compare_synth.yaml)"
@@ -242,7 +243,7 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
             "a trial failed."
         ),
         epilog="example: osmd sweep --config configs/sweep_synth.yaml --out runs/sweep "
-        "train.epochs=4   (spec format: osmd_ray/sweep.py, configs/sweep_synth.yaml)",
+        "train.epochs=4   (spec format: osmd_ray/experiments/sweep.py, configs/sweep_synth.yaml)",
     )
     p.add_argument(
         "--config", required=True, help="sweep spec YAML (e.g. configs/sweep_synth.yaml)"

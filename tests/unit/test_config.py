@@ -1,4 +1,4 @@
-"""Config loading, overrides, type checks and validation (osmd_ray/config.py, DESIGN §7)."""
+"""Config loading, overrides, type checks and validation (osmd_ray/config, DESIGN §7)."""
 
 from __future__ import annotations
 
