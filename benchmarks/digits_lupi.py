@@ -19,7 +19,7 @@ scikit-learn is not a dependency of osmd_ray; install it where you run this::
     .venv/bin/osmd data import --out data/digits600 \\
         --train /tmp/digits/train.npz --test /tmp/digits/test.npz
 
-Results and the compare command: docs/results.md ("Eighth round").
+Results and the compare command: docs/lab_log.md ("Eighth round").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Write lab segmentation scenes whose classes are 3-D shapes (dome, cone, flat disc).
 
-A probe of issue 4 (docs/results.md, "Segmentation", ninth round), not a shipped dataset. On
+A probe of issue 4 (docs/lab_log.md, "Segmentation", ninth round), not a shipped dataset. On
 the default scenes (`osmd data synth --task segmentation`) a pixel's label is the depth band
 of its surface, so the label maps already say what depth would teach. Here every object has
 a circular silhouette, and its class is its 3-D profile, which depth shows directly and RGB

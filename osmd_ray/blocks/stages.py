@@ -134,7 +134,7 @@ def recalibrate_batchnorm(
     Why: BatchNorm's running statistics are an exponential average (momentum 0.1) over the
     last ~10 steps, taken while the weights moved. After a short training (7 steps an epoch
     on the synthetic set) they describe an earlier network, and eval-mode accuracy fell to
-    chance (the multimodal network, 5 epochs: 0.36 with them, 0.90 recomputed; docs/results.md).
+    chance (the multimodal network, 5 epochs: 0.36 with them, 0.90 recomputed; docs/lab_log.md).
     """
     layers = [
         m

@@ -85,7 +85,7 @@ class ModelConfig:
     the training split's statistics) or inverse (their reciprocals, 0 where a value is <= 0
     such as a missing depth reading, standardised per channel over the batch's rows that
     have them): for depth, the disparity, in which near surfaces differ more than far ones
-    and the far background no longer dominates the squared error (docs/results.md,
+    and the far background no longer dominates the squared error (docs/lab_log.md,
     "Seventh round")."""
 
 
@@ -100,7 +100,7 @@ class LossConfig:
     w_jan: float = 0.0
     """Weight of the distribution alignment between z_h and z_p (JMMD or MMD, see alignment).
     DESIGN §2 uses 1; 0 by default since it cost accuracy on the synthetic set
-    (docs/results.md, "What makes OS-MD win")."""
+    (docs/lab_log.md, "What makes OS-MD win")."""
     w_mimic: float = 0.0
     """Weight of ||z_h - stopgrad(z_p)||^2 (Hoffman et al. 2016)."""
     w_recon: float = 10.0
@@ -117,7 +117,7 @@ class LossConfig:
     """osmd, w_kd: whose soft predictions the deployment path learns from: privileged
     (H_p(z_p), the head on the privileged modalities alone: generalised distillation, Lopez-Paz
     et al. 2016) or teacher (the teacher path H(F(z_o, z_p))). privileged gained 2.3 points
-    on the synthetic set, teacher nothing (docs/results.md, "Seventh round")."""
+    on the synthetic set, teacher nothing (docs/lab_log.md, "Seventh round")."""
     alignment: str = "jmmd"
     """What the w_jan term computes: jmmd (features and predictions) or mmd (features only)."""
     num_kernels: int = 5
@@ -181,7 +181,7 @@ class TrainConfig:
     """After every epoch, recompute the BatchNorm running statistics of the parts the epoch
     trained from (up to) its last this-many training batches, no gradients; 0 turns it off.
     With few steps per epoch, BatchNorm's default momentum leaves statistics of an earlier,
-    weaker network (docs/results.md)."""
+    weaker network (docs/lab_log.md)."""
 
 
 @dataclass

@@ -10,7 +10,7 @@ not depend on depth. So the band of a disc must be read from its colour relative
 while depth shows it at once. Pixels on a disc's antialiased rim (coverage between 0.25 and
 0.75) carry the ignore index, since their colour mixes two surfaces.
 
-Headroom, measured with configs/compare_synth_seg.yaml (docs/results.md, "Segmentation"):
+Headroom, measured with configs/compare_synth_seg.yaml (docs/lab_log.md, "Segmentation"):
 test mIoU 0.70 for ordinary_only against 0.90 for full_multimodal at the shipped 10 epochs,
 but ordinary_only reaches 0.82 at 20 epochs: the haze cue is learnable from 1000 scenes.
 """

@@ -85,6 +85,26 @@ def check_config(cfg: Config) -> Method:
     return method
 
 
+def _roles(
+    ordinary: Sequence[ModalitySpec],
+    privileged: Sequence[ModalitySpec],
+    uses_privileged: bool,
+    num_classes: int,
+    cfg: ModelConfig,
+    normalization: Normalization | None,
+    output_size: tuple[int, int] | None,
+) -> Roles:
+    """The Roles a network is built for; the privileged modalities only if it uses them."""
+    return Roles(
+        tuple(ordinary),
+        tuple(privileged) if uses_privileged else (),
+        num_classes,
+        cfg,
+        normalization,
+        None if output_size is None else tuple(output_size),
+    )
+
+
 def build_training_net(
     name: str,
     ordinary: Sequence[ModalitySpec],
@@ -98,13 +118,8 @@ def build_training_net(
     ``dropout``, then its training-only parts (the order the initial weights are drawn in).
     A method that reads no privileged modality ignores ``privileged``."""
     method = get_method(name)
-    roles = Roles(
-        tuple(ordinary),
-        tuple(privileged) if method.needs_privileged else (),
-        num_classes,
-        cfg,
-        normalization,
-        None if output_size is None else tuple(output_size),
+    roles = _roles(
+        ordinary, privileged, method.needs_privileged, num_classes, cfg, normalization, output_size
     )
     check_roles(roles, method.needs_privileged, name)
     net = TrainingNet(name, roles, method.deploy, method.forward)
@@ -127,13 +142,8 @@ def build_deploy_net(
     """A freshly initialised deployment network of method ``name`` (loading an export);
     ``privileged`` is used only by methods whose deployment network holds E_p."""
     plan = get_method(name).deploy
-    roles = Roles(
-        tuple(ordinary),
-        tuple(privileged) if plan.privileged_specs else (),
-        num_classes,
-        cfg,
-        normalization,
-        None if output_size is None else tuple(output_size),
+    roles = _roles(
+        ordinary, privileged, plan.privileged_specs, num_classes, cfg, normalization, output_size
     )
     check_roles(roles, plan.privileged_specs, name)
     parts = get_method(name).build_deploy(roles)

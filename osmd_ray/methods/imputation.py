@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from osmd_ray.blocks.fusion import build_fusion
 from osmd_ray.blocks.generator import Generator
 from osmd_ray.blocks.nets import (
     Batch,
@@ -19,23 +18,18 @@ from osmd_ray.blocks.nets import (
     TrainingNet,
     as_map_like,
     masked_target,
-    role_encoder,
-    task_head,
 )
 from osmd_ray.blocks.stages import Stage, split_epochs
 from osmd_ray.config import Config
+from osmd_ray.methods import full_multimodal
 from osmd_ray.methods.interface import Method
 
 
 def build_deploy(roles: Roles) -> dict[str, nn.Module]:
-    cfg = roles.cfg
-    return {
-        "E_o": role_encoder(roles.ordinary, roles),
-        "E_p": role_encoder(roles.privileged, roles),
-        "F": build_fusion(cfg.fusion, cfg.feature_dim, cfg.shared_translator),
-        "H": task_head(roles),
-        "G": Generator(roles.ordinary, roles.privileged, cfg, roles.normalization),
-    }
+    """full_multimodal's network, then G to feed its E_p."""
+    parts = full_multimodal.build_deploy(roles)
+    parts["G"] = Generator(roles.ordinary, roles.privileged, roles.cfg, roles.normalization)
+    return parts
 
 
 def deploy_features(net: DeployNet | TrainingNet, batch: Batch) -> Tensor:

@@ -1,12 +1,5 @@
 """Driver side of a training run: Ray, the TorchTrainer, fitting and the run's files (DESIGN §6).
 
-    <out>/config.yaml      the fully resolved config
-    <out>/metrics.json     final metrics per split and path, e.g. test.deploy.accuracy
-    <out>/history.json     one record per epoch
-    <out>/checkpoint_*/    Ray-managed checkpoints (DeepSpeed shards of every rank)
-    <out>/deploy/          the deployment model (safetensors + meta.json)
-    <out>/plots/           training curves
-
 Rerunning with the same ``out`` resumes from the last checkpoint; the folder's layout is
 :mod:`osmd_ray.train.run_folder`.
 """

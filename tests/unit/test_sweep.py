@@ -48,7 +48,7 @@ def test_the_shipped_spec_loads_and_its_space_fits_the_base_config(tmp_path):
     assert spec.tune_metric == "val/deploy/accuracy"
     cfg = base_config(spec, str(tmp_path / "sweep"))
     assert cfg.train.epochs == 4
-    # One worker per trial, two trials at once: what fits 2 cores best (docs/results.md).
+    # One worker per trial, two trials at once: what fits 2 cores best (docs/lab_log.md).
     assert cfg.scaling.num_workers == 1 and cfg.scaling.use_gpu is False
     assert spec.max_concurrent_trials == 2
     assert cfg.tracking.group == "sweep"
