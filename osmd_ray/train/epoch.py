@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,12 +207,8 @@ def evaluate(
         return _evaluate_segmentation(forward, batches, paths, device, manifest)
     # Per path: correct predictions and summed loss; last entry: rows seen.
     sums = torch.zeros(2 * len(paths) + 1, dtype=torch.float64)
-    for raw in batches:
-        batch = batch_to_device(raw, device)
-        labels = batch["label"].long()
-        outputs = forward(batch)
-        for i, path in enumerate(paths):
-            logits = outputs[f"{path}_logits"].float()
+    for labels, path_logits in _path_logits(forward, batches, paths, device):
+        for i, logits in enumerate(path_logits):
             sums[2 * i] += float((logits.argmax(dim=1) == labels).sum())
             sums[2 * i + 1] += float(functional.cross_entropy(logits, labels, reduction="sum"))
         sums[-1] += labels.shape[0]
@@ -226,6 +222,16 @@ def evaluate(
     }
 
 
+def _path_logits(
+    forward: Any, batches: Iterable[Batch], paths: tuple[str, ...], device: torch.device
+) -> Iterator[tuple[Tensor, list[Tensor]]]:
+    """Per batch: its labels and each path's logits (fp32)."""
+    for raw in batches:
+        batch = batch_to_device(raw, device)
+        outputs = forward(batch)
+        yield batch["label"].long(), [outputs[f"{path}_logits"].float() for path in paths]
+
+
 def _evaluate_segmentation(
     forward: Any,
     batches: Iterable[Batch],
@@ -236,12 +242,8 @@ def _evaluate_segmentation(
     k, ignore = manifest.num_classes, manifest.ignore_index
     confusions = torch.zeros((len(paths), k, k), dtype=torch.float64)
     losses = torch.zeros(len(paths), dtype=torch.float64)
-    for raw in batches:
-        batch = batch_to_device(raw, device)
-        labels = batch["label"].long()
-        outputs = forward(batch)
-        for i, path in enumerate(paths):
-            logits = outputs[f"{path}_logits"].float()
+    for labels, path_logits in _path_logits(forward, batches, paths, device):
+        for i, logits in enumerate(path_logits):
             confusions[i] += confusion_matrix(logits.argmax(dim=1), labels, k, ignore).cpu()
             losses[i] += float(
                 functional.cross_entropy(logits, labels, ignore_index=ignore, reduction="sum")
