@@ -141,12 +141,13 @@ def build_deploy_net(
 ) -> DeployNet:
     """A freshly initialised deployment network of method ``name`` (loading an export);
     ``privileged`` is used only by methods whose deployment network holds E_p."""
-    plan = get_method(name).deploy
+    method = get_method(name)
+    plan = method.deploy
     roles = _roles(
         ordinary, privileged, plan.privileged_specs, num_classes, cfg, normalization, output_size
     )
     check_roles(roles, plan.privileged_specs, name)
-    parts = get_method(name).build_deploy(roles)
+    parts = method.build_deploy(roles)
     return DeployNet(name, plan, parts, plan.inputs(roles), cfg.dropout, roles.output_size)
 
 
