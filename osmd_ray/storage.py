@@ -144,14 +144,20 @@ def exists(path: str) -> bool:
     return fs.exists(p)
 
 
-def read_text(path: str) -> str | None:
-    """The text at ``path``, or None when there is none."""
+def read_bytes(path: str) -> bytes | None:
+    """The bytes at ``path``, or None when there are none."""
     fs, p = url_to_fs(path)
     try:
         with fs.open(p, "rb") as f:
-            return f.read().decode("utf-8")
+            return f.read()
     except FileNotFoundError:
         return None
+
+
+def read_text(path: str) -> str | None:
+    """The text at ``path``, or None when there is none."""
+    data = read_bytes(path)
+    return None if data is None else data.decode("utf-8")
 
 
 def write_bytes(path: str, data: bytes) -> None:

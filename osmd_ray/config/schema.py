@@ -187,7 +187,8 @@ class TrainConfig:
 @dataclass
 class ScalingConfig:
     num_workers: int = 2
-    """Ray Train workers (one DeepSpeed rank each)."""
+    """Ray Train workers (one DeepSpeed rank each); 0 trains in the calling process, without
+    a worker group or DeepSpeed (Ray Train's local mode): for runs too small to pay for one."""
     use_gpu: bool = False
     """One GPU per worker."""
     cpus_per_worker: float = 1.0

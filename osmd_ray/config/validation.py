@@ -235,7 +235,7 @@ def _check_train(cfg: Config) -> None:
 
 
 def _check_scaling(scaling: ScalingConfig) -> None:
-    _at_least(scaling.num_workers, 1, "scaling.num_workers")
+    _at_least(scaling.num_workers, 0, "scaling.num_workers")  # 0: in the calling process
     if not scaling.cpus_per_worker > 0:
         raise ConfigError(
             f"config key 'scaling.cpus_per_worker' must be > 0 (fractions are allowed); "
@@ -337,7 +337,7 @@ def check_against_manifest(cfg: Config, manifest: Any) -> None:
 
 
 def _check_rows(cfg: Config, splits: Mapping[str, Any]) -> None:
-    workers, root = cfg.scaling.num_workers, cfg.data.root
+    workers, root = max(1, cfg.scaling.num_workers), cfg.data.root
     rows = {split: sum(shard.rows for shard in shards) for split, shards in splits.items()}
     if "train" in rows and rows["train"] // workers < cfg.data.batch_size:
         # Workers drop the last partial batch (equal step counts), so no step would run.

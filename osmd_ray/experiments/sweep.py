@@ -64,7 +64,7 @@ from osmd_ray.experiments.spec_file import read_spec, reject_unknown, spec_base
 from osmd_ray.figures import save_png
 from osmd_ray.methods import check_config
 from osmd_ray.ray_private_api import on_worker_group_start
-from osmd_ray.train.runner import finished_run_metrics, train
+from osmd_ray.train.runner import InMemoryData, finished_run_metrics, read_in_memory, train
 
 SPEC_KEYS = (
     "base",
@@ -152,18 +152,28 @@ class SweepSpec:
     search: str
     search_seed: int
     num_workers: int
+    """0: every trial trains in its Tune trial's own process; more: on that many Ray Train
+    workers under DeepSpeed."""
     cpus_per_worker: float
-    gpus_per_worker: int
+    gpus_per_worker: float
 
     @property
     def tune_metric(self) -> str:
         return self.metric.replace(".", "/")
 
+    @property
+    def in_process(self) -> bool:
+        return self.num_workers == 0
+
+    def trial_resources(self) -> dict[str, float]:
+        """What Tune reserves for an in-process trial: the trial is the worker."""
+        return {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}
+
     def resource_overrides(self) -> list[str]:
         return [
             f"scaling.num_workers={self.num_workers}",
             f"scaling.cpus_per_worker={self.cpus_per_worker}",
-            f"scaling.use_gpu={'true' if self.gpus_per_worker else 'false'}",
+            f"scaling.use_gpu={'true' if self.gpus_per_worker > 0 else 'false'}",
         ]
 
 
@@ -316,20 +326,33 @@ def _search(value: Any, fail) -> tuple[str, int]:
     return algorithm, seed
 
 
-def _resources(value: Any, fail) -> tuple[int, float, int]:
+def _resources(value: Any, fail) -> tuple[int, float, float]:
     if not isinstance(value, Mapping):
         raise fail("resources", f"must be a mapping {{{', '.join(RESOURCE_KEYS)}}}; got {value!r}")
     reject_unknown(value, RESOURCE_KEYS, "resources", fail, "sweep spec")
-    workers = _positive_int(value.get("num_workers", 2), "resources.num_workers", fail)
+    workers = value.get("num_workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise fail(
+            "resources.num_workers",
+            f"must be 0 (each trial in its own process) or a number of Ray Train workers; "
+            f"got {workers!r}",
+        )
     cpus = value.get("cpus_per_worker", 1)
     if not _number(cpus) or cpus <= 0:
         raise fail("resources.cpus_per_worker", f"must be a number > 0; got {cpus!r}")
     gpus = value.get("gpus_per_worker", 0)
-    if gpus not in (0, 1) or isinstance(gpus, bool):
-        # The runner gives each worker a whole GPU (scaling.use_gpu); pack several small
-        # trials on one GPU node by running more of them concurrently instead.
-        raise fail("resources.gpus_per_worker", f"must be 0 or 1; got {gpus!r}")
-    return workers, float(cpus), int(gpus)
+    if not _number(gpus) or not 0 <= gpus <= 1:
+        raise fail("resources.gpus_per_worker", f"must be a number from 0 to 1; got {gpus!r}")
+    if workers and gpus not in (0, 1):
+        # A Ray Train worker takes a whole GPU (scaling.use_gpu); an in-process trial is one
+        # process on one device, which Ray can share between trials.
+        raise fail(
+            "resources.gpus_per_worker",
+            f"is {gpus!r}, a fraction of a GPU, with resources.num_workers={workers}: Ray "
+            "Train workers take whole GPUs (0 or 1). Set resources.num_workers: 0 to run each "
+            "trial in its own process, where several trials can share one GPU",
+        )
+    return workers, float(cpus), float(gpus)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,18 +432,23 @@ def check_space(spec: SweepSpec, cfg: Config) -> None:
                 ) from None
 
 
-def trial_driver(params: dict[str, Any], base: dict[str, Any], out: str) -> None:
+def trial_driver(
+    params: dict[str, Any], base: dict[str, Any], out: str, data: InMemoryData | None = None
+) -> None:
     """One Tune trial: a full training run into ``out/trials/<trial id>``.
 
-    Runs in a Tune trial actor; the Train controller and workers it starts share its fate, so
-    ASHA stopping the trial stops its workers too. A trial that Tune runs again after an
+    With ``data`` (the sweep's dataset, read once and shared through the object store) the
+    run trains in this trial's own process and reports each epoch to Tune itself. Without,
+    it runs on Ray Train workers that the trial drives; their per-epoch reports reach Tune
+    through ``TuneReportCallback``, and the controller and workers share the trial's fate,
+    so ASHA stopping the trial stops them too. A trial that Tune runs again after an
     interruption resumes its run folder from the last checkpoint; one whose run had already
     finished (the driver was killed before Tune saved that) reports its epochs from
     history.json instead of training again.
     """
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
+    entered = time.perf_counter()
     cfg = apply_overrides(config_from_dict(base), param_overrides(params))
     trial_id = ray.tune.get_context().get_trial_id()
     run_dir = storage.join(out, "trials", trial_id)
@@ -428,11 +456,80 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], out: str) -> None
         for record in json.loads(storage.read_text(storage.join(run_dir, "history.json"))):
             ray.tune.report({"epoch": record["epoch"], **epoch_metrics(record["val"])})
         return
+    if data is not None:
+        train(cfg, run_dir, data=data, on_epoch=_tune_reporter(entered))
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     train(
         cfg,
         run_dir,
         callbacks=[TuneReportCallback(), placement_group_recorder(_pg_record(out, trial_id))],
     )
+
+
+def _tune_reporter(entered: float) -> Any:
+    """An in-process run's epoch hook: the epoch's validation metrics to Tune, with the
+    seconds spent in epochs so far and in setting up before the first."""
+    import ray.tune
+
+    spent = {"epochs_s": 0.0, "setup_s": math.nan}
+
+    def report(record: dict[str, Any], metrics: dict[str, Any] | None) -> None:
+        epoch_s = record["epoch_time_s"] + record["val_time_s"]
+        if math.isnan(spent["setup_s"]):
+            spent["setup_s"] = time.perf_counter() - entered - epoch_s - record["save_time_s"]
+        spent["epochs_s"] += epoch_s
+        ray.tune.report({"epoch": record["epoch"], **spent, **epoch_metrics(record["val"])})
+
+    return report
+
+
+def trial_progress(spec: SweepSpec, out: str) -> Any:
+    """A Tune callback: one line per ended trial (id, metric, epochs, status, seconds), and
+    each trial's wall time, from Tune starting it to its end, in ``.elapsed`` for trials.csv."""
+    from ray.tune import Callback
+
+    class TrialProgress(Callback):
+        def __init__(self) -> None:
+            self.started: dict[str, float] = {}
+            self.elapsed: dict[str, float] = {}
+            self.ended = 0
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.started[trial.trial_id] = time.perf_counter()
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._line(trial, error=False)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._line(trial, error=True)
+
+        def _line(self, trial: Any, error: bool) -> None:
+            self.ended += 1
+            start = self.started.get(trial.trial_id)
+            elapsed = time.perf_counter() - start if start is not None else math.nan
+            self.elapsed[trial.trial_id] = elapsed
+            result = trial.last_result or {}
+            value = result.get(spec.tune_metric)
+            shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+            status = _trial_status(out, trial.trial_id, error)
+            print(
+                f"[sweep {self.ended}/{spec.num_samples}] {trial.trial_id}  {spec.metric}={shown}"
+                f"  epochs={result.get('epoch', 0)}  {status.lower()}  {elapsed:.1f} s",
+                flush=True,
+            )
+
+    return TrialProgress()
+
+
+def _trial_status(out: str, trial_id: str, error: bool) -> str:
+    if error:
+        return "ERROR"
+    if storage.exists(storage.join(out, "trials", trial_id, "metrics.json")):
+        return "COMPLETED"  # trained every epoch and exported its deployment model
+    # ASHA stopped it, possibly at a rung on its last epoch, before the export.
+    return "STOPPED_EARLY"
 
 
 # When ASHA stops a trial, Tune kills its driver actor and, with it, the Ray Train controller
@@ -531,12 +628,17 @@ def run_sweep(
     _check_data(cfg)
     spec_text = _spec_record(spec, cfg)
     _check_same_sweep(out, spec_text)
+    # In-process trials share one read of the dataset, checked once, through the object store.
+    data = read_in_memory(cfg) if spec.in_process else None
     storage.write_bytes(storage.join(out, SPEC_COPY), spec_text.encode("utf-8"))
 
-    _start_ray(spec, cfg)
+    _start_ray(spec)
     import ray.tune
 
-    trainable = ray.tune.with_parameters(trial_driver, base=config_to_dict(cfg), out=out)
+    trainable = ray.tune.with_parameters(trial_driver, base=config_to_dict(cfg), out=out, data=data)
+    if spec.in_process:
+        trainable = ray.tune.with_resources(trainable, spec.trial_resources())
+    progress = trial_progress(spec, out)
     # Ray takes a remote location as a pyarrow filesystem and the path inside it.
     tune_fs, tune_root = storage.pyarrow_fs(out)
     tune_state = posixpath.join(tune_root, TUNE_DIR) if tune_fs is not None else state
@@ -563,6 +665,9 @@ def run_sweep(
                 scheduler=_build_scheduler(spec, cfg),
                 search_alg=_build_searcher(spec),
                 trial_dirname_creator=lambda trial: trial.trial_id,
+                # An in-process trial's actor has imported torch and the package: the next
+                # trial reuses it (every trial asks for the same resources).
+                reuse_actors=spec.in_process,
             ),
             run_config=ray.tune.RunConfig(
                 name=TUNE_DIR,
@@ -570,13 +675,13 @@ def run_sweep(
                 storage_filesystem=tune_fs,
                 # Trials keep going when one fails; errored ones are retried on resume.
                 failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
-                callbacks=[placement_group_cleaner(out)],
-                verbose=1,
+                callbacks=[placement_group_cleaner(out), progress],
+                verbose=0,  # the progress callback prints a line per ended trial
             ),
         )
     grid = tuner.fit()
     wall = time.perf_counter() - started
-    rows = trial_rows(grid, spec, cfg, out)
+    rows = trial_rows(grid, spec, cfg, out, progress.elapsed)
     best = pick_best(rows, spec, cfg)
     write_outputs(rows, best, spec, cfg, out)
     print(f"[sweep] {len(rows)} trials in {wall:.0f} s ({_status_counts(rows)})", flush=True)
@@ -633,12 +738,14 @@ def _check_same_sweep(out: str, spec_text: str) -> None:
         )
 
 
-def _start_ray(spec: SweepSpec, cfg: Config) -> None:
-    """A local instance with room for the concurrent trials: each trial's driver (1 CPU), its
-    workers and their data tasks; or the cluster in RAY_ADDRESS."""
-    per_trial = spec.num_workers * spec.cpus_per_worker + 1
-    workers = math.ceil(per_trial * spec.max_concurrent_trials / spec.cpus_per_worker)
-    cluster.ensure_ray(workers * spec.cpus_per_worker, use_gpu=False)
+def _start_ray(spec: SweepSpec) -> None:
+    """A local instance with room for the concurrent trials: an in-process trial's CPUs, or
+    a trial's driver (1 CPU), its workers and their data tasks; or the cluster in
+    RAY_ADDRESS."""
+    per_trial = (
+        spec.cpus_per_worker if spec.in_process else spec.num_workers * spec.cpus_per_worker + 1
+    )
+    cluster.ensure_ray(per_trial * spec.max_concurrent_trials, use_gpu=spec.gpus_per_worker > 0)
 
 
 def _build_scheduler(spec: SweepSpec, cfg: Config) -> Any:
@@ -675,8 +782,16 @@ def _build_searcher(spec: SweepSpec) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def trial_rows(grid: Any, spec: SweepSpec, cfg: Config, out: str) -> list[dict[str, Any]]:
-    """One row per trial: parameters, final and best metric, epochs run, status."""
+def trial_rows(
+    grid: Any,
+    spec: SweepSpec,
+    cfg: Config,
+    out: str,
+    elapsed: Mapping[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per trial: parameters, final and best metric, epochs run, status, and its
+    seconds: wall (``elapsed``, from Tune starting the trial to its end; empty for trials
+    that ended before a resume), in epochs (training and validation), the rest overhead."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -688,13 +803,9 @@ def trial_rows(grid: Any, spec: SweepSpec, cfg: Config, out: str) -> list[dict[s
             else []
         )
         epochs = int(metrics.get("epoch", 0) or 0)
-        if result.error is not None:
-            status = "ERROR"
-        elif storage.exists(storage.join(out, "trials", trial_id, "metrics.json")):
-            status = "COMPLETED"  # trained every epoch and exported its deployment model
-        else:
-            # ASHA stopped it, possibly at a rung on its last epoch, before the export.
-            status = "STOPPED_EARLY"
+        status = _trial_status(out, trial_id, result.error is not None)
+        wall = (elapsed or {}).get(trial_id, math.nan)
+        epochs_s = float(metrics.get("epochs_s", math.nan))
         best = (max if spec.mode == "max" else min)(values) if values else math.nan
         row: dict[str, Any] = {"trial_id": trial_id}
         row.update({f"param.{p.key}": _plain(result.config.get(p.key)) for p in spec.space})
@@ -704,6 +815,9 @@ def trial_rows(grid: Any, spec: SweepSpec, cfg: Config, out: str) -> list[dict[s
                 "best_metric": best,
                 "epochs": epochs,
                 "status": status,
+                "wall_s": round(wall, 2),
+                "epochs_s": round(epochs_s, 2),
+                "overhead_s": round(wall - epochs_s, 2),
                 "error": _first_line(result.error) if result.error is not None else "",
                 "run_dir": posixpath.join("trials", trial_id),
             }

@@ -1,14 +1,18 @@
-"""The in-process engine: one run trained in the calling process, without Ray or DeepSpeed.
+"""The in-process engine: one run trained in the calling process, without a worker group.
 
-For method work at lab speed (DESIGN §10): the workers' own network (``build_model``), epoch
-(:func:`~osmd_ray.train.epoch.run_epoch`), optimiser, per-part schedule and ``evaluate``,
-with the whole dataset in memory and a plain AdamW step (gradient clipping as DeepSpeed
-does it). One process with global batch ``data.batch_size x scaling.num_workers`` stands in
-for the workers' data-parallel steps: the (J)MMD term then sees the whole global batch
-instead of one rank's share, a small difference.
+For runs too small to pay for Ray Train's controller, workers and DeepSpeed (DESIGN §10):
+sweep trials, compare grids and method work (``osmd lab``). It runs the workers' own network
+(``build_model``), epoch (:func:`~osmd_ray.train.epoch.run_epoch`), optimiser, per-part
+schedule and ``evaluate``, with the whole dataset in memory and a plain AdamW step (gradient
+clipping as DeepSpeed does it). One process with global batch ``data.batch_size x
+max(1, scaling.num_workers)`` stands in for the workers' data-parallel steps: the (J)MMD term
+then sees the whole global batch instead of one rank's share, a small difference.
 
 The data order is one ``torch.randperm`` per epoch from a generator seeded with ``seed``;
-the initial weights come from ``torch.manual_seed(seed)``. Same config, same figures.
+the initial weights come from ``torch.manual_seed(seed)`` and each epoch reseeds the global
+generators (dropout) from the seed and the epoch, so a run resumed from its state
+(:meth:`LocalRun.state_dict`) continues exactly as an uninterrupted one. Same config, same
+figures.
 """
 
 from __future__ import annotations
@@ -22,12 +26,25 @@ import torch
 from torch import Tensor
 
 from osmd_ray.blocks.nets import TrainingNet
-from osmd_ray.blocks.stages import part_parameter_groups, recalibrate_batchnorm, stage_at_epoch
+from osmd_ray.blocks.stages import (
+    Stage,
+    part_parameter_groups,
+    recalibrate_batchnorm,
+    stage_at_epoch,
+)
 from osmd_ray.config import Config
 from osmd_ray.data.reading import read_split_numpy
 from osmd_ray.data.schema import Manifest, read_manifest
 from osmd_ray.methods import build_model, check_config
-from osmd_ray.train.epoch import build_optimizer, evaluate, lr_schedule, run_epoch
+from osmd_ray.train.epoch import (
+    EpochTotals,
+    batch_to_device,
+    build_optimizer,
+    evaluate,
+    lr_schedule,
+    run_epoch,
+    seed_everything,
+)
 
 EVAL_BATCH = 512
 """Rows per evaluation forward (scores do not depend on it)."""
@@ -35,14 +52,38 @@ EVAL_BATCH = 512
 Split = dict[str, Tensor]
 
 
+def split_columns(cfg: Config, manifest: Manifest) -> list[str]:
+    """The columns a run reads: its modalities, the label and the presence flags of its
+    optional privileged modalities."""
+    names = [*cfg.data.ordinary, *cfg.data.privileged, "label"]
+    names += [f"has_{m}" for m in cfg.data.privileged if m in manifest.optional_modalities]
+    return list(dict.fromkeys(names))
+
+
+def read_splits(cfg: Config, manifest: Manifest) -> dict[str, dict[str, np.ndarray]]:
+    """Every split of ``cfg.data.root`` in memory as NumPy arrays (what a sweep or a compare
+    puts in Ray's object store once, for every run to share)."""
+    names = split_columns(cfg, manifest)
+    return {
+        split: read_split_numpy(cfg.data.root, split, names, manifest=manifest)
+        for split in ("train", "val", "test")
+    }
+
+
+def as_tensors(arrays: dict[str, dict[str, np.ndarray]]) -> dict[str, Split]:
+    """Splits of NumPy arrays as tensors (a copy: arrays from the object store are read-only)."""
+    return {
+        split: {n: torch.from_numpy(np.array(a, copy=True)) for n, a in columns.items()}
+        for split, columns in arrays.items()
+    }
+
+
 def load_splits(cfg: Config, manifest: Manifest) -> dict[str, Split]:
     """Every split of ``cfg.data.root`` in memory, the columns the run reads as tensors."""
-    names = list(dict.fromkeys(cfg.data.ordinary + cfg.data.privileged + ["label"]))
-    splits = {}
-    for split in ("train", "val", "test"):
-        arrays = read_split_numpy(cfg.data.root, split, names, manifest=manifest)
-        splits[split] = {n: torch.from_numpy(np.ascontiguousarray(arrays[n])) for n in names}
-    return splits
+    return {
+        split: {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in columns.items()}
+        for split, columns in read_splits(cfg, manifest).items()
+    }
 
 
 def _rows(split: Split, index: Tensor) -> Split:
@@ -55,27 +96,107 @@ def _shuffled_batches(split: Split, order: Tensor, batch: int) -> Iterator[Split
         yield _rows(split, order[i * batch : (i + 1) * batch])
 
 
-def score(net: TrainingNet, split: Split, paths: tuple[str, ...], manifest: Manifest) -> dict:
-    """Every path's scores on one split (one pass; accuracy, or mIoU and pixel accuracy)."""
+def score(
+    net: Any,
+    split: Split,
+    paths: tuple[str, ...],
+    manifest: Manifest,
+    device: torch.device | None = None,
+) -> dict:
+    """Every path's scores on one split, every row once (accuracy, or mIoU and pixel
+    accuracy, and the mean loss)."""
     n = split["label"].shape[0]
     chunks = ({k: v[i : i + EVAL_BATCH] for k, v in split.items()} for i in range(0, n, EVAL_BATCH))
-    return evaluate(net, chunks, paths, torch.device("cpu"), manifest)
+    return evaluate(net, chunks, paths, device or torch.device("cpu"), manifest)
 
 
-def _adamw_step(
-    net: TrainingNet, optimizer: torch.optim.Optimizer, schedule: Any, grad_clip: float
-) -> Callable[[Tensor], None]:
-    """What DeepSpeed's backward and step do for one process: clip, step, advance the LR."""
+def run_device(cfg: Config) -> torch.device:
+    """The run's device: the (first visible) GPU when the config asks for one."""
+    return torch.device("cuda") if cfg.scaling.use_gpu else torch.device("cpu")
 
-    def step(total: Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
+
+class LocalRun:
+    """One run's training state in this process: network, optimiser, schedule, data order
+    and where the run stands (``epoch`` epochs done, ``global_step`` steps)."""
+
+    def __init__(self, cfg: Config, manifest: Manifest, splits: dict[str, Split]) -> None:
+        self.cfg, self.manifest, self.splits = cfg, manifest, splits
+        self.method = check_config(cfg)
+        self.device = run_device(cfg)
+        torch.manual_seed(cfg.seed)
+        self.net: TrainingNet = build_model(cfg, manifest).to(self.device)
+        parts, groups = part_parameter_groups(self.net)
+        self.optimizer = build_optimizer(groups, cfg)
+        workers = max(1, cfg.scaling.num_workers)
+        self.batch = cfg.data.batch_size * workers
+        self.rows = splits["train"]["label"].shape[0]
+        # The workers' own schedule: rows // workers per worker gives the same steps per epoch.
+        self.schedule = lr_schedule(self.optimizer, cfg, self.rows // workers, parts)
+        self.stages = self.method.stages(cfg)
+        self.order = torch.Generator().manual_seed(cfg.seed)
+        self.epoch = 0
+        self.global_step = 0
+
+    def _step(self, total: Tensor) -> None:
+        """What DeepSpeed's backward and step do for one process: clip, step, advance the LR."""
+        self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        optimizer.step()
-        schedule.step()
+        if self.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
 
-    return step
+    def _forward(self, raw: Any) -> Any:
+        return self.net(batch_to_device(raw, self.device))
+
+    def train_epoch(self, say: Callable[[str], None] | None = None) -> tuple[Stage, EpochTotals]:
+        """Train the next epoch; returns its stage and what it added up."""
+        epoch, cfg = self.epoch, self.cfg
+        if epoch:
+            # Not before the first epoch: the initial weights' seed is the run's own.
+            seed_everything(cfg.seed * 100_003 + epoch * 1009)
+        stage = stage_at_epoch(self.stages, epoch)
+        order = torch.randperm(self.rows, generator=self.order)
+        totals = run_epoch(
+            self.net,
+            self.net,
+            stage,
+            _shuffled_batches(self.splits["train"], order, self.batch),
+            self._step,
+            cfg,
+            device=self.device,
+            ignore_index=self.manifest.ignore_index,
+            epoch=epoch,
+            global_step=self.global_step,
+            say=say,
+        )
+        self.global_step = totals.step
+        recalibrate_batchnorm(self.net, self._forward, totals.recent)
+        totals.recent.clear()
+        self.epoch += 1
+        return stage, totals
+
+    def score(self, split: str, paths: tuple[str, ...] | None = None) -> dict:
+        paths = self.method.evaluates if paths is None else paths
+        return score(self.net, self.splits[split], paths, self.manifest, self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly where this one stands."""
+        return {
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "order": self.order.get_state(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.order.set_state(state["order"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
 
 
 def train_in_process(
@@ -91,54 +212,27 @@ def train_in_process(
     evaluates a teacher path, and ``train_s``. ``splits``: the data already in memory
     (:func:`load_splits`), to share one read between runs.
     """
-    method = check_config(cfg)
     manifest = read_manifest(cfg.data.root)
     splits = load_splits(cfg, manifest) if splits is None else splits
-    torch.manual_seed(cfg.seed)
-    net = build_model(cfg, manifest)
-    parts, groups = part_parameter_groups(net)
-    optimizer = build_optimizer(groups, cfg)
-    batch = cfg.data.batch_size * cfg.scaling.num_workers
-    n = splits["train"]["label"].shape[0]
-    # The workers' own schedule: n // workers rows per worker gives the same steps per epoch.
-    schedule = lr_schedule(optimizer, cfg, n // cfg.scaling.num_workers, parts)
-    step = _adamw_step(net, optimizer, schedule, cfg.train.grad_clip)
-    stages = method.stages(cfg)
-    order_generator = torch.Generator().manual_seed(cfg.seed)
-    started, global_step = time.perf_counter(), 0
-    for epoch in range(cfg.train.epochs):
-        stage = stage_at_epoch(stages, epoch)
-        order = torch.randperm(n, generator=order_generator)
-        totals = run_epoch(
-            net,
-            net,
-            stage,
-            _shuffled_batches(splits["train"], order, batch),
-            step,
-            cfg,
-            device=torch.device("cpu"),
-            ignore_index=manifest.ignore_index,
-            epoch=epoch,
-            global_step=global_step,
-            say=say,
-        )
-        global_step = totals.step
-        recalibrate_batchnorm(net, net, totals.recent)
+    run = LocalRun(cfg, manifest, splits)
+    started = time.perf_counter()
+    while run.epoch < cfg.train.epochs:
+        stage, totals = run.train_epoch(say)
         if say is not None and totals.names:
             mean = float(totals.sums[totals.names.index("total")]) / max(totals.batches, 1)
-            say(f"epoch {epoch + 1}/{cfg.train.epochs} [{stage.name}]  loss={mean:.4f}")
+            say(f"epoch {run.epoch}/{cfg.train.epochs} [{stage.name}]  loss={mean:.4f}")
     train_s = round(time.perf_counter() - started, 1)
     metric = "miou" if manifest.task == "segmentation" else "accuracy"
-    test = score(net, splits["test"], method.evaluates, manifest)
+    test = run.score("test")
     figures: dict[str, Any] = {
         "method": cfg.method,
         "seed": cfg.seed,
         "metric": metric,
         "test_deploy": test["deploy"][metric],
-        "val_deploy": score(net, splits["val"], method.evaluates, manifest)["deploy"][metric],
+        "val_deploy": run.score("val")["deploy"][metric],
         "train_s": train_s,
-        "train_deploy": score(net, splits["train"], ("deploy",), manifest)["deploy"][metric],
+        "train_deploy": run.score("train", ("deploy",))["deploy"][metric],
     }
     if "teacher" in test:
         figures["test_teacher"] = test["teacher"][metric]
-    return net, figures
+    return run.net, figures

@@ -305,7 +305,7 @@ def _epoch_means(
     return train_losses, data_wait
 
 
-def _show_epoch(
+def show_epoch(
     record: dict[str, Any],
     test: dict[str, Any] | None,
     cfg: Config,
@@ -362,7 +362,11 @@ def _checkpoint(
             save_file(weights, os.path.join(checkpoint_dir, WEIGHTS_FILE))
         # A barrier: every rank reports, equally often, never under a rank-0 guard.
         ray.train.report(
-            {"epoch": epoch + 1, **flatten_keys({"val": val, "test": test or {}}, "/")},
+            {
+                "epoch": epoch + 1,
+                "epochs_s": epochs_seconds(run.history),
+                **flatten_keys({"val": val, "test": test or {}}, "/"),
+            },
             checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
         )
 
@@ -430,15 +434,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         average_buffers(run.engine.module, world)
         run.train_time += time.perf_counter() - started
         train_losses, data_wait = _epoch_means(totals, timed, epoch_time, world, device)
-        record = _epoch_record(epoch, run.step, epoch_time, stage, train_losses, data_wait)
+        record = epoch_record(epoch, run.step, epoch_time, stage, train_losses, data_wait)
+        validating = time.perf_counter()
         record["val"] = evaluate_split("val")
+        record["val_time_s"] = time.perf_counter() - validating
         # Test once, after the last epoch, and keep it in that epoch's checkpoint: Ray's
         # result carries the metrics of the latest checkpoint, and a rerun of a finished
         # run reads them back from there.
         test = evaluate_split("test") if last else None
         run.history.append(record)
         if rank == 0:
-            _show_epoch(record, test, cfg, len(stages), say, tracker)
+            show_epoch(record, test, cfg, len(stages), say, tracker)
         _checkpoint(run, epoch, test, cfg, device, rank, world)
         if loop_config.get("stop_after_epoch") == epoch + 1:
             # Fault injection for resume tests: fail as a crash would, after the checkpoint.
@@ -448,7 +454,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker.finish()
 
 
-def _epoch_record(
+def epoch_record(
     epoch: int,
     step: int,
     epoch_time: float,
@@ -465,6 +471,12 @@ def _epoch_record(
         "train": {"loss": train_losses},
         "data_wait": data_wait,
     }
+
+
+def epochs_seconds(history: list[dict[str, Any]]) -> float:
+    """The seconds a run's epochs took so far: their training steps and validation (what a
+    sweep counts as a trial's work; the rest of its wall time is overhead)."""
+    return sum(h["epoch_time_s"] + h.get("val_time_s", 0.0) for h in history)
 
 
 def _deepspeed_step(engine: Any) -> Callable[[torch.Tensor], None]:

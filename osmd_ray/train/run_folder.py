@@ -93,6 +93,11 @@ def export_from_checkpoint(cfg: Config, manifest: Manifest, weights: str, run_di
 
     model = build_model(cfg, manifest)
     model.load_state_dict(load_file(weights), strict=True)
+    export_model(cfg, manifest, model, run_dir)
+
+
+def export_model(cfg: Config, manifest: Manifest, model: Any, run_dir: str) -> None:
+    """Export the trained ``model`` (a build_model network) to ``run_dir``/deploy/."""
     model.eval()
     if storage.is_remote(run_dir):
         # Export beside a temporary folder, then upload meta.json last: a reader that finds

@@ -12,8 +12,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from osmd_ray import cluster, storage
 from osmd_ray.config import (
@@ -26,6 +29,8 @@ from osmd_ray.data.schema import SPLITS, Manifest
 from osmd_ray.errors import ConfigError, DataError, RunError
 from osmd_ray.methods import check_config
 from osmd_ray.train.datasets import in_memory_dataset, streamed_dataset
+from osmd_ray.train.in_process import EpochHook, train_in_process_run
+from osmd_ray.train.local import read_splits
 from osmd_ray.train.loop import STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
 from osmd_ray.train.run_folder import (
     HISTORY_FILE,
@@ -175,12 +180,18 @@ def train(
     out: str,
     stop_after_epoch: int | None = None,
     callbacks: Sequence[Any] = (),
+    data: InMemoryData | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) one run into ``out`` and write its artifacts; returns metrics.json.
 
-    ``stop_after_epoch`` makes the workers fail right after that epoch's checkpoint (for
-    tests of resuming); rerunning without it continues from there. ``callbacks`` go to Ray
-    Train (see build_trainer).
+    ``scaling.num_workers: 0`` trains in this process (:mod:`osmd_ray.train.in_process`),
+    any other count on that many Ray Train workers under DeepSpeed. ``stop_after_epoch``
+    makes the run fail right after that epoch's checkpoint (for tests of resuming);
+    rerunning without it continues from there. ``callbacks`` go to Ray Train (see
+    build_trainer). In-process runs only: ``data``, the dataset's manifest and splits
+    already read and checked (a sweep's or a compare's, shared by their runs), and
+    ``on_epoch``, called after every epoch (a sweep trial's report to Tune).
     """
     method = check_config(cfg)
     storage.set_endpoint(cfg.storage.endpoint_url)
@@ -193,17 +204,20 @@ def train(
         # data check below nor Ray Train's controller, workers and DeepSpeed are needed.
         print(f"{out} already holds this finished run; nothing to train", flush=True)
         return finished
-    # The full check (checksums, labels in range, no NaN or inf, no nulls) before anything
-    # starts: bad values would otherwise surface mid-run as a NaN loss, a torch IndexError or
-    # labels silently ignored. It reads every shard once (1.7 s for the 20 MB synthetic set).
-    manifest = verify_dataset(cfg.data.root, deep=True)
-    missing = [split for split in SPLITS if split not in manifest.splits]
-    if missing:
-        raise DataError(
-            f"dataset {cfg.data.root}: training needs the splits {', '.join(SPLITS)}; "
-            f"manifest.json has no {', '.join(missing)}"
-        )
+    manifest = data.manifest if data is not None else checked_dataset(cfg)
     check_against_manifest(cfg, manifest)
+    if cfg.scaling.num_workers == 0:
+        check_local_device(cfg)
+        run_dir = prepare_run_dir(cfg, out)
+        return train_in_process_run(
+            cfg,
+            run_dir,
+            manifest,
+            arrays=data.arrays if data is not None else None,
+            on_epoch=on_epoch,
+            say=None if on_epoch is not None else _printer(f"[osmd {cfg.method}] "),
+            stop_after_epoch=stop_after_epoch,
+        )
     cluster.ensure_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
     check_resources(cfg)
     run_dir = prepare_run_dir(cfg, out)
@@ -240,6 +254,54 @@ def train(
     write_json(storage.join(run_dir, METRICS_FILE), metrics)
     plot_history(history, storage.join(run_dir, "plots", "history.png"))
     return metrics
+
+
+@dataclass(frozen=True)
+class InMemoryData:
+    """A dataset read and checked once, for the in-process runs of a sweep or a compare."""
+
+    manifest: Manifest
+    arrays: dict[str, dict[str, np.ndarray]]
+    """split -> column -> array (:func:`osmd_ray.train.local.read_splits`)."""
+
+
+def checked_dataset(cfg: Config) -> Manifest:
+    """The dataset's manifest after the full check (checksums, labels in range, no NaN or
+    inf, no nulls): bad values would otherwise surface mid-run as a NaN loss, a torch
+    IndexError or labels silently ignored. It reads every shard once (1.7 s for the 20 MB
+    synthetic set)."""
+    manifest = verify_dataset(cfg.data.root, deep=True)
+    missing = [split for split in SPLITS if split not in manifest.splits]
+    if missing:
+        raise DataError(
+            f"dataset {cfg.data.root}: training needs the splits {', '.join(SPLITS)}; "
+            f"manifest.json has no {', '.join(missing)}"
+        )
+    return manifest
+
+
+def read_in_memory(cfg: Config) -> InMemoryData:
+    """The dataset of ``cfg``, checked and read into memory once."""
+    manifest = checked_dataset(cfg)
+    check_against_manifest(cfg, manifest)
+    return InMemoryData(manifest, read_splits(cfg, manifest))
+
+
+def check_local_device(cfg: Config) -> None:
+    """An in-process run on a GPU needs one visible to this process."""
+    import torch
+
+    if cfg.scaling.use_gpu and not torch.cuda.is_available():
+        raise ConfigError(
+            "config key 'scaling.use_gpu' is true with scaling.num_workers=0 (in this "
+            "process), but this process sees no CUDA GPU; set scaling.use_gpu=false or run "
+            "where a GPU is visible",
+            "scaling.use_gpu",
+        )
+
+
+def _printer(prefix: str) -> Callable[[str], None]:
+    return lambda line: print(f"{prefix}{line}", flush=True)
 
 
 def fit_surviving_store_outages(

@@ -44,12 +44,13 @@ def spec_data(**changes) -> dict:
 
 def test_the_shipped_spec_loads_and_its_space_fits_the_base_config(tmp_path):
     spec = load_sweep_spec(SPEC)
-    assert spec.num_samples == 8 and spec.scheduler == "asha" and spec.search == "optuna"
+    assert spec.num_samples == 64 and spec.scheduler == "asha" and spec.search == "optuna"
     assert spec.tune_metric == "val/deploy/accuracy"
     cfg = base_config(spec, str(tmp_path / "sweep"))
-    assert cfg.train.epochs == 4
-    # One worker per trial, two trials at once: what fits 2 cores best (docs/lab_log.md).
-    assert cfg.scaling.num_workers == 1 and cfg.scaling.use_gpu is False
+    assert cfg.train.epochs == 10
+    # Each trial in its own process (no worker group), two at once on 2 cores.
+    assert spec.in_process and cfg.scaling.num_workers == 0 and cfg.scaling.use_gpu is False
+    assert spec.trial_resources() == {"CPU": 1.0, "GPU": 0.0}
     assert spec.max_concurrent_trials == 2
     assert cfg.tracking.group == "sweep"
     # Tune runs trials in their own working directories: the default relative root is made
@@ -63,6 +64,8 @@ def test_defaults_of_an_omitted_section():
     assert (spec.scheduler, spec.grace_period, spec.reduction_factor) == ("asha", 1, 3.0)
     assert (spec.search, spec.search_seed, spec.max_concurrent_trials) == ("optuna", 0, 1)
     assert [p.domain for p in spec.space] == ["loguniform", "uniform", "int", "choice"]
+    # Trials in their own processes unless the spec asks for Ray Train workers.
+    assert (spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker) == (0, 1.0, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -105,8 +108,11 @@ def test_an_invalid_space_names_the_key(tmp_path, space, key, words):
         ({"scheduler": {"type": "asha", "grace": 1}}, "scheduler.grace"),
         ({"search": "bohb"}, "search.algorithm"),
         ({"search": {"algorithm": "random", "seed": -1}}, "search.seed"),
-        ({"resources": {"num_workers": 0}}, "resources.num_workers"),
-        ({"resources": {"gpus_per_worker": 0.5}}, "resources.gpus_per_worker"),
+        ({"resources": {"num_workers": -1}}, "resources.num_workers"),
+        ({"resources": {"num_workers": 1.5}}, "resources.num_workers"),
+        ({"resources": {"gpus_per_worker": 1.5}}, "resources.gpus_per_worker"),
+        # Ray Train workers take whole GPUs; fractions are for in-process trials.
+        ({"resources": {"num_workers": 2, "gpus_per_worker": 0.5}}, "resources.gpus_per_worker"),
         ({"samples": 3}, "samples"),
         ({"base": "no_such.yaml"}, "base"),
     ],
@@ -115,6 +121,19 @@ def test_an_invalid_spec_names_the_key(changes, key):
     with pytest.raises(SweepSpecError) as info:
         parse_sweep_spec(spec_data(**changes), "s.yaml")
     assert info.value.key == key
+
+
+def test_in_process_trials_can_share_a_gpu(tmp_path):
+    """Four in-process trials on one GPU: Tune reserves a quarter each, and each trial's
+    config asks for the GPU (scaling.use_gpu) in its own process (scaling.num_workers 0)."""
+    spec = parse_sweep_spec(
+        spec_data(resources={"num_workers": 0, "cpus_per_worker": 2, "gpus_per_worker": 0.25}),
+        "s.yaml",
+    )
+    assert spec.in_process and spec.trial_resources() == {"CPU": 2.0, "GPU": 0.25}
+    cfg = base_config(spec, str(tmp_path / "s"))
+    assert cfg.scaling.num_workers == 0 and cfg.scaling.use_gpu is True
+    assert cfg.scaling.cpus_per_worker == 2
 
 
 def test_overrides_may_not_set_what_the_sweep_sets(tmp_path):
