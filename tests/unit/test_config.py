@@ -279,7 +279,7 @@ def test_validate_checks_types_of_hand_built_configs():
         (["data.eval_batch_size=-3"], "data.eval_batch_size", ">= 1"),
         (["train.lr=0"], "train.lr", "> 0"),
         (["train.lr=-1e-3"], "train.lr", "> 0"),
-        (["scaling.num_workers=0"], "scaling.num_workers", ">= 1"),
+        (["scaling.num_workers=-1"], "scaling.num_workers", ">= 0"),
         (["scaling.cpus_per_worker=0"], "scaling.cpus_per_worker", "> 0"),
         (["model.width=0"], "model.width", ">= 1"),
         (["model.depth=0"], "model.depth", ">= 1"),
