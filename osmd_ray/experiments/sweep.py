@@ -454,7 +454,9 @@ def trial_driver(
     run_dir = storage.join(out, "trials", trial_id)
     if _finished_run(run_dir, cfg):
         for record in json.loads(storage.read_text(storage.join(run_dir, "history.json"))):
-            ray.tune.report({"epoch": record["epoch"], **epoch_metrics(record["val"])})
+            # Trained before the driver was killed: its epochs again, marked as not timed here.
+            metrics = {"epoch": record["epoch"], "replayed": True}
+            ray.tune.report({**metrics, **epoch_metrics(record["val"])})
         return
     if data is not None:
         train(cfg, run_dir, data=data, on_epoch=_tune_reporter(entered))
@@ -485,19 +487,28 @@ def _tune_reporter(entered: float) -> Any:
     return report
 
 
+TRIAL_WALL_S: dict[str, float] = {}
+"""Trial id -> seconds from Tune starting the trial to its end, in this driver process.
+A table of the module, not of the callback: Tuner.restore runs the callbacks that were
+pickled with the sweep's state (by value, with what they refer to), copies of the object
+run_sweep made; the callback looks the module up by name to reach the real table."""
+
+
 def trial_progress(spec: SweepSpec, out: str) -> Any:
     """A Tune callback: one line per ended trial (id, metric, epochs, status, seconds), and
-    each trial's wall time, from Tune starting it to its end, in ``.elapsed`` for trials.csv."""
+    each trial's wall time, from Tune starting it to its end, in TRIAL_WALL_S."""
     from ray.tune import Callback
 
     class TrialProgress(Callback):
         def __init__(self) -> None:
             self.started: dict[str, float] = {}
-            self.elapsed: dict[str, float] = {}
             self.ended = 0
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.started[trial.trial_id] = time.perf_counter()
+
+        # A trial that a resumed sweep runs again is restored, not started.
+        on_trial_restore = on_trial_start
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self._line(trial, error=False)
@@ -509,8 +520,11 @@ def trial_progress(spec: SweepSpec, out: str) -> Any:
             self.ended += 1
             start = self.started.get(trial.trial_id)
             elapsed = time.perf_counter() - start if start is not None else math.nan
-            self.elapsed[trial.trial_id] = elapsed
             result = trial.last_result or {}
+            if not result.get("replayed"):
+                import osmd_ray.experiments.sweep as this_module
+
+                this_module.TRIAL_WALL_S[trial.trial_id] = elapsed
             value = result.get(spec.tune_metric)
             shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
             status = _trial_status(out, trial.trial_id, error)
@@ -681,7 +695,7 @@ def run_sweep(
         )
     grid = tuner.fit()
     wall = time.perf_counter() - started
-    rows = trial_rows(grid, spec, cfg, out, progress.elapsed)
+    rows = trial_rows(grid, spec, cfg, out, TRIAL_WALL_S)
     best = pick_best(rows, spec, cfg)
     write_outputs(rows, best, spec, cfg, out)
     print(f"[sweep] {len(rows)} trials in {wall:.0f} s ({_status_counts(rows)})", flush=True)

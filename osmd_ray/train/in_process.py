@@ -59,8 +59,24 @@ def train_in_process_run(
     here. ``stop_after_epoch`` fails the run after that epoch's checkpoint, as a crash
     would (for tests of resuming).
     """
-    started = time.perf_counter()
+    threads = torch.get_num_threads()
     set_cpu_threads(cfg)
+    try:
+        return _train(cfg, run_dir, manifest, arrays, on_epoch, say, stop_after_epoch)
+    finally:
+        torch.set_num_threads(threads)  # the calling process's own setting, back
+
+
+def _train(
+    cfg: Config,
+    run_dir: str,
+    manifest: Manifest,
+    arrays: dict[str, dict[str, np.ndarray]] | None,
+    on_epoch: EpochHook | None,
+    say: Callable[[str], None] | None,
+    stop_after_epoch: int | None,
+) -> dict[str, Any]:
+    started = time.perf_counter()
     run = LocalRun(cfg, manifest, as_tensors(arrays or read_splits(cfg, manifest)))
     history: list[dict[str, Any]] = []
     train_time = 0.0

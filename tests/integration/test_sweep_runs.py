@@ -1,11 +1,14 @@
-"""`osmd sweep` end to end on a local Ray instance: trials that are real Ray Train runs, their
-epochs reported to Tune, a killed sweep resumed, and best.yaml reproducing its trial."""
+"""`osmd sweep` end to end on a local Ray instance: in-process trials and trials that are Ray
+Train runs, their epochs reported to Tune, a killed sweep resumed, and best.yaml reproducing
+its trial."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -133,6 +136,75 @@ def test_a_killed_asha_sweep_resumes_and_best_yaml_reproduces_its_trial(
     assert result.best["final_metric"] == min(
         float(r["final_metric"]) for r in rows if r["status"] == "COMPLETED"
     )
+
+
+def test_an_in_process_sweep_resumes_after_a_kill_stops_trials_early_and_reproduces_best(
+    ray_local, tiny_synth, tmp_path, fast, capsys
+):
+    """The default trial: one process per trial (resources.num_workers 0), the dataset read
+    once. `osmd sweep` is SIGKILLed once its first trial has finished; continued here, it
+    trains that trial no more; ASHA stops trials after their first epoch; every ended trial
+    prints its line; and best.yaml, trained as is (in process too), gives its trial's figure."""
+    spec_path = write_spec(
+        tmp_path / "sweep.yaml",
+        tiny_synth,
+        [f for f in fast if not f.startswith("model.")],  # epochs long enough to kill between
+        metric="val.deploy.loss",
+        mode="min",
+        num_samples=6,
+        resources={"num_workers": 0, "cpus_per_worker": 1, "gpus_per_worker": 0},
+    )
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", str(spec_path), "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "logs" / "killed.log"
+    for attempt in range(2):  # a Ray start timing out on a loaded machine is retried once
+        proc = start_osmd(argv, env, log)
+        try:
+            finished = _wait_for_finished_trial(out, proc, log)
+            if finished is not None:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        finally:
+            end_session(proc.pid, grace_s=2)
+        if finished is not None:
+            break
+        assert attempt == 0, log.read_text()
+    stamp = finished.stat().st_mtime_ns
+    assert not (out / "trials.csv").exists()
+    assert not (out / ".placement_groups").exists()  # no worker groups, nothing to remove
+
+    capsys.readouterr()
+    result = run_sweep(load_sweep_spec(spec_path), str(out))
+    printed = capsys.readouterr().out
+    assert "continuing the sweep" in printed
+    assert finished.stat().st_mtime_ns == stamp, "a finished trial was trained again"
+    rows = read_trials(out)
+    assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
+    assert all(r["status"] in ("COMPLETED", "STOPPED_EARLY") for r in rows), rows
+    assert any(r["status"] == "STOPPED_EARLY" and r["epochs"] == "1" for r in rows), rows
+    # One line per trial that ended in this invocation: id, metric, epochs, status, seconds.
+    lines = re.findall(r"\[sweep \d+/6\] (\w+)  val\.deploy\.loss=[0-9.]+  epochs=\d  \w+", printed)
+    assert lines and set(lines) <= {r["trial_id"] for r in rows}
+    for row in rows:
+        assert (out / row["run_dir"] / "config.yaml").exists()
+        completed = row["status"] == "COMPLETED"
+        assert (out / row["run_dir"] / "metrics.json").exists() == completed, row
+    # Trials that trained in this invocation were timed: wall, epochs, overhead (a trial that
+    # finished before the kill only replayed its history, untimed).
+    timed = [r for r in rows if not math.isnan(float(r["wall_s"]))]
+    assert timed and {r["trial_id"] for r in timed} <= set(lines)
+    for row in timed:
+        assert float(row["wall_s"]) >= float(row["epochs_s"]) > 0, row
+        assert float(row["overhead_s"]) == pytest.approx(
+            float(row["wall_s"]) - float(row["epochs_s"]), abs=0.02
+        )
+    best_cfg = load_config(out / "best.yaml")
+    assert best_cfg.scaling.num_workers == 0
+    metrics = train(best_cfg, str(tmp_path / "best_run"))
+    assert metrics["engine"] == "in_process"
+    assert metrics["val"]["deploy"]["loss"] == pytest.approx(result.best["final_metric"], abs=1e-6)
 
 
 def test_a_left_over_placement_group_is_removed(ray_local, tmp_path):
