@@ -209,10 +209,12 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-concurrent",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
-        help="runs trained at once (default 1: one run already uses two CPU workers; raise it "
-        "only on a cluster with room for N runs' workers)",
+        help="runs trained at once; N given always wins. Default: with scaling.num_workers=0 "
+        "(every run in a Ray task of its own, the dataset read once) as many as the cores "
+        "allow, CPU count // scaling.cpus_per_worker; otherwise 1, since one run already "
+        "uses several CPU workers: raise it only on a cluster with room for N runs' workers",
     )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides for every run")
     p.set_defaults(func=_cmd_compare)

@@ -20,11 +20,18 @@ Every (dataset, variant, seed) trains into ``DIR/runs/<dataset>/<variant>/seed<k
 whose folder already holds metrics.json, deploy/ and the same config.yaml is not trained
 again, so rerunning the command completes an interrupted compare. Then ``DIR/results.csv``
 (one row per run), ``DIR/summary.md`` and ``DIR/summary.png`` are written.
+
+Runs with ``scaling.num_workers: 0`` (the shipped synthetic specs) train in-process: one Ray
+instance for the compare, each dataset root checked and read once into Ray's object store,
+each run in a Ray task of its own, and by default as many at once as the cores allow. Runs
+on Ray Train workers (``scaling.num_workers >= 1``) go one at a time unless
+``--max-concurrent`` says otherwise.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -52,6 +59,7 @@ from osmd_ray.config import (
     saved_config_matches,
 )
 from osmd_ray.data.checker import verify_dataset
+from osmd_ray.data.reading import read_split_numpy
 from osmd_ray.deploy import load_deploy
 from osmd_ray.errors import ConfigError, SpecError, describe
 from osmd_ray.experiments.main_job import ensure_synthetic_data
@@ -60,6 +68,7 @@ from osmd_ray.experiments.stats import NOISE_RULE, Stat, gap_closure, within_noi
 from osmd_ray.figures import save_png
 from osmd_ray.methods import check_config
 from osmd_ray.train import runner
+from osmd_ray.train.local import split_columns
 
 SPEC_KEYS = ("base", "overrides", "variants", "seeds", "datasets", "reference", "target")
 VARIANT_KEYS = ("name", "overrides")
@@ -402,7 +411,7 @@ def run_compare(
     spec: CompareSpec,
     out: str,
     overrides: Sequence[str] = (),
-    max_concurrent: int = 1,
+    max_concurrent: int | None = None,
     train_fn: TrainFn | None = None,
     measure_fn: MeasureFn | None = None,
 ) -> CompareResult:
@@ -410,8 +419,16 @@ def run_compare(
 
     Every input problem (spec, configs, datasets, a run folder holding another config) is
     raised before the first run starts. A run that fails is recorded and the others go on.
+
+    Runs with ``scaling.num_workers: 0`` train in-process, each in a Ray task of its own
+    (``scaling.cpus_per_worker`` CPUs, a GPU with ``scaling.use_gpu``) on its dataset read
+    and checked once for the whole compare (:func:`read_shared_data`) and shared through
+    Ray's object store; ``max_concurrent`` None then runs as many at once as this machine's
+    cores allow (:func:`default_concurrency`). Runs on Ray Train workers train one at a
+    time unless ``max_concurrent`` says otherwise. ``train_fn`` (tests) replaces both:
+    each run is then ``train_fn(cfg, run_dir)`` in this process.
     """
-    if max_concurrent < 1:
+    if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1; got {max_concurrent}", "max_concurrent")
     runs = plan_runs(spec, out, overrides)
     if runs:
@@ -437,24 +454,146 @@ def run_compare(
             result.skipped.append(r.name)
         else:
             todo.append(r)
+    if max_concurrent is None:
+        max_concurrent = default_concurrency(todo)
     print(
-        f"[compare] {len(runs)} runs: {len(result.skipped)} finished earlier, {len(todo)} to train",
+        f"[compare] {len(runs)} runs: {len(result.skipped)} finished earlier, {len(todo)} to train"
+        + (f", up to {max_concurrent} at once" if len(todo) > 1 else ""),
         flush=True,
     )
-    if train_fn is None:
-        train_fn = runner.train  # looked up now, so that tests can stand in for it
-        if todo:
-            _start_ray(todo[0].cfg, min(max_concurrent, len(todo)))
-    _train_all(todo, train_fn, max_concurrent, result)
+    if train_fn is None and todo:
+        # Read and checked before Ray starts: a bad shard stops the compare in seconds.
+        shared = read_shared_data([r for r in todo if r.cfg.scaling.num_workers == 0])
+        _start_ray(_largest_run(todo), min(max_concurrent, len(todo)))
+        train_fn = _engine(shared)
+    _train_all(todo, train_fn or runner.train, max_concurrent, result)
     result.rows = collect_rows(runs, out, measure_fn or measure_deploy)
     write_outputs(spec, out, overrides, result)
     return result
 
 
+def _run_cpus(cfg: Config) -> float:
+    """Logical CPUs one run holds: its in-process task's, or all its Ray Train workers'."""
+    return max(1, cfg.scaling.num_workers) * cfg.scaling.cpus_per_worker
+
+
+def default_concurrency(todo: Sequence[PlannedRun]) -> int:
+    """Runs at once when --max-concurrent is not given: for in-process runs as many as the
+    cores allow (``cpu_count // scaling.cpus_per_worker``), else 1 (one run on Ray Train
+    workers already holds two CPUs and DeepSpeed's processes)."""
+    if not todo or any(r.cfg.scaling.num_workers != 0 for r in todo):
+        return 1
+    cpus = max(r.cfg.scaling.cpus_per_worker for r in todo)
+    return max(1, int((os.cpu_count() or 1) // cpus))
+
+
+def _largest_run(todo: Sequence[PlannedRun]) -> Config:
+    return max((r.cfg for r in todo), key=lambda cfg: (_run_cpus(cfg), cfg.scaling.use_gpu))
+
+
 def _start_ray(cfg: Config, concurrent: int) -> None:
-    """Ray sized for ``concurrent`` runs at once: each run's workers and their data tasks."""
-    scaling = cfg.scaling
-    cluster.ensure_ray(scaling.num_workers * scaling.cpus_per_worker * concurrent, scaling.use_gpu)
+    """Ray sized for ``concurrent`` runs like ``cfg`` at once: each run's in-process task or
+    workers (ensure_ray adds room for their data tasks)."""
+    cluster.ensure_ray(_run_cpus(cfg) * concurrent, cfg.scaling.use_gpu)
+
+
+def read_shared_data(runs: Sequence[PlannedRun]) -> dict[str, runner.InMemoryData]:
+    """Per dataset root of ``runs`` (in-process runs), the dataset checked in full and read
+    into memory once (:func:`osmd_ray.train.runner.read_in_memory`), with the columns every
+    run of that root reads; each run is checked against its manifest (ConfigError naming the
+    variant) before anything trains."""
+    by_root: dict[str, list[PlannedRun]] = {}
+    for run in runs:
+        by_root.setdefault(run.cfg.data.root, []).append(run)
+    shared = {}
+    for root, mine in by_root.items():
+        print(f"[compare] reading {root} once for its {len(mine)} in-process run(s)", flush=True)
+        data = runner.read_in_memory(_reading_config(mine))
+        for run in mine:
+            try:
+                check_against_manifest(run.cfg, data.manifest)
+            except ConfigError as e:
+                raise ConfigError(f"variant {run.variant!r}: {e}", e.key) from None
+        needed = dict.fromkeys(c for r in mine for c in split_columns(r.cfg, data.manifest))
+        missing = [c for c in needed if c not in data.arrays["train"]]
+        if missing:  # only where modalities swap roles between runs (see _reading_config)
+            for split, columns in data.arrays.items():
+                columns.update(read_split_numpy(root, split, missing, manifest=data.manifest))
+        shared[root] = data
+    return shared
+
+
+def _reading_config(runs: Sequence[PlannedRun]) -> Config:
+    """The first run's config with every modality the runs read: ordinary the ones no run
+    takes as privileged, privileged all the others (their presence flags are read too)."""
+    cfg = runs[0].cfg
+    privileged = list(dict.fromkeys(m for r in runs for m in r.cfg.data.privileged))
+    ordinary = [
+        m
+        for m in dict.fromkeys(m for r in runs for m in r.cfg.data.ordinary)
+        if m not in privileged
+    ]
+    if not ordinary:  # every ordinary modality is another run's privileged one
+        ordinary = [cfg.data.ordinary[0]]
+        privileged.remove(ordinary[0])
+    if ordinary == list(cfg.data.ordinary) and privileged == list(cfg.data.privileged):
+        return cfg
+    return apply_overrides(
+        cfg, [f"data.ordinary={json.dumps(ordinary)}", f"data.privileged={json.dumps(privileged)}"]
+    )
+
+
+def _engine(shared: Mapping[str, runner.InMemoryData]) -> TrainFn:
+    """How each run trains: an in-process run in a Ray task on its root's shared read (put
+    in the object store once here), any other on Ray Train workers (runner.train)."""
+    refs = {root: _share(data) for root, data in shared.items()}
+
+    def train_one(cfg: Config, run_dir: str) -> Mapping[str, Any]:
+        if cfg.scaling.num_workers == 0:
+            return _run_in_task(cfg, run_dir, refs[cfg.data.root])
+        return runner.train(cfg, run_dir)  # looked up per run, so that tests can stand in
+
+    return train_one
+
+
+def _share(data: runner.InMemoryData) -> Any:
+    """``data`` in Ray's object store (its arrays are then read zero-copy by every task)."""
+    import ray
+
+    return ray.put(data)
+
+
+def _run_in_task(cfg: Config, run_dir: str, data: Any) -> Mapping[str, Any]:
+    """:func:`train_in_task` as a Ray task holding the run's CPUs (and a GPU); waits for it.
+
+    Ray resolves ``data``, an ObjectRef, to the InMemoryData in the task's process. A task
+    whose process dies is retried ``train.max_failures`` times (it resumes from the run's
+    last epoch); an error raised by training is not.
+    """
+    import ray
+
+    task = _remote_train().options(
+        num_cpus=cfg.scaling.cpus_per_worker,
+        num_gpus=1 if cfg.scaling.use_gpu else 0,
+        max_retries=cfg.train.max_failures,
+        name=f"compare {'/'.join(Path(run_dir).parts[-3:])}",
+    )
+    return ray.get(task.remote(cfg, run_dir, data))
+
+
+@functools.cache
+def _remote_train() -> Any:
+    import ray
+
+    return ray.remote(train_in_task)
+
+
+def train_in_task(cfg: Config, run_dir: str, data: runner.InMemoryData) -> Mapping[str, Any]:
+    """The body of a compare's in-process run (in its Ray task's process): ``runner.train``
+    on the compare's read of the dataset, narrowed to the columns this run reads."""
+    columns = split_columns(cfg, data.manifest)
+    arrays = {split: {c: cols[c] for c in columns} for split, cols in data.arrays.items()}
+    return runner.train(cfg, run_dir, data=runner.InMemoryData(data.manifest, arrays))
 
 
 def _train_all(
@@ -464,8 +603,9 @@ def _train_all(
 
     Even one run at a time trains in a thread: Ray Train registers a SIGINT handler when fit()
     runs in the main thread, and Ctrl-C would then abort only the current run and let the
-    grid go on. Here Ctrl-C reaches the main thread, which stops Ray (the runs in flight
-    resume from their last checkpoint next time) and raises KeyboardInterrupt.
+    grid go on. Here Ctrl-C reaches the main thread, which stops Ray (the runs in flight, on
+    Ray Train workers or in Ray tasks, resume from their last checkpoint next time) and
+    raises KeyboardInterrupt. A thread whose run is an in-process one waits on its Ray task.
     """
     pending = list(enumerate(todo))
     lock = threading.Lock()
@@ -838,7 +978,7 @@ def compare(
     out: str,
     overrides: Sequence[str] = (),
     seeds: int | None = None,
-    max_concurrent: int = 1,
+    max_concurrent: int | None = None,
 ) -> CompareResult:
     """What ``osmd compare`` runs: load the spec, run the grid, write and print the summary."""
     spec = load_spec(spec_path, seeds)

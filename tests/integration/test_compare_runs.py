@@ -94,3 +94,65 @@ def test_tiny_compare_writes_checked_files_and_resumes(
     checkpoints = [d for d in os.listdir(runs / "osmd" / "seed3") if d.startswith("checkpoint_")]
     assert checkpoints, "the redone run left no checkpoint"
     assert Path(runs / "osmd" / "seed3" / "deploy" / "meta.json").exists()
+
+
+def test_in_process_grid_reads_the_data_once_and_trains_each_run_in_a_ray_task(
+    ray_local, tiny_synth, tmp_path, configs_dir, fast, monkeypatch, capsys
+):
+    """scaling.num_workers=0, as the shipped synthetic specs set it: 2 variants x 2 seeds.
+    The driver checks and reads the dataset once; every run trains in a Ray task's process
+    (runner.train in this process would fail), by default as many at once as the cores
+    allow; a rerun trains nothing."""
+    from osmd_ray.train import runner
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(configs_dir / "osmd_synth.yaml"),
+                "overrides": ["train.epochs=1", "scaling.num_workers=0"],
+                "variants": [
+                    {"name": "ordinary_only", "overrides": ["method=ordinary_only"]},
+                    {"name": "osmd", "overrides": ["method=osmd"]},
+                ],
+                "seeds": [0, 1],
+                "target": "osmd",
+            }
+        )
+    )
+    reads = []
+    real_read = runner.read_in_memory
+    monkeypatch.setattr(
+        runner, "read_in_memory", lambda cfg: reads.append(cfg.data.root) or real_read(cfg)
+    )
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("an in-process compare run trained in the driver")
+
+    monkeypatch.setattr(runner, "train", not_here)  # Ray tasks import their own runner
+    out = tmp_path / "cmp"
+    argv = ["compare", "--config", str(spec), "--out", str(out), *fast, f"data.root={tiny_synth}"]
+
+    assert main(argv) == 0
+
+    printed = capsys.readouterr().out
+    assert "4 runs: 0 finished earlier, 4 to train, up to " in printed
+    assert reads == [tiny_synth]
+    metrics_files = sorted((out / "runs" / "tiny_synth").glob("*/seed*/metrics.json"))
+    assert [p.relative_to(out / "runs" / "tiny_synth").as_posix() for p in metrics_files] == [
+        f"{variant}/seed{seed}/metrics.json"
+        for variant in ("ordinary_only", "osmd")
+        for seed in (0, 1)
+    ]
+    for path in metrics_files:
+        metrics = json.loads(path.read_text())
+        assert metrics["engine"] == "in_process" and metrics["epochs"] == 1
+    assert (out / "summary.md").exists()
+    with open(out / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+    finished = {p: p.stat().st_mtime_ns for p in metrics_files}
+    assert main(argv) == 0
+    assert "4 runs: 4 finished earlier, 0 to train" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    assert reads == [tiny_synth]  # nothing to train: nothing read again

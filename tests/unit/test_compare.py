@@ -533,6 +533,108 @@ def test_a_missing_dataset_stops_before_training(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# In-process runs (scaling.num_workers=0): one read of each dataset, runs in Ray tasks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_in_process_runs_of_a_dataset_share_one_read(tmp_path, tiny_data, monkeypatch):
+    """Without a train_fn, in-process runs go through Ray: here ray.put and the Ray task are
+    stood in for (the task's body, train_in_task, runs as it is). Each dataset root is
+    checked and read once, with the columns of all its runs; every run gets that read,
+    narrowed to its own columns without copying; Ray is sized for the runs the cores allow."""
+    import shutil
+
+    import osmd_ray.train.runner as runner
+    from osmd_ray.train.local import split_columns
+
+    other = str(tmp_path / "other")
+    shutil.copytree(tiny_data, other)
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            overrides=["scaling.num_workers=0"],
+            variants=[
+                {"name": "osmd", "overrides": ["method=osmd"]},
+                {"name": "rgb", "overrides": ["method=ordinary_only", "data.privileged=[]"]},
+                {
+                    "name": "depth",
+                    "overrides": [
+                        "method=ordinary_only",
+                        "data.ordinary=[depth]",
+                        "data.privileged=[]",
+                    ],
+                },
+            ],
+            reference=None,
+            datasets=[{"name": "a", "root": tiny_data}, {"name": "b", "root": other}],
+        )
+    )
+    reads = {}
+    real_read = runner.read_in_memory
+
+    def counting_read(cfg):
+        assert cfg.data.root not in reads, f"{cfg.data.root} read twice"
+        reads[cfg.data.root] = real_read(cfg)
+        return reads[cfg.data.root]
+
+    started, seen, fake = [], {}, FakeTrain()
+
+    def fake_train(cfg, out, data=None):
+        seen[out] = (cfg, data)
+        return fake(cfg, out)
+
+    monkeypatch.setattr(runner, "read_in_memory", counting_read)
+    monkeypatch.setattr(runner, "train", fake_train)
+    monkeypatch.setattr(compare_mod, "_start_ray", lambda cfg, n: started.append((cfg, n)))
+    monkeypatch.setattr(compare_mod, "_share", lambda data: ("ref", data))  # ray.put
+    monkeypatch.setattr(
+        compare_mod,
+        "_run_in_task",
+        lambda cfg, run_dir, ref: compare_mod.train_in_task(cfg, run_dir, ref[1]),
+    )
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+
+    result = run_compare(spec, str(tmp_path / "out"), measure_fn=fake_measure)
+
+    assert not result.failures and len(result.trained) == 12 == len(seen)
+    assert sorted(reads) == sorted([tiny_data, other])
+    for data in reads.values():  # one read serves rgb, depth and both roles of depth
+        assert {"rgb", "depth", "label"} <= set(data.arrays["train"])
+    # Default: as many at once as the cores allow (4 cores, 1 CPU per run).
+    assert [(cfg.scaling.num_workers, n) for cfg, n in started] == [(0, 4)]
+    for cfg, data in seen.values():
+        read = reads[cfg.data.root]
+        assert data.manifest is read.manifest
+        assert set(data.arrays["train"]) == set(split_columns(cfg, read.manifest))
+        for split, columns in data.arrays.items():
+            assert all(array is read.arrays[split][c] for c, array in columns.items())
+    widths = {len(data.arrays["val"]) for cfg, data in seen.values()}
+    assert widths == {2, 3}  # rgb/label, depth/label; rgb/depth/label (osmd)
+
+    # A rerun trains and reads nothing, and starts no Ray.
+    reads.clear()
+    again = run_compare(spec, str(tmp_path / "out"), measure_fn=fake_measure)
+    assert again.trained == [] and len(again.skipped) == 12
+    assert reads == {} and len(started) == 1
+
+
+def test_runs_at_once_default_and_explicit(tmp_path, tiny_data, monkeypatch):
+    from osmd_ray.experiments.compare import default_concurrency
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 5)
+    spec = load_spec(write_spec(tmp_path, overrides=["scaling.num_workers=0"]))
+    in_process = plan_runs(spec, "OUT", ["scaling.cpus_per_worker=2"])
+    assert default_concurrency(in_process) == 2  # 5 cores // 2 CPUs a run
+    assert default_concurrency(plan_runs(load_spec(write_spec(tmp_path)), "OUT")) == 1  # workers
+
+    started = []
+    monkeypatch.setattr(compare_mod, "_start_ray", lambda cfg, n: started.append(n))
+    monkeypatch.setattr(compare_mod, "_engine", lambda shared: FakeTrain())
+    run_compare(spec, str(tmp_path / "out"), [f"data.root={tiny_data}"], 1, measure_fn=fake_measure)
+    assert started == [1]  # an explicit --max-concurrent wins
+
+
+# ---------------------------------------------------------------------------------------------
 # The command line and a real deployment measurement
 # ---------------------------------------------------------------------------------------------
 
