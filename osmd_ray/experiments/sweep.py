@@ -471,17 +471,21 @@ def trial_driver(
 
 
 def _tune_reporter(entered: float) -> Any:
-    """An in-process run's epoch hook: the epoch's validation metrics to Tune, with the
-    seconds spent in epochs so far and in setting up before the first."""
+    """An in-process run's epoch hook: the epoch's validation metrics to Tune, with where the
+    trial's seconds went so far: in the trial function (``trial_s``), in its epochs (training
+    and validation), in saving (checkpoints; after the last epoch the test pass, the
+    deployment model and the run's files) and in setting up before the first epoch."""
     import ray.tune
 
-    spent = {"epochs_s": 0.0, "setup_s": math.nan}
+    spent = {"trial_s": 0.0, "epochs_s": 0.0, "save_s": 0.0, "setup_s": math.nan}
 
     def report(record: dict[str, Any], metrics: dict[str, Any] | None) -> None:
         epoch_s = record["epoch_time_s"] + record["val_time_s"]
+        spent["trial_s"] = time.perf_counter() - entered
         if math.isnan(spent["setup_s"]):
-            spent["setup_s"] = time.perf_counter() - entered - epoch_s - record["save_time_s"]
+            spent["setup_s"] = spent["trial_s"] - epoch_s - record["save_time_s"]
         spent["epochs_s"] += epoch_s
+        spent["save_s"] += record["save_time_s"]
         ray.tune.report({"epoch": record["epoch"], **spent, **epoch_metrics(record["val"])})
 
     return report
@@ -832,6 +836,10 @@ def trial_rows(
                 "wall_s": round(wall, 2),
                 "epochs_s": round(epochs_s, 2),
                 "overhead_s": round(wall - epochs_s, 2),
+                **{
+                    key: round(float(metrics.get(key, math.nan)), 2)
+                    for key in ("setup_s", "save_s", "trial_s")
+                },
                 "error": _first_line(result.error) if result.error is not None else "",
                 "run_dir": posixpath.join("trials", trial_id),
             }

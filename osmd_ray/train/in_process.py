@@ -103,12 +103,12 @@ def _train(
         record["val_time_s"] = time.perf_counter() - epoch_started - epoch_time
         history.append(record)
         last = run.epoch == cfg.train.epochs
+        saving = time.perf_counter()  # the test pass counts as saving: once, after the last
         test = run.score("test") if last else None
         if say is not None:
             show_epoch(record, test, cfg, len(run.stages), say, tracker)
         elif tracker is not None:
             show_epoch(record, test, cfg, len(run.stages), lambda line: None, tracker)
-        saving = time.perf_counter()
         if last:
             metrics = _finish(run, history, test, train_time, started, run_dir)
         else:

@@ -60,10 +60,13 @@ def split_columns(cfg: Config, manifest: Manifest) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def read_splits(cfg: Config, manifest: Manifest) -> dict[str, dict[str, np.ndarray]]:
+def read_splits(
+    cfg: Config, manifest: Manifest, columns: list[str] | None = None
+) -> dict[str, dict[str, np.ndarray]]:
     """Every split of ``cfg.data.root`` in memory as NumPy arrays (what a sweep or a compare
-    puts in Ray's object store once, for every run to share)."""
-    names = split_columns(cfg, manifest)
+    puts in Ray's object store once, for every run to share): the run's columns, or
+    ``columns`` (those of several runs)."""
+    names = split_columns(cfg, manifest) if columns is None else columns
     return {
         split: read_split_numpy(cfg.data.root, split, names, manifest=manifest)
         for split in ("train", "val", "test")
