@@ -59,7 +59,6 @@ from osmd_ray.config import (
     saved_config_matches,
 )
 from osmd_ray.data.checker import verify_dataset
-from osmd_ray.data.reading import read_split_numpy
 from osmd_ray.deploy import load_deploy
 from osmd_ray.errors import ConfigError, SpecError, describe
 from osmd_ray.experiments.main_job import ensure_synthetic_data
@@ -508,39 +507,14 @@ def read_shared_data(runs: Sequence[PlannedRun]) -> dict[str, runner.InMemoryDat
     shared = {}
     for root, mine in by_root.items():
         print(f"[compare] reading {root} once for its {len(mine)} in-process run(s)", flush=True)
-        data = runner.read_in_memory(_reading_config(mine))
+        data = runner.read_in_memory(mine[0].cfg, also=[r.cfg for r in mine[1:]])
         for run in mine:
             try:
                 check_against_manifest(run.cfg, data.manifest)
             except ConfigError as e:
                 raise ConfigError(f"variant {run.variant!r}: {e}", e.key) from None
-        needed = dict.fromkeys(c for r in mine for c in split_columns(r.cfg, data.manifest))
-        missing = [c for c in needed if c not in data.arrays["train"]]
-        if missing:  # only where modalities swap roles between runs (see _reading_config)
-            for split, columns in data.arrays.items():
-                columns.update(read_split_numpy(root, split, missing, manifest=data.manifest))
         shared[root] = data
     return shared
-
-
-def _reading_config(runs: Sequence[PlannedRun]) -> Config:
-    """The first run's config with every modality the runs read: ordinary the ones no run
-    takes as privileged, privileged all the others (their presence flags are read too)."""
-    cfg = runs[0].cfg
-    privileged = list(dict.fromkeys(m for r in runs for m in r.cfg.data.privileged))
-    ordinary = [
-        m
-        for m in dict.fromkeys(m for r in runs for m in r.cfg.data.ordinary)
-        if m not in privileged
-    ]
-    if not ordinary:  # every ordinary modality is another run's privileged one
-        ordinary = [cfg.data.ordinary[0]]
-        privileged.remove(ordinary[0])
-    if ordinary == list(cfg.data.ordinary) and privileged == list(cfg.data.privileged):
-        return cfg
-    return apply_overrides(
-        cfg, [f"data.ordinary={json.dumps(ordinary)}", f"data.privileged={json.dumps(privileged)}"]
-    )
 
 
 def _engine(shared: Mapping[str, runner.InMemoryData]) -> TrainFn:

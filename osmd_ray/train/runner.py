@@ -30,7 +30,7 @@ from osmd_ray.errors import ConfigError, DataError, RunError
 from osmd_ray.methods import check_config
 from osmd_ray.train.datasets import in_memory_dataset, streamed_dataset
 from osmd_ray.train.in_process import EpochHook, train_in_process_run
-from osmd_ray.train.local import read_splits
+from osmd_ray.train.local import read_splits, split_columns
 from osmd_ray.train.loop import STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
 from osmd_ray.train.run_folder import (
     HISTORY_FILE,
@@ -280,11 +280,13 @@ def checked_dataset(cfg: Config) -> Manifest:
     return manifest
 
 
-def read_in_memory(cfg: Config) -> InMemoryData:
-    """The dataset of ``cfg``, checked and read into memory once."""
+def read_in_memory(cfg: Config, also: Sequence[Config] = ()) -> InMemoryData:
+    """The dataset of ``cfg``, checked and read into memory once: the columns ``cfg`` reads
+    and those of the runs ``also`` (on the same dataset) that share the read."""
     manifest = checked_dataset(cfg)
     check_against_manifest(cfg, manifest)
-    return InMemoryData(manifest, read_splits(cfg, manifest))
+    columns = list(dict.fromkeys(c for r in (cfg, *also) for c in split_columns(r, manifest)))
+    return InMemoryData(manifest, read_splits(cfg, manifest, columns))
 
 
 def check_local_device(cfg: Config) -> None:

@@ -123,7 +123,9 @@ def test_in_process_grid_reads_the_data_once_and_trains_each_run_in_a_ray_task(
     reads = []
     real_read = runner.read_in_memory
     monkeypatch.setattr(
-        runner, "read_in_memory", lambda cfg: reads.append(cfg.data.root) or real_read(cfg)
+        runner,
+        "read_in_memory",
+        lambda cfg, **kw: reads.append(cfg.data.root) or real_read(cfg, **kw),
     )
 
     def not_here(*args, **kwargs):

@@ -572,9 +572,9 @@ def test_in_process_runs_of_a_dataset_share_one_read(tmp_path, tiny_data, monkey
     reads = {}
     real_read = runner.read_in_memory
 
-    def counting_read(cfg):
+    def counting_read(cfg, **kwargs):
         assert cfg.data.root not in reads, f"{cfg.data.root} read twice"
-        reads[cfg.data.root] = real_read(cfg)
+        reads[cfg.data.root] = real_read(cfg, **kwargs)
         return reads[cfg.data.root]
 
     started, seen, fake = [], {}, FakeTrain()
