@@ -92,7 +92,7 @@ def run_plain(spec: Any, cfg: Any, folder: str) -> dict[str, Any]:
     import ray.tune
 
     from osmd_ray.config import config_to_dict
-    from osmd_ray.experiments.sweep import _build_scheduler, _build_searcher
+    from osmd_ray.experiments.sweep import search_config
     from osmd_ray.train.runner import read_in_memory
 
     started = time.perf_counter()  # the data read counts, as it does in the product's sweep
@@ -105,15 +105,7 @@ def run_plain(spec: Any, cfg: Any, folder: str) -> dict[str, Any]:
     tuner = ray.tune.Tuner(
         trainable,
         param_space={p.key: p.tune_domain() for p in spec.space},
-        tune_config=ray.tune.TuneConfig(
-            metric=spec.tune_metric,
-            mode=spec.mode,
-            num_samples=spec.num_samples,
-            max_concurrent_trials=spec.max_concurrent_trials,
-            scheduler=_build_scheduler(spec, cfg),
-            search_alg=_build_searcher(spec),
-            reuse_actors=True,
-        ),
+        tune_config=search_config(spec, cfg),  # the product's own search (reuse_actors too)
         run_config=ray.tune.RunConfig(
             name="plain", storage_path=folder, callbacks=[walls], verbose=0
         ),

@@ -675,18 +675,7 @@ def run_sweep(
         tuner = ray.tune.Tuner(
             trainable,
             param_space={p.key: p.tune_domain() for p in spec.space},
-            tune_config=ray.tune.TuneConfig(
-                metric=spec.tune_metric,
-                mode=spec.mode,
-                num_samples=spec.num_samples,
-                max_concurrent_trials=spec.max_concurrent_trials,
-                scheduler=_build_scheduler(spec, cfg),
-                search_alg=_build_searcher(spec),
-                trial_dirname_creator=lambda trial: trial.trial_id,
-                # An in-process trial's actor has imported torch and the package: the next
-                # trial reuses it (every trial asks for the same resources).
-                reuse_actors=spec.in_process,
-            ),
+            tune_config=search_config(spec, cfg),
             run_config=ray.tune.RunConfig(
                 name=TUNE_DIR,
                 storage_path=tune_root,
@@ -764,6 +753,24 @@ def _start_ray(spec: SweepSpec) -> None:
         spec.cpus_per_worker if spec.in_process else spec.num_workers * spec.cpus_per_worker + 1
     )
     cluster.ensure_ray(per_trial * spec.max_concurrent_trials, use_gpu=spec.gpus_per_worker > 0)
+
+
+def search_config(spec: SweepSpec, cfg: Config) -> Any:
+    """The spec's search as a Tune TuneConfig: metric, budget, concurrency, ASHA, searcher."""
+    import ray.tune
+
+    return ray.tune.TuneConfig(
+        metric=spec.tune_metric,
+        mode=spec.mode,
+        num_samples=spec.num_samples,
+        max_concurrent_trials=spec.max_concurrent_trials,
+        scheduler=_build_scheduler(spec, cfg),
+        search_alg=_build_searcher(spec),
+        trial_dirname_creator=lambda trial: trial.trial_id,
+        # An in-process trial's actor has imported torch and the package: the next trial
+        # reuses it (every trial asks for the same resources).
+        reuse_actors=spec.in_process,
+    )
 
 
 def _build_scheduler(spec: SweepSpec, cfg: Config) -> Any:
