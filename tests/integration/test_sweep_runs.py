@@ -66,24 +66,7 @@ def test_a_killed_asha_sweep_resumes_and_best_yaml_reproduces_its_trial(
         tmp_path / "sweep.yaml", tiny_synth, fast, metric="val.deploy.loss", mode="min"
     )
     out = tmp_path / "sweep"
-    argv = ["sweep", "--config", str(spec_path), "--out", str(out)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    log = tmp_path / "logs" / "killed.log"
-
-    for attempt in range(2):  # a Ray start timing out on a loaded machine is retried once
-        proc = start_osmd(argv, env, log)
-        try:
-            finished = _wait_for_finished_trial(out, proc, log)
-            if finished is not None:
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        finally:
-            # Ray's processes outlive a SIGKILLed driver: waiting long for them only costs time.
-            end_session(proc.pid, grace_s=2)
-        if finished is not None:
-            break
-        assert attempt == 0, log.read_text()
+    finished = _kill_after_first_finished_trial(spec_path, out, tmp_path / "logs" / "killed.log")
     stamp = finished.stat().st_mtime_ns
     assert not (out / "trials.csv").exists()
     records = out / ".placement_groups"
@@ -155,22 +138,7 @@ def test_an_in_process_sweep_resumes_after_a_kill_stops_trials_early_and_reprodu
         resources={"num_workers": 0, "cpus_per_worker": 1, "gpus_per_worker": 0},
     )
     out = tmp_path / "sweep"
-    argv = ["sweep", "--config", str(spec_path), "--out", str(out)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    log = tmp_path / "logs" / "killed.log"
-    for attempt in range(2):  # a Ray start timing out on a loaded machine is retried once
-        proc = start_osmd(argv, env, log)
-        try:
-            finished = _wait_for_finished_trial(out, proc, log)
-            if finished is not None:
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        finally:
-            end_session(proc.pid, grace_s=2)
-        if finished is not None:
-            break
-        assert attempt == 0, log.read_text()
+    finished = _kill_after_first_finished_trial(spec_path, out, tmp_path / "logs" / "killed.log")
     stamp = finished.stat().st_mtime_ns
     assert not (out / "trials.csv").exists()
     assert not (out / ".placement_groups").exists()  # no worker groups, nothing to remove
@@ -219,6 +187,28 @@ def test_a_left_over_placement_group_is_removed(ray_local, tmp_path):
     assert placement_group_table(group)["state"] == "REMOVED"
     assert remove_recorded_placement_groups(str(record)) == 0  # already gone: nothing to do
     assert remove_recorded_placement_groups(str(tmp_path / "none")) == 0
+
+
+def _kill_after_first_finished_trial(spec_path: Path, out: Path, log: Path) -> Path:
+    """`osmd sweep` (its own local Ray) SIGKILLed once a trial has finished; returns that
+    trial's metrics.json. A Ray start timing out on a loaded machine is retried once."""
+    argv = ["sweep", "--config", str(spec_path), "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    for attempt in range(2):
+        proc = start_osmd(argv, env, log)
+        try:
+            finished = _wait_for_finished_trial(out, proc, log)
+            if finished is not None:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        finally:
+            # Ray's processes outlive a SIGKILLed driver: waiting long for them only costs time.
+            end_session(proc.pid, grace_s=2)
+        if finished is not None:
+            return finished
+        assert attempt == 0, log.read_text()
+    raise AssertionError("unreachable")
 
 
 def _wait_for_finished_trial(out: Path, proc, log: Path) -> Path | None:
