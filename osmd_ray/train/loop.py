@@ -454,6 +454,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker.finish()
 
 
+TIMING_KEYS = ("epoch_time_s", "val_time_s", "save_time_s", "data_wait")
+"""The keys of a history.json entry that measure time, not the computation: they differ
+between two runs of the same config (a resumed run is compared to an uninterrupted one
+without them)."""
+
+
 def epoch_record(
     epoch: int,
     step: int,

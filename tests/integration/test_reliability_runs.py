@@ -28,7 +28,7 @@ from osmd_processes import end_session, ray_did_not_start, run_to_end, start_osm
 from osmd_ray.config import apply_overrides, load_config
 from osmd_ray.errors import ConfigError
 from osmd_ray.train import runner
-from osmd_ray.train.loop import train_loop_per_worker
+from osmd_ray.train.loop import TIMING_KEYS, train_loop_per_worker
 
 pytestmark = pytest.mark.integration
 
@@ -171,14 +171,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-TIMINGS = ("epoch_time_s", "data_wait")
-"""History entries that measure time, not the computation: they differ between runs."""
 
 
 def flat(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
-        if key in TIMINGS:
+        if key in TIMING_KEYS:
             continue
         if isinstance(value, dict):
             out.update(flat(value, f"{prefix}{key}."))

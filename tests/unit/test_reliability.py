@@ -278,7 +278,7 @@ def test_data_check_lists_every_problem_at_once(ds, capsys):
         ("train.lr=-1", "train.lr"),
         ("train.epochs=zero", "train.epochs"),
         ("loss.w_jann=1", "loss.w_jann"),
-        ("scaling.num_workers=0", "scaling.num_workers"),
+        ("scaling.num_workers=-1", "scaling.num_workers"),
         ("data.privileged=[rgb]", "data.privileged"),
         ("train.precision=bf16", "train.precision"),
         ("model.dropout=1.5", "model.dropout"),
