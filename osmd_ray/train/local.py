@@ -73,20 +73,24 @@ def read_splits(
     }
 
 
+def _as_tensor(array: np.ndarray) -> Tensor:
+    """One column as a tensor of its own (arrays from the object store are read-only);
+    images (N, C, H, W) channels-last, the layout the network's convolutions run fastest in
+    on CPU (1.18x an epoch, 1.31x an evaluation on the synthetic set: benchmarks/RESULTS.md)."""
+    tensor = torch.from_numpy(np.array(array, copy=True))
+    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
+
+
 def as_tensors(arrays: dict[str, dict[str, np.ndarray]]) -> dict[str, Split]:
-    """Splits of NumPy arrays as tensors (a copy: arrays from the object store are read-only)."""
+    """Splits of NumPy arrays as tensors, images channels-last (:func:`_as_tensor`)."""
     return {
-        split: {n: torch.from_numpy(np.array(a, copy=True)) for n, a in columns.items()}
-        for split, columns in arrays.items()
+        split: {n: _as_tensor(a) for n, a in columns.items()} for split, columns in arrays.items()
     }
 
 
 def load_splits(cfg: Config, manifest: Manifest) -> dict[str, Split]:
     """Every split of ``cfg.data.root`` in memory, the columns the run reads as tensors."""
-    return {
-        split: {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in columns.items()}
-        for split, columns in read_splits(cfg, manifest).items()
-    }
+    return as_tensors(read_splits(cfg, manifest))
 
 
 def _rows(split: Split, index: Tensor) -> Split:
@@ -127,7 +131,10 @@ class LocalRun:
         self.method = check_config(cfg)
         self.device = run_device(cfg)
         torch.manual_seed(cfg.seed)
-        self.net: TrainingNet = build_model(cfg, manifest).to(self.device)
+        # Channels-last weights to match the images (:func:`_as_tensor`).
+        self.net: TrainingNet = build_model(cfg, manifest).to(
+            self.device, memory_format=torch.channels_last
+        )
         parts, groups = part_parameter_groups(self.net)
         self.optimizer = build_optimizer(groups, cfg)
         workers = max(1, cfg.scaling.num_workers)
