@@ -274,6 +274,15 @@ def _graph_total(
     return total
 
 
+def warmed_up_terms(terms: Mapping[str, float], warmup_epochs: int, epoch: int) -> dict[str, float]:
+    """``terms`` at 0-based ``epoch`` with the alignment term (``jan``) ramped up linearly over
+    ``warmup_epochs`` epochs: its weight times min(1, (epoch + 1) / warmup_epochs)."""
+    out = dict(terms)
+    if warmup_epochs > 0 and "jan" in out:
+        out["jan"] = out["jan"] * min(1.0, (epoch + 1) / warmup_epochs)
+    return out
+
+
 def compute_losses(
     outputs: dict[str, Tensor],
     labels: Tensor,

@@ -101,6 +101,10 @@ class LossConfig:
     """Weight of the distribution alignment between z_h and z_p (JMMD or MMD, see alignment).
     DESIGN §2 uses 1; 0 by default since it cost accuracy on the synthetic set
     (docs/lab_log.md, "What makes OS-MD win")."""
+    jan_warmup_epochs: int = 0
+    """Epochs over which w_jan ramps up linearly: epoch k (from 1) trains with
+    w_jan * min(1, k / jan_warmup_epochs), so the alignment starts weak while the features are
+    still random (the usual schedule of domain adaptation). 0: the full weight from the start."""
     w_mimic: float = 0.0
     """Weight of ||z_h - stopgrad(z_p)||^2 (Hoffman et al. 2016)."""
     w_recon: float = 10.0

@@ -175,6 +175,7 @@ def _check_loss(cfg: Config) -> None:
     _one_of(loss.kd_source, KD_SOURCES, "loss.kd_source")
     _one_of(loss.jmmd_estimator, JMMD_ESTIMATORS, "loss.jmmd_estimator")
     _at_least(loss.num_kernels, 1, "loss.num_kernels")
+    _at_least(loss.jan_warmup_epochs, 0, "loss.jan_warmup_epochs")
     _at_least(loss.jmmd_pixels, 2, "loss.jmmd_pixels")
     if not loss.kernel_mul > 1.0:
         raise ConfigError(

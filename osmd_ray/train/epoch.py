@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as functional
 from torch import Tensor, nn
 
-from osmd_ray.blocks.losses import compute_losses
+from osmd_ray.blocks.losses import compute_losses, warmed_up_terms
 from osmd_ray.blocks.metrics import confusion_matrix, segmentation_scores
 from osmd_ray.blocks.nets import privileged_mask
 from osmd_ray.blocks.stages import Stage, set_stage_modes, stage_lr_factor
@@ -67,19 +67,24 @@ def batch_losses(
     cfg: Config,
     stage: Stage | None = None,
     ignore_index: int = -100,
+    epoch: int | None = None,
 ) -> dict[str, Tensor]:
     """The loss terms of ``stage`` for one batch, as every engine computes them (the
     benchmarks call this too, so they time the same step). ``stage`` defaults to the
     method's last (the one that trains its deployment path). ``ignore_index``: the dataset's
-    label of unlabelled pixels (segmentation)."""
+    label of unlabelled pixels (segmentation). ``epoch`` (0-based): the alignment weight as
+    ``loss.jan_warmup_epochs`` ramps it at that epoch; None: its full weight."""
     if stage is None:
         stage = get_method(cfg.method).stages(cfg)[-1]
+    terms = stage.terms
+    if epoch is not None:
+        terms = warmed_up_terms(terms, cfg.loss.jan_warmup_epochs, epoch)
     return compute_losses(
         outputs,
         batch["label"].long(),
         privileged_mask(batch, cfg.data.privileged),
         cfg.loss,
-        stage.terms,
+        terms,
         ignore_index=ignore_index,
         kd_temperature=cfg.baselines.kd_temperature,
         kd_source=stage.kd_source,
@@ -158,7 +163,9 @@ def run_epoch(
     for raw in batches:
         totals.recent.append(raw)
         batch = batch_to_device(raw, device)
-        losses = batch_losses(forward(batch), batch, cfg, stage, ignore_index=ignore_index)
+        losses = batch_losses(
+            forward(batch), batch, cfg, stage, ignore_index=ignore_index, epoch=epoch
+        )
         bad = nonfinite_terms(losses, device)
         totals.step += 1
         if bad:

@@ -58,6 +58,18 @@ def test_the_shipped_spec_loads_and_its_space_fits_the_base_config(tmp_path):
     assert cfg.data.root == str(Path("data/synth_cls").resolve())
 
 
+def test_the_method_sweep_searches_every_part_of_the_method_the_comparisons_need(tmp_path):
+    spec = load_sweep_spec(REPO / "configs" / "sweep_method.yaml")
+    keys = {p.key for p in spec.space}
+    weights = {"loss.w_teacher", "loss.w_priv", "loss.w_kd", "loss.w_recon", "loss.w_jan"}
+    shape = {"model.hallucination_width", "model.hallucination_depth"}
+    assert weights | shape | {"loss.jan_warmup_epochs", "loss.alignment"} <= keys
+    assert {"model.fusion", "train.lr"} <= keys
+    # Every bound and choice makes a valid trial config (an invalid one raises).
+    check_space(spec, base_config(spec, str(tmp_path / "sweep")))
+    assert spec.in_process and spec.scheduler == "asha" and spec.search == "optuna"
+
+
 def test_defaults_of_an_omitted_section():
     spec = parse_sweep_spec(spec_data(), "s.yaml")
     assert (spec.metric, spec.mode, spec.num_samples) == ("val.deploy.accuracy", "max", 8)

@@ -330,3 +330,14 @@ def test_recon_loss_mse_or_l1():
     torch.testing.assert_close(l1["recon"], diff.abs().mean())
     with pytest.raises(ValueError, match="recon_loss"):
         method_losses(out, labels, None, "osmd", spec_cfg(w_recon=1.0, recon_loss="huber"))
+
+
+def test_the_alignment_weight_ramps_up_linearly_over_its_warm_up_epochs():
+    from osmd_ray.blocks.losses import warmed_up_terms
+
+    terms = {"deploy": 1.0, "jan": 0.8}
+    ramp = [warmed_up_terms(terms, 4, epoch)["jan"] for epoch in range(6)]
+    assert ramp == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.8, 0.8])
+    assert warmed_up_terms(terms, 4, 0)["deploy"] == 1.0  # the other terms keep theirs
+    assert warmed_up_terms(terms, 0, 0) == terms  # no warm-up: the full weight at once
+    assert warmed_up_terms({"deploy": 1.0}, 3, 0) == {"deploy": 1.0}
