@@ -19,7 +19,8 @@ variant the others are compared against::
 Every (dataset, variant, seed) trains into ``DIR/runs/<dataset>/<variant>/seed<k>``; a run
 whose folder already holds metrics.json, deploy/ and the same config.yaml is not trained
 again, so rerunning the command completes an interrupted compare. Then ``DIR/results.csv``
-(one row per run), ``DIR/summary.md`` and ``DIR/summary.png`` are written.
+(one row per run), ``DIR/summary.md``, ``DIR/summary.csv`` (one row per dataset and variant)
+and ``DIR/summary.png`` are written (:mod:`osmd_ray.experiments.summary`).
 
 Runs with ``scaling.num_workers: 0`` (the shipped synthetic specs) train in-process: one Ray
 instance for the compare, each dataset root checked and read once into Ray's object store,
@@ -30,17 +31,14 @@ on Ray Train workers (``scaling.num_workers >= 1``) go one at a time unless
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
-import math
 import os
 import re
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,8 +61,12 @@ from osmd_ray.deploy import load_deploy
 from osmd_ray.errors import ConfigError, SpecError, describe
 from osmd_ray.experiments.main_job import ensure_synthetic_data
 from osmd_ray.experiments.spec_file import read_spec, reject_unknown, spec_base
-from osmd_ray.experiments.stats import NOISE_RULE, Stat, gap_closure, within_noise
-from osmd_ray.figures import save_png
+from osmd_ray.experiments.summary import (
+    format_csv,
+    format_summary,
+    format_summary_csv,
+    plot_summary,
+)
 from osmd_ray.methods import check_config
 from osmd_ray.train import runner
 from osmd_ray.train.local import split_columns
@@ -77,22 +79,6 @@ REFERENCE_KEYS = ("lower", "upper")
 GRID_KEYS = {"seed": "seeds: in the spec or --seeds"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-CSV_COLUMNS = (
-    "dataset",
-    "variant",
-    "method",
-    "seed",
-    "test_deploy_accuracy",
-    "test_teacher_accuracy",
-    "test_deploy_miou",
-    "test_teacher_miou",
-    "train_time_s",
-    "wall_time_s",
-    "deploy_params",
-    "latency_ms_b1",
-    "latency_ms_b64",
-    "run_dir",
-)
 TrainFn = Callable[[Config, str], Mapping[str, Any]]
 MeasureFn = Callable[[str], "DeployStats"]
 
@@ -414,7 +400,8 @@ def run_compare(
     train_fn: TrainFn | None = None,
     measure_fn: MeasureFn | None = None,
 ) -> CompareResult:
-    """Train what is not finished, then write results.csv, summary.md and summary.png.
+    """Train what is not finished, then write results.csv, summary.md, summary.csv and
+    summary.png.
 
     Every input problem (spec, configs, datasets, a run folder holding another config) is
     raised before the first run starts. A run that fails is recorded and the others go on.
@@ -682,7 +669,7 @@ def _median_latency(model: Any, rows: int, rng: Any, repeats: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Rows, statistics and the three output files
+# Rows of the finished runs, and the output files (their text: experiments/summary.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -726,209 +713,6 @@ def collect_rows(
     return rows
 
 
-def metric_key(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The deployment metric of a dataset's rows: ``test_deploy_miou`` when every run has a
-    mIoU (segmentation), else ``test_deploy_accuracy``."""
-    if rows and all(r.get("test_deploy_miou") is not None for r in rows):
-        return "test_deploy_miou"
-    return "test_deploy_accuracy"
-
-
-METRIC_LABELS = {
-    "test_deploy_accuracy": "test accuracy (deploy)",
-    "test_deploy_miou": "test mIoU (deploy)",
-}
-
-
-def gap_closures(
-    rows: Sequence[Mapping[str, Any]], dataset: str, variant: str, lower: str, upper: str
-) -> list[float]:
-    """Gap closure of ``variant`` per seed: seed k against seed k of lower and upper, on the
-    dataset's :func:`metric_key`.
-
-    Seeds missing from any of the three are left out, as are seeds where upper == lower.
-    """
-    mine = [r for r in rows if r["dataset"] == dataset]
-    key = metric_key(mine)
-    acc = {(r["variant"], r["seed"]): float(r[key]) for r in mine}
-    values = []
-    for (name, seed), value in sorted(acc.items(), key=lambda kv: kv[0][1]):
-        if name != variant or (lower, seed) not in acc or (upper, seed) not in acc:
-            continue
-        closure = gap_closure(value, acc[(lower, seed)], acc[(upper, seed)])
-        if not math.isnan(closure):
-            values.append(closure)
-    return values
-
-
-def summarize(
-    spec: CompareSpec, rows: Sequence[Mapping[str, Any]]
-) -> dict[str, list[dict[str, Any]]]:
-    """Per dataset, one entry per variant (spec order) with its statistics."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    for dataset in datasets:
-        mine = [r for r in rows if r["dataset"] == dataset]
-        key = metric_key(mine)
-        accuracy = {
-            v.name: Stat.of(r[key] for r in mine if r["variant"] == v.name) for v in spec.variants
-        }
-        entries = []
-        for v in spec.variants:
-            runs = [r for r in mine if r["variant"] == v.name]
-            entry: dict[str, Any] = {
-                "variant": v.name,
-                "method": runs[0]["method"] if runs else "",
-                "metric": key,
-                "accuracy": accuracy[v.name],
-                "gap_closure": None,
-                "vs_target": None,
-                "deploy_params": _first(r["deploy_params"] for r in runs),
-                "latency_ms_b1": Stat.of(r["latency_ms_b1"] for r in runs),
-                "latency_ms_b64": Stat.of(r["latency_ms_b64"] for r in runs),
-                "train_time_s": Stat.of(r["train_time_s"] for r in runs),
-            }
-            if spec.lower and spec.upper:
-                entry["gap_closure"] = Stat.of(
-                    gap_closures(mine, dataset, v.name, spec.lower, spec.upper)
-                )
-            if spec.target and v.name != spec.target and runs:
-                target = accuracy[spec.target]
-                entry["vs_target"] = {
-                    "diff": accuracy[v.name].mean - target.mean,
-                    "within_noise": within_noise(accuracy[v.name], target),
-                }
-            entries.append(entry)
-        out[dataset] = entries
-    return out
-
-
-def _first(values: Iterable[Any]) -> Any:
-    return next((v for v in values if v is not None), None)
-
-
-def format_summary(
-    spec: CompareSpec,
-    overrides: Sequence[str],
-    rows: Sequence[Mapping[str, Any]],
-    failures: Mapping[str, str],
-) -> str:
-    lines = [
-        f"# Compare: {spec.path}",
-        "",
-        f"Base config `{spec.base}`; spec overrides: {_code(spec.overrides)}; command-line "
-        f"overrides: {_code(overrides)}; seeds: {', '.join(map(str, spec.seeds))}.",
-        "",
-        "Deployment metric: test accuracy of the deployment path, or its test mIoU for "
-        "segmentation datasets (ordinary modalities only; "
-        "`full_multimodal` also reads the privileged ones at test). Mean ± sample standard "
-        "deviation over seeds; n = number of finished seeds. Latency: median of 7 calls of "
-        "the deployed model (RUN/deploy) on a random batch of 1 or 64, one CPU thread.",
-    ]
-    if spec.lower and spec.upper:
-        lines += [
-            "",
-            f"Gap closure = (variant - {spec.lower}) / ({spec.upper} - {spec.lower}), computed "
-            f"per seed (seed k against seed k of {spec.lower} and {spec.upper}), then mean ± "
-            "std over those seeds.",
-        ]
-    if spec.target:
-        lines += ["", f"Versus `{spec.target}`: {NOISE_RULE}."]
-    for dataset, entries in summarize(spec, rows).items():
-        lines += ["", f"## {dataset}", ""]
-        metric = entries[0]["metric"] if entries else "test_deploy_accuracy"
-        header = ["variant", "method", "n", METRIC_LABELS[metric]]
-        if spec.lower and spec.upper:
-            header.append("gap closure")
-        if spec.target:
-            header.append(f"vs {spec.target}")
-        header += ["deploy params", "latency b1 / b64 (ms)", "train time (s)"]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + " --- |" * len(header))
-        for e in entries:
-            cells = [e["variant"], e["method"] or "-", str(e["accuracy"].n), e["accuracy"].fmt()]
-            if spec.lower and spec.upper:
-                cells.append(e["gap_closure"].fmt(2))
-            if spec.target:
-                cells.append(_vs_target(e, spec.target))
-            params = e["deploy_params"]
-            cells += [
-                f"{params:,}" if params is not None else "n/a",
-                f"{_num(e['latency_ms_b1'].mean, 2)} / {_num(e['latency_ms_b64'].mean, 2)}",
-                _num(e["train_time_s"].mean, 0),
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-    if not rows:
-        lines += ["", "No run has finished yet."]
-    if failures:
-        lines += ["", "## Failed runs", ""]
-        lines += [f"- `{name}`: {error}" for name, error in failures.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _vs_target(entry: Mapping[str, Any], target: str) -> str:
-    if entry["variant"] == target:
-        return "(target)"
-    vs = entry["vs_target"]
-    if vs is None or math.isnan(vs["diff"]):
-        return "n/a"
-    verdict = {None: "too few seeds", True: "within noise"}.get(
-        vs["within_noise"], "higher" if vs["diff"] > 0 else "lower"
-    )
-    return f"{vs['diff']:+.4f} ({verdict})"
-
-
-def _num(value: float, digits: int) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
-def _code(items: Sequence[str]) -> str:
-    return " ".join(f"`{item}`" for item in items) if items else "none"
-
-
-def format_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
-    return buffer.getvalue()
-
-
-def plot_summary(spec: CompareSpec, rows: Sequence[Mapping[str, Any]], path: str) -> None:
-    """Per dataset: deployment accuracy (and gap closure) per variant, error bars = std."""
-    from matplotlib.figure import Figure
-
-    summary = summarize(spec, rows)
-    panels = 2 if spec.lower and spec.upper else 1
-    columns = max(1, len(summary))
-    width = max(5.0, 0.7 * len(spec.variants) + 2)
-    fig = Figure(figsize=(width * columns, 3.6 * panels))
-    axes = fig.subplots(panels, columns, squeeze=False)
-    for col, (dataset, entries) in enumerate(summary.items() or [("no runs", [])]):
-        names = [e["variant"] for e in entries]
-        xs = range(len(names))
-        metric = entries[0]["metric"] if entries else "test_deploy_accuracy"
-        plots = [("accuracy", METRIC_LABELS[metric])]
-        if panels == 2:
-            plots.append(("gap_closure", "gap closure"))
-        for row, (key, label) in enumerate(plots):
-            ax = axes[row][col]
-            means = [e[key].mean for e in entries]
-            errs = [0.0 if math.isnan(e[key].std) else e[key].std for e in entries]
-            colors = ["tab:red" if n == spec.target else "tab:blue" for n in names]
-            ax.bar(xs, means, yerr=errs, capsize=4, color=colors)
-            ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
-            ax.set_ylabel(label)
-            if key == "gap_closure":
-                ax.axhline(0, color="grey", lw=0.8)
-                ax.axhline(1, color="grey", lw=0.8, ls="--")
-            if row == 0:
-                ax.set_title(f"{dataset} (mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
-    save_png(fig, path)
-
-
 def _relative(run_dir: str, out: str) -> str:
     if storage.is_remote(out):
         return run_dir[len(out.rstrip("/")) + 1 :]
@@ -938,12 +722,15 @@ def _relative(run_dir: str, out: str) -> str:
 def write_outputs(
     spec: CompareSpec, out: str, overrides: Sequence[str], result: CompareResult
 ) -> None:
-    """results.csv, summary.md and summary.png in ``out``, each written whole or not at all
-    (:func:`osmd_ray.storage.write_bytes`: one PUT on an object store)."""
-    csv_text = format_csv(result.rows)
-    md_text = format_summary(spec, overrides, result.rows, result.failures)
-    storage.write_bytes(storage.join(out, "results.csv"), csv_text.encode("utf-8"))
-    storage.write_bytes(storage.join(out, "summary.md"), md_text.encode("utf-8"))
+    """results.csv, summary.md, summary.csv and summary.png in ``out``, each written whole or
+    not at all (:func:`osmd_ray.storage.write_bytes`: one PUT on an object store)."""
+    texts = {
+        "results.csv": format_csv(result.rows),
+        "summary.md": format_summary(spec, overrides, result.rows, result.failures),
+        "summary.csv": format_summary_csv(spec, result.rows),
+    }
+    for name, text in texts.items():
+        storage.write_bytes(storage.join(out, name), text.encode("utf-8"))
     plot_summary(spec, result.rows, storage.join(out, "summary.png"))
 
 
@@ -959,7 +746,9 @@ def compare(
     result = run_compare(spec, out, overrides, max_concurrent)
     print()
     print(storage.read_text(storage.join(out, "summary.md")))
-    print(f"results.csv, summary.md, summary.png and runs/ in {storage.normalize(out)}")
+    print(
+        f"results.csv, summary.md, summary.csv, summary.png and runs/ in {storage.normalize(out)}"
+    )
     if result.failures:
         print(f"[compare] {len(result.failures)} run(s) failed:")
         for name, error in result.failures.items():

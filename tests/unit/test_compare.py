@@ -22,17 +22,16 @@ from osmd_ray.cli import main
 from osmd_ray.config import dump_yaml, load_config
 from osmd_ray.errors import ConfigError, SpecError
 from osmd_ray.experiments import compare as compare_mod
-from osmd_ray.experiments.compare import (
-    DeployStats,
+from osmd_ray.experiments.compare import DeployStats, load_spec, plan_runs, run_compare
+from osmd_ray.experiments.summary import (
+    CSV_COLUMNS,
+    SUMMARY_COLUMNS,
     format_summary,
+    format_summary_csv,
     gap_closures,
-    load_spec,
     metric_key,
-    plan_runs,
-    run_compare,
     summarize,
 )
-from osmd_ray.experiments.stats import Stat, within_noise
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = str(REPO / "configs" / "osmd_synth.yaml")
@@ -283,17 +282,6 @@ def test_labels_only_control_trains_the_deployment_network_without_privileged_da
 # ---------------------------------------------------------------------------------------------
 
 
-def test_stat_is_mean_and_sample_std():
-    stat = Stat.of([0.6, 0.7, 0.8])
-    assert stat.mean == pytest.approx(0.7)
-    assert stat.std == pytest.approx(0.1)  # sample std (n - 1)
-    assert stat.n == 3
-    assert stat.fmt() == "0.7000 ± 0.1000"
-    one = Stat.of([0.5])
-    assert one.n == 1 and math.isnan(one.std) and one.fmt() == "0.5000 (1 seed)"
-    assert Stat.of([]).fmt() == "n/a"
-
-
 def _row(variant: str, seed: int, acc: float, dataset: str = "d") -> dict:
     return {"dataset": dataset, "variant": variant, "seed": seed, "test_deploy_accuracy": acc}
 
@@ -340,12 +328,111 @@ def test_segmentation_rows_are_ranked_and_closed_on_miou(tmp_path):
     assert "test mIoU (deploy)" in format_summary(spec, [], rows, {})
 
 
-def test_within_noise_rule():
-    target = Stat.of([0.70, 0.72, 0.74])  # std 0.02
-    assert within_noise(Stat.of([0.69, 0.71, 0.73]), target) is True  # diff 0.01 <= 0.02
-    assert within_noise(Stat.of([0.68, 0.69, 0.70]), target) is False  # diff 0.03 > 0.02
-    assert within_noise(Stat.of([0.60, 0.61, 0.62]), target) is False
-    assert within_noise(Stat.of([0.60]), target) is None
+def _summary_rows(values: dict[str, list[float]]) -> list[dict]:
+    """Finished-run rows of dataset d: variant -> its metric for seeds 0, 1, ..."""
+    rows = []
+    for variant, accs in values.items():
+        for seed, acc in enumerate(accs):
+            rows.append(
+                {
+                    **_row(variant, seed, acc),
+                    "method": variant,
+                    "deploy_params": None,
+                    "latency_ms_b1": None,
+                    "latency_ms_b64": None,
+                    "train_time_s": 1.0,
+                }
+            )
+    return rows
+
+
+def _lo_hi_m_spec(tmp_path, seeds: int):
+    return load_spec(
+        write_spec(
+            tmp_path,
+            variants=[{"name": n, "overrides": []} for n in ("lo", "hi", "m")],
+            reference={"lower": "lo", "upper": "hi"},
+            target="m",
+            seeds=seeds,
+        )
+    )
+
+
+def test_summary_marks_intervals_containing_zero_and_states_the_test(tmp_path):
+    # hi - m per seed spreads around 0 (the interval contains 0); lo - m about -0.3 (it does not).
+    rows = _summary_rows(
+        {
+            "lo": [0.50, 0.51, 0.49, 0.50, 0.52],
+            "hi": [0.79, 0.82, 0.78, 0.82, 0.80],
+            "m": [0.80, 0.80, 0.80, 0.80, 0.80],
+        }
+    )
+    md = format_summary(_lo_hi_m_spec(tmp_path, 5), [], rows, {})
+    assert "paired t-interval over seeds, 95%, two-sided" in md  # the test is named
+    hi_row = next(line for line in md.splitlines() if line.startswith("| hi |"))
+    # hi - m: -0.01 +0.02 -0.02 +0.02 0: mean 0.002, std 0.0179, half-width
+    # t(0.975, 4) * std / sqrt(5) = 2.7764 * 0.0179 / 2.2361 = 0.0222.
+    assert "+0.0020 ± 0.0179, CI [-0.0202, +0.0242], 5 seeds" in hi_row
+    assert "(interval contains 0: not distinguishable)" in hi_row
+    lo_row = next(line for line in md.splitlines() if line.startswith("| lo |"))
+    assert "5 seeds (lower)" in lo_row and "not distinguishable" not in lo_row
+    assert "not a headline figure**" not in md  # 5 paired seeds: a headline figure
+
+
+def test_summary_warns_below_five_seeds_and_does_not_judge_one(tmp_path):
+    rows = _summary_rows({"lo": [0.5, 0.6, 0.7], "hi": [0.9, 0.9, 0.9], "m": [0.8, 0.8]})
+    md = format_summary(_lo_hi_m_spec(tmp_path, 3), [], rows, {})
+    assert (
+        "**Fewer than 5 seeds: not a headline figure** (fewest seeds paired with `m` here: 2)" in md
+    )
+    one = _summary_rows({"lo": [0.5], "hi": [0.9], "m": [0.8]})
+    md = format_summary(_lo_hi_m_spec(tmp_path, 1), [], one, {})
+    assert "| lo | lo | 1 | 0.5000 (1 seed) | 0.00 (1 seed) | -0.3000 (1 seed: not judged) |" in md
+
+
+def test_summary_csv_has_one_row_per_variant_with_intervals(tmp_path):
+    rows = _summary_rows(
+        {"lo": [0.5, 0.6, 0.5], "hi": [0.9, 1.0, 0.9], "m": [0.8, 0.9, 0.6], "x": [0.7]}
+    )
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            variants=[{"name": n, "overrides": []} for n in ("lo", "hi", "m", "x")],
+            reference={"lower": "lo", "upper": "hi"},
+            target="m",
+            seeds=3,
+        )
+    )
+    table = list(csv.DictReader(io.StringIO(format_summary_csv(spec, rows))))
+    assert tuple(table[0]) == SUMMARY_COLUMNS
+    assert [(r["dataset"], r["variant"]) for r in table] == [
+        ("d", "lo"),
+        ("d", "hi"),
+        ("d", "m"),
+        ("d", "x"),
+    ]
+    lo, hi, m, x = table
+    # lo - m per seed: -0.3 -0.3 -0.1: mean -0.2333, std 0.1155, t(0.975, 2) = 4.3027.
+    half = 4.302653 * 0.115470 / math.sqrt(3)
+    assert lo["diff_n"] == "3"
+    assert float(lo["diff_mean"]) == pytest.approx(-0.233333, abs=1e-6)
+    assert float(lo["diff_std"]) == pytest.approx(0.115470, abs=1e-6)
+    assert float(lo["diff_lo"]) == pytest.approx(-0.233333 - half, abs=1e-5)
+    assert float(lo["diff_hi"]) == pytest.approx(-0.233333 + half, abs=1e-5)
+    assert lo["diff_excludes_zero"] == "False"  # hi = +0.053: the interval contains 0
+    assert hi["diff_excludes_zero"] == "False"
+    # m's gap closure per seed: 0.75, 0.75, 0.25: mean 0.5833, std 0.2887.
+    assert m["gap_closure_n"] == "3"
+    assert float(m["gap_closure_mean"]) == pytest.approx(0.583333, abs=1e-6)
+    assert float(m["gap_closure_lo"]) == pytest.approx(
+        0.583333 - 4.302653 * 0.288675 / math.sqrt(3), abs=1e-5
+    )
+    assert float(m["mean"]) == pytest.approx(0.766667, abs=1e-6) and m["n"] == "3"
+    assert m["diff_n"] == m["diff_mean"] == m["diff_excludes_zero"] == ""  # the target itself
+    # One seed: mean but no spread, no interval, not judged.
+    assert x["n"] == "1" and x["std"] == x["lo"] == x["hi"] == ""
+    assert x["diff_n"] == "1" and float(x["diff_mean"]) == pytest.approx(-0.1)
+    assert x["diff_lo"] == x["diff_hi"] == x["diff_excludes_zero"] == ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +503,7 @@ def test_compare_writes_rows_summary_and_chart(tmp_path, tiny_data):
     assert len(fake.calls) == 6 and not result.failures
 
     rows = read_csv(os.path.join(out, "results.csv"))
-    assert list(rows[0]) == list(compare_mod.CSV_COLUMNS)
+    assert list(rows[0]) == list(CSV_COLUMNS)
     assert len(rows) == 6
     by = {(r["variant"], r["seed"]): r for r in rows}
     assert float(by[("osmd", "1")]["test_deploy_accuracy"]) == pytest.approx(0.80)
@@ -430,15 +517,24 @@ def test_compare_writes_rows_summary_and_chart(tmp_path, tiny_data):
 
     md = Path(out, "summary.md").read_text()
     assert "## tiny" in md
-    # osmd: accuracies 0.75, 0.80; gap closures 0.5 and 0.6667 -> 0.58 ± 0.12.
-    assert "| osmd | osmd | 2 | 0.7750 ± 0.0354 | 0.58 ± 0.12 | (target) | 1,234 |" in md
-    # ordinary_only is 0.175 below osmd, beyond the larger std (0.0354): not noise.
+    # osmd: accuracies 0.75, 0.80; gap closures 0.5 and 0.6667 -> 0.58 ± 0.12, and with
+    # 2 seeds (t = 12.706) the interval 0.58 ± 1.06.
     assert (
-        "| ordinary_only | ordinary_only | 2 | 0.6000 ± 0.0000 | 0.00 ± 0.00 | "
-        "-0.1750 (lower) |" in md
+        "| osmd | osmd | 2 | 0.7750 ± 0.0354 | 0.58 ± 0.12, CI [-0.48, 1.64] | (target) | 1,234 |"
+        in md
     )
-    assert "+0.1250 (higher)" in md
-    assert "larger of the two sample standard deviations" in md  # the rule is stated
+    # ordinary_only - osmd per seed: -0.15, -0.20; 2 seeds leave the interval wide.
+    assert (
+        "| ordinary_only | ordinary_only | 2 | 0.6000 ± 0.0000 | 0.00 ± 0.00, CI [0.00, 0.00] | "
+        "-0.1750 ± 0.0354, CI [-0.4927, +0.1427], 2 seeds "
+        "(interval contains 0: not distinguishable) |" in md
+    )
+    assert "+0.1250 ± 0.0354, CI [-0.1927, +0.4427], 2 seeds" in md
+    assert "paired t-interval over seeds, 95%, two-sided" in md  # the test is stated
+    assert "Fewer than 5 seeds: not a headline figure" in md
+    summary = read_csv(os.path.join(out, "summary.csv"))
+    assert [r["variant"] for r in summary] == ["ordinary_only", "full_multimodal", "osmd"]
+    assert float(summary[0]["diff_lo"]) == pytest.approx(-0.4927, abs=1e-4)
     assert Path(out, "summary.png").read_bytes().startswith(PNG_SIGNATURE)
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
 
@@ -482,7 +578,7 @@ def test_a_failed_run_is_reported_and_the_others_finish(tmp_path, tiny_data):
     md = Path(out, "summary.md").read_text()
     assert "## Failed runs" in md and "tiny/osmd/seed0" in md
     assert "| osmd | osmd | 1 | 0.8000 (1 seed) |" in md
-    assert "too few seeds" in md  # one osmd seed: no noise verdict
+    assert "(1 seed: not judged)" in md  # one osmd seed to pair with: no verdict
 
 
 def test_when_every_run_fails_the_files_say_so(tmp_path, tiny_data):
