@@ -192,6 +192,14 @@ def run_epoch(
     return totals
 
 
+class ForwardOnly(dict):
+    """A batch that evaluation runs through the network but does not score.
+
+    ZeRO-3 gathers the parameters inside every forward, a collective: each rank must run
+    equally many forwards, and a rank with no rows of its own left runs one of these.
+    """
+
+
 @torch.no_grad()
 def evaluate(
     forward: Any,
@@ -200,14 +208,27 @@ def evaluate(
     device: torch.device,
     manifest: Manifest | None = None,
 ) -> dict[str, dict[str, float]]:
+    """The scores of :func:`evaluate_with_rows`, without the row count."""
+    return evaluate_with_rows(forward, batches, paths, device, manifest)[0]
+
+
+@torch.no_grad()
+def evaluate_with_rows(
+    forward: Any,
+    batches: Iterable[Batch],
+    paths: tuple[str, ...],
+    device: torch.device,
+    manifest: Manifest | None = None,
+) -> tuple[dict[str, dict[str, float]], int]:
     """Accuracy and mean loss per path (``<path>_logits``) over a split, summed across ranks;
     for segmentation (``manifest.task``) pixel accuracy, mIoU and the loss per labelled
     pixel, from confusion matrices summed across ranks (the ignore index counts nowhere).
+    Also the rows scored, summed across ranks.
 
-    ``forward`` is the network or its DeepSpeed engine (put in eval mode here). Ray Data
-    splits val/test into equal parts (up to workers - 1 rows of a split whose size is not a
-    multiple of the worker count are left out), so every rank runs the same number of
-    forward passes, which ZeRO-3's collective forward needs. A collective: call on all.
+    ``forward`` is the network or its DeepSpeed engine (put in eval mode here). Every rank
+    scores its own rows; :class:`ForwardOnly` batches are run but not scored (they keep the
+    forward counts equal across ranks, see :func:`osmd_ray.train.loop.rank_share`). A
+    collective: call on all ranks.
     """
     forward.eval()
     if manifest is not None and manifest.task == "segmentation":
@@ -223,19 +244,23 @@ def evaluate(
     count = float(sums[-1])
     if count == 0:
         raise RuntimeError("evaluation split is empty")
-    return {
+    scores = {
         path: {"accuracy": float(sums[2 * i]) / count, "loss": float(sums[2 * i + 1]) / count}
         for i, path in enumerate(paths)
     }
+    return scores, int(count)
 
 
 def _path_logits(
     forward: Any, batches: Iterable[Batch], paths: tuple[str, ...], device: torch.device
 ) -> Iterator[tuple[Tensor, list[Tensor]]]:
-    """Per batch: its labels and each path's logits (fp32)."""
+    """Per scored batch: its labels and each path's logits (fp32). ForwardOnly batches are
+    run through ``forward`` and dropped."""
     for raw in batches:
         batch = batch_to_device(raw, device)
         outputs = forward(batch)
+        if isinstance(raw, ForwardOnly):
+            continue
         yield batch["label"].long(), [outputs[f"{path}_logits"].float() for path in paths]
 
 
@@ -245,17 +270,19 @@ def _evaluate_segmentation(
     paths: tuple[str, ...],
     device: torch.device,
     manifest: Manifest,
-) -> dict[str, dict[str, float]]:
+) -> tuple[dict[str, dict[str, float]], int]:
     k, ignore = manifest.num_classes, manifest.ignore_index
     confusions = torch.zeros((len(paths), k, k), dtype=torch.float64)
     losses = torch.zeros(len(paths), dtype=torch.float64)
+    rows = torch.zeros(1, dtype=torch.float64)
     for labels, path_logits in _path_logits(forward, batches, paths, device):
         for i, logits in enumerate(path_logits):
             confusions[i] += confusion_matrix(logits.argmax(dim=1), labels, k, ignore).cpu()
             losses[i] += float(
                 functional.cross_entropy(logits, labels, ignore_index=ignore, reduction="sum")
             )
-    sums = all_reduce_sum(torch.cat([confusions.flatten(), losses]).to(device)).cpu()
+        rows += labels.shape[0]
+    sums = all_reduce_sum(torch.cat([confusions.flatten(), losses, rows]).to(device)).cpu()
     confusions = sums[: confusions.numel()].reshape(confusions.shape)
     results = {}
     for i, path in enumerate(paths):
@@ -265,4 +292,4 @@ def _evaluate_segmentation(
             raise RuntimeError("evaluation split has no labelled pixel") from None
         pixels = scores.pop("pixels")
         results[path] = {**scores, "loss": float(sums[confusions.numel() + i]) / pixels}
-    return results
+    return results, int(sums[-1])

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,12 +35,14 @@ from osmd_ray.errors import NonFiniteLossError
 from osmd_ray.methods import build_model, get_method
 from osmd_ray.train.deepspeed_setup import skip_cpu_shared_memory_op
 from osmd_ray.train.epoch import (
+    Batch,
     EpochTotals,
+    ForwardOnly,
     all_reduce_max,
     all_reduce_sum,
     batch_to_device,
     build_optimizer,
-    evaluate,
+    evaluate_with_rows,
     lr_schedule,
     run_epoch,
     seed_everything,
@@ -210,6 +212,27 @@ class WaitTimer:
             yield batch
 
 
+def rank_share(batches: Iterable[Batch], rank: int, world: int) -> Iterator[Batch]:
+    """This rank's batches of a split that every rank reads whole, in the same order (the
+    driver's DataContext preserves the order: runner.build_trainer).
+
+    Batch b goes to rank b % world: disjoint shares that cover the split, so every row
+    counts once over the ranks whatever the split's size. Each rank runs ceil(batches /
+    world) forwards (ZeRO-3's forward is a collective: equal counts on every rank): a rank
+    left one short runs the last batch's first row as a :class:`ForwardOnly` batch, run but
+    not scored. Whole batches, not a slice of every batch: a worker holds eval_batch_size
+    rows at a time, however many workers there are.
+    """
+    count, last = 0, None
+    for count, batch in enumerate(batches, start=1):
+        if (count - 1) % world == rank:
+            yield batch
+        last = batch
+    short = count % world  # the ranks from this one on got one batch fewer
+    if last is not None and short and rank >= short:
+        yield ForwardOnly({k: v[:1] for k, v in last.items()})
+
+
 def _load_state(checkpoint_dir: str) -> dict[str, Any]:
     with open(os.path.join(checkpoint_dir, STATE_FILE), encoding="utf-8") as f:
         return json.load(f)
@@ -226,6 +249,8 @@ class _WorkerRun:
     train_time: float
     pending: PrefetchedBatches | None
     """The next epoch's batches, their pipeline already started."""
+    rows: dict[str, int] = field(default_factory=dict)
+    """The rows the latest evaluation of each split scored, summed over ranks."""
 
 
 def _epoch_batches(cfg: Config, train_shard: Any, epoch: int, rank: int) -> PrefetchedBatches:
@@ -356,6 +381,7 @@ def _checkpoint(
                 "train_time_s": run.train_time,
                 "world_size": world,
                 "test": test,
+                "rows": run.rows,
             }
             with open(os.path.join(checkpoint_dir, STATE_FILE), "w", encoding="utf-8") as f:
                 json.dump(state, f, indent=1)
@@ -397,8 +423,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker = start_wandb(wandb, cfg) if wandb else None
 
     def evaluate_split(split: str) -> dict[str, dict[str, float]]:
+        # Every rank reads the whole split (runner.build_trainer) and scores its share.
         batches = shards[split].iter_torch_batches(batch_size=cfg.data.eval_batch_size)
-        return evaluate(run.engine, batches, method.evaluates, device, manifest)
+        scores, run.rows[split] = evaluate_with_rows(
+            run.engine, rank_share(batches, rank, world), method.evaluates, device, manifest
+        )
+        return scores
 
     for epoch in range(run.start_epoch, cfg.train.epochs):
         # Seeded per epoch and rank: a resumed run draws the same dropout and shuffles.

@@ -86,7 +86,8 @@ def build_trainer(
         logging.getLogger("ray.data").setLevel(logging.ERROR)
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
-    # Deterministic assignment of blocks to workers, so a seed makes a run repeatable.
+    # Deterministic assignment of blocks to workers, so a seed makes a run repeatable; and
+    # every worker reads val/test in the same order, which loop.rank_share relies on.
     data_context.execution_options.preserve_order = True
     columns = ["label", *cfg.data.ordinary, *cfg.data.privileged]
     columns += [f"has_{m}" for m in cfg.data.privileged if m in manifest.optional_modalities]
@@ -124,9 +125,14 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=list(callbacks),
         ),
-        # Every split is divided evenly across workers (equal row counts, so equal step
-        # counts); val/test metrics are summed across ranks.
         datasets=datasets,
+        # Only train is split (equally: equal step counts, a remainder of up to workers - 1
+        # rows left out of each epoch). An equal split of val/test would drop their
+        # remainder too, an unequal one gives ranks unequal forward counts (ZeRO-3 hangs):
+        # so every worker reads val/test whole, in the same order, and scores every
+        # world-th batch (loop.rank_share). That reads val/test once per worker, and in
+        # return needs no coordination: every row counts exactly once.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
 
@@ -245,6 +251,8 @@ def train(
         "seed": cfg.seed,
         "test": state["test"],
         "val": history[-1]["val"],
+        # As counted by the evaluation (summed over ranks): every row of the split.
+        "rows": state["rows"],
         "train_time_s": state["train_time_s"],
         "epochs": len(history),
         "wall_time_s": wall,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -148,3 +149,41 @@ def test_progress_queue_is_pinned_to_the_drivers_node(monkeypatch, ray_local):
     assert strategy.node_id == ray_local.get_runtime_context().get_node_id()
     assert strategy.soft is False
     assert options["num_cpus"] == 0
+
+
+class _Dataset:
+    """A stand-in for a Ray Dataset that names what Ray Train's DataConfig made of it."""
+
+    def __init__(self, split: str) -> None:
+        self.name, self.split = None, split
+        self.context = SimpleNamespace(execution_options=None)
+
+    def set_name(self, name: str) -> None:
+        self.name = name
+
+    def copy(self, _dataset: object) -> _Dataset:
+        return self
+
+    def streaming_split(self, n: int, *, equal: bool, locality_hints: object) -> list[str]:
+        return [f"{self.split} part {i + 1}/{n}{' (equal)' if equal else ''}" for i in range(n)]
+
+    def iterator(self) -> str:
+        return f"{self.split} whole"
+
+
+def test_workers_split_train_equally_and_read_val_and_test_whole(cfg, tmp_path, monkeypatch):
+    """Every worker reads val/test whole and scores its share (loop.rank_share): an equal
+    split would drop their remainder rows."""
+    from osmd_ray.data.schema import read_manifest
+
+    fake = lambda _cfg, _manifest, split, _columns: _Dataset(split)  # noqa: E731
+    monkeypatch.setattr(runner, "in_memory_dataset", fake)
+    monkeypatch.setattr(runner, "streamed_dataset", fake)
+    trainer = runner.build_trainer(cfg, read_manifest(cfg.data.root), str(tmp_path / "run"))
+    per_worker = trainer.data_config.configure(
+        trainer.datasets, world_size=2, worker_handles=None, worker_node_ids=None
+    )
+    assert per_worker == [
+        {"train": f"train part {i}/2 (equal)", "val": "val whole", "test": "test whole"}
+        for i in (1, 2)
+    ]
