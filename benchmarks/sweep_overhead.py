@@ -22,7 +22,7 @@ issue asks for; epoch share = the trials' epoch seconds / (wall x concurrent tri
 
 Usage::
 
-    python benchmarks/sweep_overhead.py                          # ~20 min on 2 idle cores
+    python benchmarks/sweep_overhead.py                          # ~42 min on 2 idle cores
     python benchmarks/sweep_overhead.py --num-samples 8 --epochs 3 --workers 0   # ~2 min
 
 Writes a JSON (``--out``) and prints a markdown table. Results: benchmarks/RESULTS.md.
