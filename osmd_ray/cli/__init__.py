@@ -180,14 +180,16 @@ def _cmd_main(args: argparse.Namespace) -> int:
 def _add_compare(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compare",
-        help="a grid of methods/ablations x seeds: results.csv, summary.md, summary.png",
+        help="a grid of methods/ablations x seeds: results.csv, summary.md/.csv, summary.png",
         description=(
             "Train every (dataset, variant, seed) of a compare spec as a normal run under "
             "OUT/runs/<dataset>/<variant>/seed<k>, then write OUT/results.csv (one row per run: "
             "deployment and teacher accuracy, and mIoU for segmentation, train time, "
             "deployment parameters and CPU latency), OUT/summary.md (per variant the "
             "deployment metric, mIoU for segmentation, as mean ± std over seeds, gap closure, and "
-            "which differences from the target are within seed noise) and OUT/summary.png. "
+            "the difference from the target paired by seed with its 95% t-interval, marked "
+            "where the interval contains 0), OUT/summary.csv (the same figures per dataset and "
+            "variant) and OUT/summary.png. "
             "The spec and every run's config are checked before the first run starts. "
             "Rerunning the same command skips finished runs and completes the rest; a failed "
             "run is reported, the others go on, and the exit code is 1."
