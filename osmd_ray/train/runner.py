@@ -252,7 +252,7 @@ def train(
         "test": state["test"],
         "val": history[-1]["val"],
         # As counted by the evaluation (summed over ranks): every row of the split.
-        "rows": state["rows"],
+        "rows": state.get("rows"),  # None: a checkpoint written before rows were counted
         "train_time_s": state["train_time_s"],
         "epochs": len(history),
         "wall_time_s": wall,
