@@ -424,7 +424,9 @@ def _model_config(data: Mapping[str, Any]) -> ModelConfig:
     if unknown:
         # A newer package wrote fields this one does not know: guessing could build another net.
         raise DeployError(f"meta.json model_config has unknown fields {unknown}; upgrade osmd_ray")
-    return ModelConfig(**data)
+    # The export's weights are the whole network: model.pretrained only initialised training,
+    # and serving must not need (or read) that file.
+    return dataclasses.replace(ModelConfig(**data), pretrained="")
 
 
 def load_deploy(path: str) -> DeployedModel:

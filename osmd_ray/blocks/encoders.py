@@ -20,7 +20,7 @@ a dense role keep their pooled features, broadcast to every pixel of the role's 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from osmd_ray.config import ModelConfig
 from osmd_ray.config.schema import POOLS
 from osmd_ray.data.schema import ModalitySpec
+from osmd_ray.errors import ConfigError
 
 Normalization = Mapping[str, Mapping[str, Sequence[float]]]
 """Per modality, per-channel statistics: ``{name: {"mean": [...], "std": [...]}}``."""
@@ -240,10 +241,151 @@ def _import_backbone_library(name: str):
         raise ImportError(f"model.image_encoder needs {name}: {_BACKBONES_HINT}") from err
 
 
-def timm_encoder(name: str, in_channels: int, feature_dim: int) -> nn.Sequential:
-    """A timm backbone without its classifier (random init), then Linear to feature_dim."""
+_PRETRAINED_KEY = "model.pretrained"
+# How many offending keys a refusal names: enough to recognise the architecture.
+_KEYS_SHOWN = 5
+
+
+def read_pretrained(path: str) -> dict[str, Tensor]:
+    """The safetensors state dict at ``path`` (local or s3://), read through storage so that
+    remote paths work; a missing or unreadable file is a ConfigError naming the key."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    from osmd_ray.storage import read_bytes
+
+    data = read_bytes(path)
+    if data is None:
+        raise ConfigError(
+            f"config key {_PRETRAINED_KEY!r}: no file at {path!r}; write one with "
+            "safetensors.torch.save_file(model.state_dict(), path) (see README.md)",
+            _PRETRAINED_KEY,
+        )
+    try:
+        return load(data)
+    except SafetensorError as err:
+        raise ConfigError(
+            f"config key {_PRETRAINED_KEY!r}: {path!r} is not a safetensors file ({err})",
+            _PRETRAINED_KEY,
+        ) from err
+
+
+def _canonical(key: str) -> str:
+    # timm's features_only wrappers flatten nested module names ("blocks.0" -> "blocks_0") or
+    # hold the model as ``model`` (ViTs' FeatureGetterNet), so keys are matched without that
+    # prefix and with dots and underscores made equal.
+    return key.removeprefix("model.").replace(".", "_")
+
+
+def _adapt_input_conv_mean(in_channels: int, weight: Tensor) -> Tensor:
+    """The RGB-D practice for a stem of another channel count: the kernel averaged over its
+    input channels, repeated to ``in_channels`` and scaled by old/new channels so the
+    activations keep their scale (what timm's ``adapt_input_conv`` does for 1 channel)."""
+    mean = weight.float().mean(dim=1, keepdim=True)
+    adapted = mean.repeat(1, in_channels, 1, 1) * (weight.shape[1] / in_channels)
+    return adapted.to(weight.dtype)
+
+
+def _first_conv_key(backbone: nn.Module) -> str | None:
+    for name, module in backbone.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return f"{name}.weight" if name else "weight"
+    return None
+
+
+def _refuse(path: str, problem: str, keys: Sequence[str], fix: str) -> ConfigError:
+    shown = ", ".join(keys[:_KEYS_SHOWN]) + (" ..." if len(keys) > _KEYS_SHOWN else "")
+    return ConfigError(
+        f"config key {_PRETRAINED_KEY!r}: {path!r} does not fit the backbone: {problem} "
+        f"({len(keys)}: {shown}); {fix}",
+        _PRETRAINED_KEY,
+    )
+
+
+def load_pretrained(
+    backbone: nn.Module,
+    path: str,
+    ignore_prefixes: Sequence[str] = (),
+    ignore_unexpected: bool = False,
+    adapt_conv: Callable[[int, Tensor], Tensor] = _adapt_input_conv_mean,
+) -> None:
+    """Load the safetensors state dict at ``path`` into ``backbone`` (strict where it counts).
+
+    Every backbone key must be in the file with its shape, except the first convolution's
+    input channels, which ``adapt_conv(in_channels, weight)`` adapts (an RGB file for a depth
+    encoder). File keys under ``ignore_prefixes`` (the classifier that ``num_classes=0``
+    dropped) are ignored, and with ``ignore_unexpected`` every key the backbone lacks is (a
+    features_only backbone keeps a prefix of the network). Anything else is a ConfigError
+    naming the first offending keys.
+    """
+    state = read_pretrained(path)
+    by_canonical = {_canonical(k): k for k in state}
+    own = backbone.state_dict()
+    stem = _first_conv_key(backbone)
+    fix = "write the file from the same architecture as model.image_encoder (README.md)"
+    loaded: dict[str, Tensor] = {}
+    missing, mismatched, used = [], [], set()
+    for key, target in own.items():
+        source = key if key in state else by_canonical.get(_canonical(key))
+        if source is None:
+            # A file without BatchNorm's step counters is fine: they only count updates.
+            if not key.endswith("num_batches_tracked"):
+                missing.append(key)
+            continue
+        used.add(source)
+        value = state[source]
+        fits_but_channels = (
+            key == stem
+            and value.dim() == 4
+            and value.shape[0] == target.shape[0]
+            and value.shape[2:] == target.shape[2:]
+        )
+        if value.shape != target.shape and fits_but_channels:
+            value = adapt_conv(target.shape[1], value)
+        if value.shape != target.shape:
+            mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(target.shape)}")
+            continue
+        loaded[key] = value.to(target.dtype)
+    unexpected = [
+        k for k in state if k not in used and not any(k.startswith(p) for p in ignore_prefixes)
+    ]
+    if missing:
+        raise _refuse(path, "keys missing from the file", missing, fix)
+    if mismatched:
+        raise _refuse(path, "shapes that differ (file vs backbone)", mismatched, fix)
+    if unexpected and not ignore_unexpected:
+        raise _refuse(path, "keys the backbone does not have", unexpected, fix)
+    backbone.load_state_dict(loaded, strict=False)
+
+
+def _timm_classifier_prefixes(net: nn.Module) -> tuple[str, ...]:
+    """The file keys of the classifier that ``num_classes=0`` replaced: the model's
+    ``pretrained_cfg["classifier"]`` (a name or a tuple of names), as ``name.`` prefixes."""
+    classifier = getattr(net, "pretrained_cfg", {}).get("classifier") or ()
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    return tuple(f"{n}." for n in names)
+
+
+def _load_timm_pretrained(timm, net: nn.Module, path: str, ignore_unexpected: bool = False) -> None:
+    load_pretrained(
+        net,
+        path,
+        ignore_prefixes=_timm_classifier_prefixes(net),
+        ignore_unexpected=ignore_unexpected,
+        # timm's own helper, so the adaptation is exactly what timm's pretrained loading does.
+        adapt_conv=timm.models.adapt_input_conv,
+    )
+
+
+def timm_encoder(
+    name: str, in_channels: int, feature_dim: int, pretrained: str = ""
+) -> nn.Sequential:
+    """A timm backbone without its classifier, then Linear to feature_dim; random init, or
+    the weights of the file ``pretrained`` (:func:`load_pretrained`), never downloaded."""
     timm = _import_backbone_library("timm")
     net = timm.create_model(name, pretrained=False, in_chans=in_channels, num_classes=0)
+    if pretrained:
+        _load_timm_pretrained(timm, net, pretrained)
     return nn.Sequential(net, nn.Linear(net.num_features, feature_dim), nn.ReLU())
 
 
@@ -253,11 +395,14 @@ def _replace_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def torchvision_encoder(name: str, in_channels: int, feature_dim: int) -> nn.Sequential:
+def torchvision_encoder(
+    name: str, in_channels: int, feature_dim: int, pretrained: str = ""
+) -> nn.Sequential:
     """A torchvision classification model (random init) adapted to ``in_channels``.
 
     The first Conv2d is rebuilt for ``in_channels`` and the last Linear (the classifier) is
     replaced by Identity; this covers ResNet, VGG, MobileNet, EfficientNet, ConvNeXt, DenseNet.
+    ``pretrained``: a safetensors file of the model's weights (:func:`load_pretrained`).
     """
     torchvision = _import_backbone_library("torchvision")
     builder = getattr(torchvision.models, name, None)
@@ -288,6 +433,8 @@ def torchvision_encoder(name: str, in_channels: int, feature_dim: int) -> nn.Seq
         )
     classifier: nn.Linear = modules[linears[-1]]
     _replace_submodule(net, linears[-1], nn.Identity())
+    if pretrained:
+        load_pretrained(net, pretrained, ignore_prefixes=(f"{linears[-1]}.",))
     return nn.Sequential(net, nn.Linear(classifier.in_features, feature_dim), nn.ReLU())
 
 
@@ -329,9 +476,12 @@ class FeaturePyramidDecoder(nn.Module):
 
 class TimmDenseEncoder(nn.Module):
     """A timm backbone's feature pyramid (``features_only``, strides 4 to 32, random init)
-    merged by a :class:`FeaturePyramidDecoder`: (B, C, H, W) -> (B, feature_dim, H/4, W/4)."""
+    merged by a :class:`FeaturePyramidDecoder`: (B, C, H, W) -> (B, feature_dim, H/4, W/4).
 
-    def __init__(self, name: str, in_channels: int, feature_dim: int) -> None:
+    ``pretrained``: a safetensors file of the whole timm model; the keys of the layers that
+    features_only drops (the head, a final norm) are ignored."""
+
+    def __init__(self, name: str, in_channels: int, feature_dim: int, pretrained: str = "") -> None:
         super().__init__()
         timm = _import_backbone_library("timm")
         self.backbone = timm.create_model(
@@ -341,15 +491,19 @@ class TimmDenseEncoder(nn.Module):
             features_only=True,
             out_indices=(1, 2, 3, 4),
         )
+        if pretrained:
+            _load_timm_pretrained(timm, self.backbone, pretrained, ignore_unexpected=True)
         self.decoder = FeaturePyramidDecoder(self.backbone.feature_info.channels(), feature_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decoder(self.backbone(x))
 
 
-def timm_dense_encoder(name: str, in_channels: int, feature_dim: int) -> TimmDenseEncoder:
+def timm_dense_encoder(
+    name: str, in_channels: int, feature_dim: int, pretrained: str = ""
+) -> TimmDenseEncoder:
     """The dense counterpart of :func:`timm_encoder` (segmentation)."""
-    return TimmDenseEncoder(name, in_channels, feature_dim)
+    return TimmDenseEncoder(name, in_channels, feature_dim, pretrained)
 
 
 class ModalityEncoder(nn.Module):
@@ -386,7 +540,9 @@ def build_modality_encoder(
         if choice == "small_cnn":
             body: nn.Module = DenseCNN(channels, cfg.width, cfg.depth, cfg.feature_dim, cfg.norm)
         elif choice.startswith("timm:"):
-            body = timm_dense_encoder(choice.removeprefix("timm:"), channels, cfg.feature_dim)
+            body = timm_dense_encoder(
+                choice.removeprefix("timm:"), channels, cfg.feature_dim, cfg.pretrained
+            )
         else:
             raise ValueError(
                 f"model.image_encoder={choice!r}: segmentation uses small_cnn or timm:<name>"
@@ -406,10 +562,12 @@ def build_modality_encoder(
         elif shared_stages:
             raise ValueError("model.hallucination_shared_stages needs image_encoder=small_cnn")
         elif choice.startswith("timm:"):
-            body = timm_encoder(choice.removeprefix("timm:"), channels, cfg.feature_dim)
+            body = timm_encoder(
+                choice.removeprefix("timm:"), channels, cfg.feature_dim, cfg.pretrained
+            )
         elif choice.startswith("torchvision:"):
             body = torchvision_encoder(
-                choice.removeprefix("torchvision:"), channels, cfg.feature_dim
+                choice.removeprefix("torchvision:"), channels, cfg.feature_dim, cfg.pretrained
             )
         else:
             raise ValueError(

@@ -31,6 +31,11 @@ class DataConfig:
 class ModelConfig:
     image_encoder: str = "small_cnn"
     """small_cnn, or timm:<name> / torchvision:<name> (never downloads weights)."""
+    pretrained: str = ""
+    """timm/torchvision image encoders: a safetensors state dict of the backbone (a local path
+    or s3://) loaded into every such encoder of E_o, E_p and E_h, the first convolution
+    adapted to each modality's channel count (e.g. a 1-channel depth map); "": random init.
+    Never downloaded at run time."""
     width: int = 32
     """Channels of the first CNN stage; hidden units of the MLP and the 1-D CNN."""
     depth: int = 3

@@ -112,6 +112,13 @@ def _check_model(model: ModelConfig) -> None:
             f"torchvision:<name>; got {encoder!r}",
             "model.image_encoder",
         )
+    if model.pretrained.strip() and encoder == "small_cnn":
+        raise ConfigError(
+            "config key 'model.pretrained' needs a timm:<name> or torchvision:<name> "
+            'model.image_encoder (small_cnn has no pretrained weights); set it to "" or '
+            "change model.image_encoder",
+            "model.pretrained",
+        )
     for name in ("width", "depth", "feature_dim"):
         _at_least(getattr(model, name), 1, f"model.{name}")
     _one_of(model.fusion, FUSIONS, "model.fusion")
