@@ -85,3 +85,25 @@ FAST = [
     "data.eval_batch_size=64",
     "tracking.wandb=false",
 ]
+
+
+@pytest.fixture
+def rgbd_batch():
+    """A factory of random RGB-D batches of 8x8 images and their modality specs:
+    ``rgbd_batch(rows, label_shape=())`` -> (rgb spec, depth spec, batch)."""
+    import torch
+
+    from osmd_ray.data.schema import ModalitySpec
+
+    def make(rows: int, label_shape: tuple[int, ...] = ()) -> tuple:
+        rgb = ModalitySpec("rgb", "image", (3, 8, 8), "uint8")
+        depth = ModalitySpec("depth", "image", (1, 8, 8), "float32")
+        gen = torch.Generator().manual_seed(0)
+        batch = {
+            "rgb": torch.randint(0, 256, (rows, 3, 8, 8), generator=gen).to(torch.uint8),
+            "depth": torch.rand(rows, 1, 8, 8, generator=gen) * 4 + 1,
+            "label": torch.randint(0, 3, (rows, *label_shape), generator=gen),
+        }
+        return rgb, depth, batch
+
+    return make

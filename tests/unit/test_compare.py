@@ -243,24 +243,17 @@ def _grads(cfg, model, batch) -> dict[str, torch.Tensor]:
     "name, output_size", [("compare_synth.yaml", None), ("compare_synth_seg.yaml", (8, 8))]
 )
 def test_labels_only_control_trains_the_deployment_network_without_privileged_data(
-    name, output_size
+    name, output_size, rgbd_batch
 ):
     """The control must learn the same whatever the privileged inputs hold (else it leaks
     what it is meant to exclude); osmd's deployment network must not. Every gradient counts,
     not only the deployment parameters': the global gradient-norm clipping (train.grad_clip)
     scales the deployment path's step by the norm over all of them."""
-    from osmd_ray.data.schema import ModalitySpec
     from osmd_ray.methods import build_training_net
 
     runs = {r.variant: r.cfg for r in plan_runs(load_spec(REPO / "configs" / name), "O")}
-    rgb = ModalitySpec("rgb", "image", (3, 8, 8), "uint8")
-    depth = ModalitySpec("depth", "image", (1, 8, 8), "float32")
-    gen = torch.Generator().manual_seed(0)
-    batch = {
-        "rgb": torch.randint(0, 256, (6, 3, 8, 8), generator=gen).to(torch.uint8),
-        "depth": torch.rand(6, 1, 8, 8, generator=gen) * 4 + 1,
-        "label": torch.randint(0, 3, (6, *(output_size or ())), generator=gen),
-    }
+    rgb, depth, batch = rgbd_batch(6, output_size or ())
+    gen = torch.Generator().manual_seed(1)
     other_depth = dict(batch, depth=torch.rand(6, 1, 8, 8, generator=gen) * 4 + 1)
     changed, deploy_changed = {}, {}
     for variant in ("labels_only", "osmd"):

@@ -6,20 +6,12 @@ import pytest
 import torch
 
 from osmd_ray.config import apply_overrides, load_config
-from osmd_ray.data.schema import ModalitySpec
 from osmd_ray.methods import build_training_net, get_method
 from osmd_ray.train.epoch import batch_losses, run_epoch
 
 
-def _tiny(cfg):
-    rgb = ModalitySpec("rgb", "image", (3, 8, 8), "uint8")
-    depth = ModalitySpec("depth", "image", (1, 8, 8), "float32")
-    gen = torch.Generator().manual_seed(0)
-    batch = {
-        "rgb": torch.randint(0, 256, (8, 3, 8, 8), generator=gen).to(torch.uint8),
-        "depth": torch.rand(8, 1, 8, 8, generator=gen) * 4 + 1,
-        "label": torch.randint(0, 3, (8,), generator=gen),
-    }
+def _tiny(cfg, rgbd_batch):
+    rgb, depth, batch = rgbd_batch(8)
     torch.manual_seed(0)
     return build_training_net("osmd", [rgb], [depth], 3, cfg.model, None, None), batch
 
@@ -31,9 +23,9 @@ def _warm_up_cfg():
     )
 
 
-def test_batch_losses_weigh_the_alignment_as_its_warm_up_says_at_that_epoch():
+def test_batch_losses_weigh_the_alignment_as_its_warm_up_says_at_that_epoch(rgbd_batch):
     cfg = _warm_up_cfg()
-    model, batch = _tiny(cfg)
+    model, batch = _tiny(cfg, rgbd_batch)
     model.eval()
     with torch.no_grad():
         outputs = model(batch)
@@ -47,9 +39,9 @@ def test_batch_losses_weigh_the_alignment_as_its_warm_up_says_at_that_epoch():
     assert float(last["total"]) == pytest.approx(float(full["total"]), rel=1e-6)
 
 
-def test_an_epoch_trains_with_the_alignment_weight_of_its_own_epoch():
+def test_an_epoch_trains_with_the_alignment_weight_of_its_own_epoch(rgbd_batch):
     cfg = _warm_up_cfg()
-    model, batch = _tiny(cfg)
+    model, batch = _tiny(cfg, rgbd_batch)
     stage = get_method("osmd").stages(cfg)[-1]
     totals: dict[int, float] = {}
 
