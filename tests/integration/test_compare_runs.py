@@ -20,25 +20,37 @@ from osmd_ray.cli import main
 pytestmark = pytest.mark.integration
 
 
-def test_tiny_compare_writes_checked_files_and_resumes(
-    ray_local, tiny_synth, tmp_path, configs_dir, fast
-):
+def write_two_variant_spec(
+    tmp_path: Path, configs_dir: Path, overrides: list[str], seeds: list[int]
+) -> Path:
+    """A compare spec of ordinary_only and osmd (the target) over ``seeds``, on the default
+    config with ``overrides``."""
     spec = tmp_path / "spec.yaml"
+    variants = [
+        {"name": "ordinary_only", "overrides": ["method=ordinary_only"]},
+        {"name": "osmd", "overrides": ["method=osmd"]},
+    ]
     spec.write_text(
         yaml.safe_dump(
             {
                 "base": str(configs_dir / "osmd_synth.yaml"),
-                # One worker: what is tested is the grid around train(), and a run's start-up
-                # (controller, workers, DeepSpeed) costs far more with two on 2 cores.
-                "overrides": ["train.epochs=1", "scaling.num_workers=1"],
-                "variants": [
-                    {"name": "ordinary_only", "overrides": ["method=ordinary_only"]},
-                    {"name": "osmd", "overrides": ["method=osmd"]},
-                ],
-                "seeds": [3],
+                "overrides": overrides,
+                "variants": variants,
+                "seeds": seeds,
                 "target": "osmd",
             }
         )
+    )
+    return spec
+
+
+def test_tiny_compare_writes_checked_files_and_resumes(
+    ray_local, tiny_synth, tmp_path, configs_dir, fast
+):
+    # One worker: what is tested is the grid around train(), and a run's start-up
+    # (controller, workers, DeepSpeed) costs far more with two on 2 cores.
+    spec = write_two_variant_spec(
+        tmp_path, configs_dir, ["train.epochs=1", "scaling.num_workers=1"], seeds=[3]
     )
     out = tmp_path / "cmp"
     argv = ["compare", "--config", str(spec), "--out", str(out), *fast, f"data.root={tiny_synth}"]
@@ -105,20 +117,8 @@ def test_in_process_grid_reads_the_data_once_and_trains_each_run_in_a_ray_task(
     allow; a rerun trains nothing."""
     from osmd_ray.train import runner
 
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(
-        yaml.safe_dump(
-            {
-                "base": str(configs_dir / "osmd_synth.yaml"),
-                "overrides": ["train.epochs=1", "scaling.num_workers=0"],
-                "variants": [
-                    {"name": "ordinary_only", "overrides": ["method=ordinary_only"]},
-                    {"name": "osmd", "overrides": ["method=osmd"]},
-                ],
-                "seeds": [0, 1],
-                "target": "osmd",
-            }
-        )
+    spec = write_two_variant_spec(
+        tmp_path, configs_dir, ["train.epochs=1", "scaling.num_workers=0"], seeds=[0, 1]
     )
     reads = []
     real_read = runner.read_in_memory
