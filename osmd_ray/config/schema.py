@@ -167,9 +167,26 @@ class BaselineConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    patience: int = 0
+    """Stop after this many epochs in a row without a new best validation metric of the
+    deployment path (accuracy, or mIoU for segmentation); 0 trains all train.epochs."""
+    min_delta: float = 0.0
+    """How much an epoch's validation metric must exceed the best so far to count as a new
+    best (and restart the patience)."""
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 10
-    """Passes over the training split."""
+    """Passes over the training split: the most a run trains (early_stopping may end it
+    sooner)."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """When a run stops before train.epochs (off by default)."""
+    deploy_epoch: str = "best"
+    """Whose weights deploy/ holds and metrics.json's test scores: best (the epoch with the
+    highest validation metric of the deployment path, the earliest of equals; Ray Train
+    keeps its checkpoint by that score) or last."""
     lr: float = 1e-3
     """AdamW learning rate."""
     weight_decay: float = 1e-4
@@ -257,6 +274,9 @@ NORMS = ("batch", "group")
 
 
 SCHEDULES = ("cosine", "constant")
+
+
+DEPLOY_EPOCHS = ("best", "last")
 
 
 FUSIONS = ("ctn", "concat", "sum")

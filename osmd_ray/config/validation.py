@@ -22,6 +22,7 @@ from osmd_ray.config.keys import (
 )
 from osmd_ray.config.schema import (
     ALIGNMENTS,
+    DEPLOY_EPOCHS,
     FUSIONS,
     HALLUCINATIONS,
     IMAGE_ENCODER_PREFIXES,
@@ -240,6 +241,9 @@ def _check_train(cfg: Config) -> None:
     _one_of(train.schedule, SCHEDULES, "train.schedule")
     _at_least(train.max_failures, -1, "train.max_failures")
     _at_least(train.bn_recalibration_batches, 0, "train.bn_recalibration_batches")
+    _at_least(train.early_stopping.patience, 0, "train.early_stopping.patience")
+    _at_least(train.early_stopping.min_delta, 0.0, "train.early_stopping.min_delta")
+    _one_of(train.deploy_epoch, DEPLOY_EPOCHS, "train.deploy_epoch")
 
 
 def _check_scaling(scaling: ScalingConfig) -> None:

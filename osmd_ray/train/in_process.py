@@ -32,6 +32,7 @@ from osmd_ray.train.run_folder import (
     METRICS_FILE,
     export_model,
     plot_history,
+    run_metrics,
     write_json,
 )
 from osmd_ray.train.tracking import start_wandb, wandb_settings
@@ -89,7 +90,7 @@ def _train(
             say(f"resumed from the checkpoint of epoch {run.epoch} (step {run.global_step})")
     tracker = _tracker(cfg, run_dir)
     metrics = None
-    while run.epoch < cfg.train.epochs:
+    while metrics is None:
         epoch_started = time.perf_counter()
         stage, totals = run.train_epoch(say)
         epoch_time = time.perf_counter() - epoch_started
@@ -102,15 +103,17 @@ def _train(
         record["val"] = run.score("val")
         record["val_time_s"] = time.perf_counter() - epoch_started - epoch_time
         history.append(record)
-        last = run.epoch == cfg.train.epochs
+        run.keep_if_deployed(history)
+        last = run.stopping.ends(history)
         saving = time.perf_counter()  # the test pass counts as saving: once, after the last
+        deployed = run.load_deployed(history) if last else 0
         test = run.score("test") if last else None
         if say is not None:
             show_epoch(record, test, cfg, len(run.stages), say, tracker)
         elif tracker is not None:
             show_epoch(record, test, cfg, len(run.stages), lambda line: None, tracker)
         if last:
-            metrics = _finish(run, history, test, train_time, started, run_dir)
+            metrics = _finish(run, history, deployed, test, train_time, started, run_dir)
         else:
             _save_checkpoint(run, history, train_time, run_dir)
         record["save_time_s"] = time.perf_counter() - saving
@@ -120,7 +123,6 @@ def _train(
             raise RuntimeError(f"stopped after epoch {run.epoch} on request (stop_after_epoch)")
     if tracker is not None:
         tracker.finish()
-    assert metrics is not None  # the last epoch wrote them (train.epochs >= 1)
     return metrics
 
 
@@ -142,24 +144,24 @@ def _save_checkpoint(
 def _finish(
     run: LocalRun,
     history: list[dict[str, Any]],
+    deployed: int,
     test: dict[str, Any],
     train_time: float,
     started: float,
     run_dir: str,
 ) -> dict[str, Any]:
-    """The finished run's files: deploy/, history.json, plots, then metrics.json (which
-    marks the run finished, so it comes last)."""
+    """The finished run's files: deploy/ (the weights of epoch ``deployed``, already in the
+    network), history.json, plots, then metrics.json (which marks the run finished, so it
+    comes last)."""
     cfg = run.cfg
     check_finite_weights(run.net.state_dict(), run.epoch - 1, run.global_step, run.device)
     export_model(cfg, run.manifest, run.net.cpu(), run_dir)
     metrics = {
         "method": cfg.method,
         "seed": cfg.seed,
-        "test": test,
-        "val": history[-1]["val"],
+        **run_metrics(cfg, history, deployed, test),
         "rows": {split: int(run.splits[split]["label"].shape[0]) for split in ("val", "test")},
         "train_time_s": train_time,
-        "epochs": len(history),
         "wall_time_s": time.perf_counter() - started,
         "privileged_at_test": run.method.deploy.reads_privileged,
         "engine": "in_process",

@@ -45,6 +45,7 @@ from osmd_ray.train.epoch import (
     run_epoch,
     seed_everything,
 )
+from osmd_ray.train.stopping import StoppingRule
 
 EVAL_BATCH = 512
 """Rows per evaluation forward (scores do not depend on it)."""
@@ -146,6 +147,11 @@ class LocalRun:
         self.order = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
         self.global_step = 0
+        self.stopping = StoppingRule.of(cfg, self.stages, manifest.task)
+        self.metric = self.stopping.metric
+        self.deployed_state: dict[str, Tensor] | None = None
+        """A copy of the weights of the epoch the run would deploy so far, when that is not
+        simply the latest (train.deploy_epoch: best)."""
 
     def _step(self, total: Tensor) -> None:
         """What DeepSpeed's backward and step do for one process: clip, step, advance the LR."""
@@ -190,6 +196,21 @@ class LocalRun:
         paths = self.method.evaluates if paths is None else paths
         return score(self.net, self.splits[split], paths, self.manifest, self.device)
 
+    def keep_if_deployed(self, history: list[dict[str, Any]]) -> None:
+        """After an epoch's validation (the last record of ``history``): copy the weights
+        when this epoch is, so far, the one the run deploys."""
+        if not self.stopping.deploy_last and self.stopping.deployed(history) == len(history):
+            self.deployed_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+
+    def load_deployed(self, history: list[dict[str, Any]]) -> int:
+        """Put the weights of the epoch the run deploys into the network (its best or its
+        last, train.deploy_epoch); returns that epoch (1-based)."""
+        epoch = self.stopping.deployed(history)
+        if epoch != len(history):
+            assert self.deployed_state is not None  # kept by keep_if_deployed at that epoch
+            self.net.load_state_dict(self.deployed_state)
+        return epoch
+
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue exactly where this one stands."""
         return {
@@ -199,6 +220,7 @@ class LocalRun:
             "order": self.order.get_state(),
             "epoch": self.epoch,
             "global_step": self.global_step,
+            "deployed": self.deployed_state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -207,6 +229,7 @@ class LocalRun:
         self.schedule.load_state_dict(state["schedule"])
         self.order.set_state(state["order"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.deployed_state = state.get("deployed")
 
 
 def train_in_process(
@@ -216,32 +239,41 @@ def train_in_process(
 ) -> tuple[TrainingNet, dict[str, Any]]:
     """Train ``cfg`` in this process; returns the trained network and its figures.
 
-    The figures: ``method``, ``seed``, ``metric`` (accuracy, or miou for segmentation),
+    It validates every epoch, stops as ``train.early_stopping`` says and ends with the
+    weights of the epoch ``train.deploy_epoch`` names, as a run of ``osmd train`` does. The
+    figures: ``method``, ``seed``, ``metric`` (accuracy, or miou for segmentation),
     ``test_deploy``, ``val_deploy``, ``train_deploy`` (the deployment path on the training
     split: tells under-fitting from over-fitting), ``test_teacher`` where the method
-    evaluates a teacher path, and ``train_s``. ``splits``: the data already in memory
+    evaluates a teacher path, ``train_s`` (validation included), ``epochs`` (trained) and
+    ``deployed_epoch``. ``splits``: the data already in memory
     (:func:`load_splits`), to share one read between runs.
     """
     manifest = read_manifest(cfg.data.root)
     splits = load_splits(cfg, manifest) if splits is None else splits
     run = LocalRun(cfg, manifest, splits)
     started = time.perf_counter()
-    while run.epoch < cfg.train.epochs:
+    history: list[dict[str, Any]] = []
+    while not history or not run.stopping.ends(history):
         stage, totals = run.train_epoch(say)
+        history.append({"val": run.score("val")})
+        run.keep_if_deployed(history)
         if say is not None and totals.names:
             mean = float(totals.sums[totals.names.index("total")]) / max(totals.batches, 1)
             say(f"epoch {run.epoch}/{cfg.train.epochs} [{stage.name}]  loss={mean:.4f}")
+    deployed = run.load_deployed(history)
     train_s = round(time.perf_counter() - started, 1)
-    metric = "miou" if manifest.task == "segmentation" else "accuracy"
+    metric = run.metric
     test = run.score("test")
     figures: dict[str, Any] = {
         "method": cfg.method,
         "seed": cfg.seed,
         "metric": metric,
         "test_deploy": test["deploy"][metric],
-        "val_deploy": run.score("val")["deploy"][metric],
+        "val_deploy": history[deployed - 1]["val"]["deploy"][metric],
         "train_s": train_s,
         "train_deploy": run.score("train", ("deploy",))["deploy"][metric],
+        "epochs": len(history),
+        "deployed_epoch": deployed,
     }
     if "teacher" in test:
         figures["test_teacher"] = test["teacher"][metric]

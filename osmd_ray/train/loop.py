@@ -31,7 +31,7 @@ from osmd_ray.blocks.stages import (
 from osmd_ray.config import Config, config_from_dict, flatten_keys
 from osmd_ray.data.schema import Manifest
 from osmd_ray.deploy import nonfinite_tensors
-from osmd_ray.errors import NonFiniteLossError
+from osmd_ray.errors import NonFiniteLossError, RunError
 from osmd_ray.methods import build_model, get_method
 from osmd_ray.train.deepspeed_setup import skip_cpu_shared_memory_op
 from osmd_ray.train.epoch import (
@@ -47,6 +47,7 @@ from osmd_ray.train.epoch import (
     run_epoch,
     seed_everything,
 )
+from osmd_ray.train.stopping import StoppingRule
 from osmd_ray.train.tracking import start_wandb
 
 CHECKPOINT_TAG = "ds"
@@ -233,6 +234,50 @@ def rank_share(batches: Iterable[Batch], rank: int, world: int) -> Iterator[Batc
         yield ForwardOnly({k: v[:1] for k, v in last.items()})
 
 
+KEEP_SCORE = "keep_score"
+"""The reported metric Ray Train scores checkpoints by (runner.build_trainer)."""
+
+
+def keep_score(stopping: StoppingRule, history: list[dict[str, Any]], deployed: int) -> int:
+    """A checkpoint's score for Ray Train's retention: its epoch number when it holds the
+    weights the run would deploy so far (a new best under train.early_stopping.min_delta,
+    or the finished run's deployed weights), else 0. The deployable checkpoint then always
+    outscores every other, and Ray keeps it beside the latest (which it always keeps) for
+    :func:`load_reported_weights`; Ray's own ordering of raw scores would keep a slightly
+    higher one that min_delta does not count as a new best."""
+    if deployed or stopping.deployed(history) == len(history):
+        return len(history)
+    return 0
+
+
+def load_reported_weights(engine: Any, epoch: int, zero_stage: int) -> None:
+    """Load into ``engine`` the full weights of the checkpoint this run reported for
+    ``epoch`` (1-based), from Ray Train's list of reported checkpoints. A collective under
+    ZeRO-3: call on every rank."""
+    import deepspeed
+    import ray.train
+    from safetensors.torch import load_file
+
+    reported = [
+        c for c in ray.train.get_all_reported_checkpoints() if c.metrics.get("epoch") == epoch
+    ]
+    if not reported:
+        raise RunError(
+            f"the checkpoint of epoch {epoch}, the run's best, is not among those Ray Train "
+            "kept; rerun with train.deploy_epoch=last, or in a new run folder"
+        )
+    module = engine.module
+    with reported[-1].checkpoint.as_directory() as checkpoint_dir:
+        weights = load_file(os.path.join(checkpoint_dir, WEIGHTS_FILE))
+    gathered = (
+        deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
+        if zero_stage == 3
+        else contextlib.nullcontext()
+    )
+    with gathered:
+        module.load_state_dict(weights, strict=True)
+
+
 def _load_state(checkpoint_dir: str) -> dict[str, Any]:
     with open(os.path.join(checkpoint_dir, STATE_FILE), encoding="utf-8") as f:
         return json.load(f)
@@ -279,6 +324,8 @@ def _start(
         checkpoint_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
         state = _load_state(checkpoint_dir) if checkpoint_dir else None
         start_epoch = state["epoch"] + 1 if state else 0
+        if state is not None and state.get("test") is not None:
+            start_epoch = cfg.train.epochs  # a finished run (it may have stopped early)
         pending = (
             _epoch_batches(cfg, train_shard, start_epoch, rank)
             if start_epoch < cfg.train.epochs
@@ -360,10 +407,22 @@ def show_epoch(
 
 
 def _checkpoint(
-    run: _WorkerRun, epoch: int, test: Any, cfg: Config, device: Any, rank: int, world: int
+    run: _WorkerRun,
+    epoch: int,
+    test: Any,
+    deployed: int,
+    score: int,
+    cfg: Config,
+    device: Any,
+    rank: int,
+    world: int,
 ) -> None:
     """Write this epoch's checkpoint (every rank its DeepSpeed shards, rank 0 the state and
-    the full weights) and report it with the epoch's metrics to Ray Train."""
+    the full weights) and report it with the epoch's metrics to Ray Train.
+
+    ``deployed``: the epoch (1-based) whose weights the engine holds when that is the
+    finished run's deployed epoch, else 0 (test is then None too); ``score``: the
+    checkpoint's :func:`keep_score`."""
     import ray.train
     from safetensors.torch import save_file
 
@@ -381,6 +440,7 @@ def _checkpoint(
                 "train_time_s": run.train_time,
                 "world_size": world,
                 "test": test,
+                "deployed_epoch": deployed or None,
                 "rows": run.rows,
             }
             with open(os.path.join(checkpoint_dir, STATE_FILE), "w", encoding="utf-8") as f:
@@ -391,6 +451,7 @@ def _checkpoint(
             {
                 "epoch": epoch + 1,
                 "epochs_s": epochs_seconds(run.history),
+                KEEP_SCORE: score,
                 **flatten_keys({"val": val, "test": test or {}}, "/"),
             },
             checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
@@ -419,6 +480,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     method = get_method(cfg.method)
     stages = method.stages(cfg)
     run = _start(cfg, manifest, shards["train"], rank, world, say)
+    stopping = StoppingRule.of(cfg, stages, manifest.task)
     wandb = loop_config.get("wandb") if rank == 0 else None
     tracker = start_wandb(wandb, cfg) if wandb else None
 
@@ -452,9 +514,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         run.step = totals.step
         epoch_time = time.perf_counter() - started
-        # The next epoch's pipeline starts while this one validates and checkpoints.
-        last = epoch + 1 == cfg.train.epochs
-        run.pending = None if last else _epoch_batches(cfg, shards["train"], epoch + 1, rank)
+        # The next epoch's pipeline starts while this one validates and checkpoints (left
+        # unread if early stopping ends the run after this epoch).
+        budget_spent = epoch + 1 == cfg.train.epochs
+        run.pending = (
+            None if budget_spent else _epoch_batches(cfg, shards["train"], epoch + 1, rank)
+        )
         recalibrate_batchnorm(
             run.engine.module,
             lambda raw, engine=run.engine: engine(batch_to_device(raw, device)),
@@ -468,17 +533,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         validating = time.perf_counter()
         record["val"] = evaluate_split("val")
         record["val_time_s"] = time.perf_counter() - validating
-        # Test once, after the last epoch, and keep it in that epoch's checkpoint: Ray's
+        run.history.append(record)
+        # Every rank decides alike: the validation scores are sums over ranks.
+        last = stopping.ends(run.history)
+        deployed = stopping.deployed(run.history) if last else 0
+        if deployed and deployed != epoch + 1:
+            load_reported_weights(run.engine, deployed, cfg.train.zero_stage)
+        # Test once, on the deployed weights, and keep it in the last checkpoint: Ray's
         # result carries the metrics of the latest checkpoint, and a rerun of a finished
         # run reads them back from there.
         test = evaluate_split("test") if last else None
-        run.history.append(record)
         if rank == 0:
             show_epoch(record, test, cfg, len(stages), say, tracker)
-        _checkpoint(run, epoch, test, cfg, device, rank, world)
+        score = keep_score(stopping, run.history, deployed)
+        _checkpoint(run, epoch, test, deployed, score, cfg, device, rank, world)
         if loop_config.get("stop_after_epoch") == epoch + 1:
             # Fault injection for resume tests: fail as a crash would, after the checkpoint.
             raise RuntimeError(f"stopped after epoch {epoch + 1} on request (stop_after_epoch)")
+        if last:
+            if rank == 0 and len(run.history) < cfg.train.epochs:
+                say(
+                    f"early stopping after epoch {epoch + 1}: no new best for "
+                    f"{cfg.train.early_stopping.patience} epochs; deploying epoch {deployed}"
+                )
+            break
 
     if tracker is not None:
         tracker.finish()

@@ -135,6 +135,21 @@ def _export_model(
     )
 
 
+def run_metrics(
+    cfg: Config, history: list[dict[str, Any]], deployed: int, test: dict[str, Any]
+) -> dict[str, Any]:
+    """The part of metrics.json that says what the run trained and deployed: ``test`` and
+    ``val`` of the deployed epoch, the epochs trained, the deployed one, and whether early
+    stopping ended the run before train.epochs."""
+    return {
+        "test": test,
+        "val": history[deployed - 1]["val"],
+        "epochs": len(history),
+        "deployed_epoch": deployed,
+        "stopped_early": len(history) < cfg.train.epochs,
+    }
+
+
 def plot_history(history: list[dict[str, Any]], path: str) -> None:
     """Training loss and validation accuracy per epoch."""
     from matplotlib.figure import Figure

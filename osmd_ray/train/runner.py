@@ -31,7 +31,7 @@ from osmd_ray.methods import check_config
 from osmd_ray.train.datasets import in_memory_dataset, streamed_dataset
 from osmd_ray.train.in_process import EpochHook, train_in_process_run
 from osmd_ray.train.local import read_splits, split_columns
-from osmd_ray.train.loop import STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
+from osmd_ray.train.loop import KEEP_SCORE, STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
 from osmd_ray.train.run_folder import (
     HISTORY_FILE,
     METRICS_FILE,
@@ -39,6 +39,7 @@ from osmd_ray.train.run_folder import (
     finished_run_metrics,
     plot_history,
     prepare_run_dir,
+    run_metrics,
     write_json,
 )
 from osmd_ray.train.tracking import wandb_settings
@@ -121,7 +122,11 @@ def build_trainer(
             # None and a local folder, or a pyarrow S3 filesystem and bucket/prefix.
             storage_filesystem=storage_fs,
             storage_path=storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # The deployable checkpoint outscores the rest (loop.keep_score): Ray keeps it
+            # (with the runner-up) and the latest, whatever the run's length.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=KEEP_SCORE, checkpoint_score_order="max"
+            ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=list(callbacks),
         ),
@@ -242,19 +247,18 @@ def train(
     with result.checkpoint.as_directory() as checkpoint_dir:
         with open(os.path.join(checkpoint_dir, STATE_FILE), encoding="utf-8") as f:
             state = json.load(f)
-        if state.get("test") is None or state["epoch"] + 1 != cfg.train.epochs:
+        if state.get("test") is None:
             raise RunError(f"training in {run_dir} stopped before its last epoch: {result.error}")
+        # The final checkpoint holds the deployed epoch's weights (loop.train_loop_per_worker).
         export_from_checkpoint(cfg, manifest, os.path.join(checkpoint_dir, WEIGHTS_FILE), run_dir)
     history = state["history"]
     metrics = {
         "method": cfg.method,
         "seed": cfg.seed,
-        "test": state["test"],
-        "val": history[-1]["val"],
+        **run_metrics(cfg, history, state.get("deployed_epoch") or len(history), state["test"]),
         # As counted by the evaluation (summed over ranks): every row of the split.
         "rows": state.get("rows"),  # None: a checkpoint written before rows were counted
         "train_time_s": state["train_time_s"],
-        "epochs": len(history),
         "wall_time_s": wall,
         "privileged_at_test": method.deploy.reads_privileged,
     }

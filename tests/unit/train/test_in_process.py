@@ -35,7 +35,9 @@ def test_a_run_in_process_writes_the_run_folder_and_scores_every_row(cfg, tmp_pa
         assert (out / name).exists(), name
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert history[-1]["val"] == metrics["val"]
+    # The deployed (best) epoch's validation figures, and what it trained.
+    assert metrics["deployed_epoch"] in (1, 2, 3) and metrics["stopped_early"] is False
+    assert history[metrics["deployed_epoch"] - 1]["val"] == metrics["val"]
     # The same loop as the in-process engine of `osmd lab`: the same figures.
     _, figures = train_in_process(cfg)
     assert metrics["test"]["deploy"]["accuracy"] == figures["test_deploy"]
