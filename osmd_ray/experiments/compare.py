@@ -693,6 +693,8 @@ def collect_rows(
             # Segmentation runs: accuracy is the pixel accuracy, mIoU the deployment metric.
             "test_deploy_miou": test["deploy"].get("miou"),
             "test_teacher_miou": test.get("teacher", {}).get("miou"),
+            "epochs": metrics.get("epochs"),
+            "deployed_epoch": metrics.get("deployed_epoch"),
             "train_time_s": metrics.get("train_time_s"),
             "wall_time_s": metrics.get("wall_time_s"),
             "deploy_params": None,

@@ -30,6 +30,8 @@ CSV_COLUMNS = (
     "test_teacher_accuracy",
     "test_deploy_miou",
     "test_teacher_miou",
+    "epochs",
+    "deployed_epoch",
     "train_time_s",
     "wall_time_s",
     "deploy_params",
@@ -59,10 +61,14 @@ SUMMARY_COLUMNS = (
     "gap_closure_std",
     "gap_closure_lo",
     "gap_closure_hi",
+    "epochs_mean",
+    "deployed_epoch_mean",
 )
 """summary.csv: one row per dataset and variant. Without a prefix: the deployment metric over
 seeds; ``diff_``: the difference from the target paired by seed (PAIRED_TEST); ``gap_closure_``:
-gap closure per seed. ``lo``/``hi``: the 95% t-interval of that mean, empty with n < 2."""
+gap closure per seed. ``lo``/``hi``: the 95% t-interval of that mean, empty with n < 2.
+``epochs_mean``, ``deployed_epoch_mean``: the epochs the runs trained (early stopping may end
+them before train.epochs) and the epoch they deployed (their best, by default)."""
 METRIC_LABELS = {
     "test_deploy_accuracy": "test accuracy (deploy)",
     "test_deploy_miou": "test mIoU (deploy)",
@@ -159,6 +165,8 @@ def summarize(
                 "latency_ms_b1": Stat.of(r["latency_ms_b1"] for r in runs),
                 "latency_ms_b64": Stat.of(r["latency_ms_b64"] for r in runs),
                 "train_time_s": Stat.of(r["train_time_s"] for r in runs),
+                "epochs": Stat.of(r.get("epochs") for r in runs),
+                "deployed_epoch": Stat.of(r.get("deployed_epoch") for r in runs),
             }
             if spec.lower and spec.upper:
                 entry["gap_closure"] = Stat.of(
@@ -238,7 +246,7 @@ def _table(spec: SummarySpec, entries: Sequence[Mapping[str, Any]]) -> list[str]
         header.append("gap closure")
     if spec.target:
         header.append(f"vs {spec.target} (paired by seed)")
-    header += ["deploy params", "latency b1 / b64 (ms)", "train time (s)"]
+    header += ["epochs trained / deployed", "deploy params", "latency b1 / b64 (ms)", "train time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for e in entries:
         cells = [e["variant"], e["method"] or "-", str(e["accuracy"].n), e["accuracy"].fmt()]
@@ -248,6 +256,7 @@ def _table(spec: SummarySpec, entries: Sequence[Mapping[str, Any]]) -> list[str]
             cells.append(_vs_target(e, spec.target))
         params = e["deploy_params"]
         cells += [
+            f"{_num(e['epochs'].mean, 1)} / {_num(e['deployed_epoch'].mean, 1)}",
             f"{params:,}" if params is not None else "n/a",
             f"{_num(e['latency_ms_b1'].mean, 2)} / {_num(e['latency_ms_b64'].mean, 2)}",
             _num(e["train_time_s"].mean, 0),
@@ -327,6 +336,8 @@ def summary_rows(spec: SummarySpec, rows: Sequence[Mapping[str, Any]]) -> list[d
                     **_stat_columns("diff_", diff),
                     **_stat_columns("gap_closure_", e["gap_closure"]),
                     "diff_excludes_zero": None if diff is None else diff.excludes_zero,
+                    "epochs_mean": _mean_or_none(e["epochs"]),
+                    "deployed_epoch_mean": _mean_or_none(e["deployed_epoch"]),
                 }
             )
     return table
@@ -334,6 +345,10 @@ def summary_rows(spec: SummarySpec, rows: Sequence[Mapping[str, Any]]) -> list[d
 
 def format_summary_csv(spec: SummarySpec, rows: Sequence[Mapping[str, Any]]) -> str:
     return _csv_text(SUMMARY_COLUMNS, summary_rows(spec, rows))
+
+
+def _mean_or_none(stat: Stat) -> float | None:
+    return None if math.isnan(stat.mean) else stat.mean
 
 
 def _stat_columns(prefix: str, stat: Stat | None) -> dict[str, float | int | None]:

@@ -461,6 +461,9 @@ class FakeTrain:
             "train_time_s": 10.0 + cfg.seed,
             "wall_time_s": 20.0,
             "privileged_at_test": False,
+            # osmd stopped early on seed 1: 8 epochs, its best the 5th.
+            "epochs": 8 if cfg.method == "osmd" and cfg.seed == 1 else 10,
+            "deployed_epoch": 5 if cfg.method == "osmd" and cfg.seed == 1 else 9,
         }
         Path(out, "metrics.json").write_text(json.dumps(metrics))
         os.makedirs(os.path.join(out, "deploy"), exist_ok=True)
@@ -506,6 +509,7 @@ def test_compare_writes_rows_summary_and_chart(tmp_path, tiny_data):
     assert by[("osmd", "0")]["deploy_params"] == "1234"
     assert by[("osmd", "0")]["latency_ms_b64"] == "9.0"
     assert by[("osmd", "0")]["train_time_s"] == "10.0"
+    assert (by[("osmd", "1")]["epochs"], by[("osmd", "1")]["deployed_epoch"]) == ("8", "5")
     assert by[("osmd", "0")]["run_dir"] == os.path.join("runs", "tiny", "osmd", "seed0")
 
     md = Path(out, "summary.md").read_text()
@@ -513,8 +517,8 @@ def test_compare_writes_rows_summary_and_chart(tmp_path, tiny_data):
     # osmd: accuracies 0.75, 0.80; gap closures 0.5 and 0.6667 -> 0.58 ± 0.12, and with
     # 2 seeds (t = 12.706) the interval 0.58 ± 1.06.
     assert (
-        "| osmd | osmd | 2 | 0.7750 ± 0.0354 | 0.58 ± 0.12, CI [-0.48, 1.64] | (target) | 1,234 |"
-        in md
+        "| osmd | osmd | 2 | 0.7750 ± 0.0354 | 0.58 ± 0.12, CI [-0.48, 1.64] | (target) "
+        "| 9.0 / 7.0 | 1,234 |" in md
     )
     # ordinary_only - osmd per seed: -0.15, -0.20; 2 seeds leave the interval wide.
     assert (
@@ -528,6 +532,7 @@ def test_compare_writes_rows_summary_and_chart(tmp_path, tiny_data):
     summary = read_csv(os.path.join(out, "summary.csv"))
     assert [r["variant"] for r in summary] == ["ordinary_only", "full_multimodal", "osmd"]
     assert float(summary[0]["diff_lo"]) == pytest.approx(-0.4927, abs=1e-4)
+    assert float(summary[2]["epochs_mean"]) == 9.0 and float(summary[2]["deployed_epoch_mean"]) == 7.0
     assert Path(out, "summary.png").read_bytes().startswith(PNG_SIGNATURE)
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
 

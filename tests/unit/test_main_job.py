@@ -22,6 +22,8 @@ def _metrics(acc: float, privileged: bool) -> dict:
         "test": {"deploy": {"accuracy": acc}},
         "privileged_at_test": privileged,
         "train_time_s": 12.0,
+        "epochs": 14 if privileged else 10,
+        "deployed_epoch": 11 if privileged else 10,
     }
 
 
@@ -38,5 +40,5 @@ def test_results_table_rows_and_markdown():
     assert by_method["ordinary_only"]["gap_closure"] == pytest.approx(0.0)
     assert by_method["full_multimodal"]["gap_closure"] == pytest.approx(1.0)
     text = format_table(rows)
-    assert "| osmd | 0.7500 | no | 0.50 |" in text
-    assert "| full_multimodal | 0.9000 | yes | 1.00 |" in text
+    assert "| osmd | 0.7500 | no | 0.50 | 10 / 10 | 12 |" in text
+    assert "| full_multimodal | 0.9000 | yes | 1.00 | 14 / 11 | 12 |" in text
