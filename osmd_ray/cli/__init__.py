@@ -218,6 +218,17 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
         "allow, CPU count // scaling.cpus_per_worker; otherwise 1, since one run already "
         "uses several CPU workers: raise it only on a cluster with room for N runs' workers",
     )
+    p.add_argument(
+        "--tune",
+        type=int,
+        default=None,
+        metavar="N",
+        help="before the seeds run, tune every variant with the same budget: an osmd sweep of "
+        "N trials over train.lr and the method's own loss weights (a third to three times "
+        "their untuned values, Optuna + ASHA, on the first seed's validation split), into "
+        "OUT/tune/<dataset>/<variant>; the best trial's values then train every seed. "
+        "Default: the spec's tune (0: untuned). A rerun reuses finished tuning",
+    )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides for every run")
     p.set_defaults(func=_cmd_compare)
 
@@ -226,7 +237,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from osmd_ray.experiments.compare import compare
 
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-    result = compare(args.config, out, args.overrides, args.seeds, args.max_concurrent)
+    result = compare(args.config, out, args.overrides, args.seeds, args.max_concurrent, args.tune)
     return EXIT_FAILED if result.failures else 0
 
 

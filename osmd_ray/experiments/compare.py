@@ -57,6 +57,7 @@ from osmd_ray.config import (
     saved_config_matches,
 )
 from osmd_ray.data.checker import verify_dataset
+from osmd_ray.data.schema import read_manifest
 from osmd_ray.deploy import load_deploy
 from osmd_ray.errors import ConfigError, SpecError, describe
 from osmd_ray.experiments.main_job import ensure_synthetic_data
@@ -67,11 +68,29 @@ from osmd_ray.experiments.summary import (
     format_summary_csv,
     plot_summary,
 )
+from osmd_ray.experiments.tuning import (
+    TUNE_FOLDER,
+    Tuned,
+    default_trials_at_once,
+    format_tuning,
+    tune_variant,
+    variant_sweep,
+)
 from osmd_ray.methods import check_config
 from osmd_ray.train import runner
 from osmd_ray.train.local import split_columns
+from osmd_ray.train.stopping import task_metric
 
-SPEC_KEYS = ("base", "overrides", "variants", "seeds", "datasets", "reference", "target")
+SPEC_KEYS = (
+    "base",
+    "overrides",
+    "variants",
+    "seeds",
+    "datasets",
+    "reference",
+    "target",
+    "tune",
+)
 VARIANT_KEYS = ("name", "overrides")
 DATASET_KEYS = ("name", "root")
 REFERENCE_KEYS = ("lower", "upper")
@@ -113,6 +132,8 @@ class CompareSpec:
     lower: str | None
     upper: str | None
     target: str | None
+    tune: int = 0
+    """Trials of each variant's own sweep before its seeds run (0: untuned; tuning.py)."""
 
     @property
     def stem(self) -> str:
@@ -132,14 +153,18 @@ class PlannedRun:
         return f"{self.dataset}/{self.variant}/seed{self.seed}"
 
 
-def load_spec(path: str | os.PathLike[str], seeds: int | None = None) -> CompareSpec:
+def load_spec(
+    path: str | os.PathLike[str], seeds: int | None = None, tune: int | None = None
+) -> CompareSpec:
     """Read and check a compare spec; ``seeds`` (``--seeds N``) replaces its seeds by 0..N-1."""
     path = str(path)
     data = read_spec(path, "compare spec", "configs/compare_synth.yaml", SpecError)
-    return parse_spec(data, path, seeds)
+    return parse_spec(data, path, seeds, tune)
 
 
-def parse_spec(data: Any, path: str, seeds: int | None = None) -> CompareSpec:
+def parse_spec(
+    data: Any, path: str, seeds: int | None = None, tune: int | None = None
+) -> CompareSpec:
     """Check the structure of a loaded spec (its training configs are checked by plan_runs)."""
 
     def fail(key: str, problem: str) -> SpecError:
@@ -192,6 +217,13 @@ def parse_spec(data: Any, path: str, seeds: int | None = None) -> CompareSpec:
     target = data.get("target")
     if target is not None:
         target = _variant_ref(target, "target", names, fail)
+    if tune is not None:
+        if isinstance(tune, bool) or not isinstance(tune, int) or tune < 0:
+            raise SpecError(f"--tune must be an integer >= 0; got {tune!r}", "tune")
+    else:
+        tune = data.get("tune", 0)
+        if isinstance(tune, bool) or not isinstance(tune, int) or tune < 0:
+            raise fail("tune", f"must be the trials of each variant's sweep, >= 0; got {tune!r}")
     return CompareSpec(
         path=path,
         base=base,
@@ -202,6 +234,7 @@ def parse_spec(data: Any, path: str, seeds: int | None = None) -> CompareSpec:
         lower=lower,
         upper=upper,
         target=target,
+        tune=tune,
     )
 
 
@@ -284,12 +317,18 @@ def _variant_ref(value: Any, key: str, names: Sequence[str], fail: Callable) -> 
 # ---------------------------------------------------------------------------------------------
 
 
-def plan_runs(spec: CompareSpec, out: str, overrides: Sequence[str] = ()) -> list[PlannedRun]:
+def plan_runs(
+    spec: CompareSpec,
+    out: str,
+    overrides: Sequence[str] = (),
+    tuned: Mapping[tuple[str, str], Sequence[str]] | None = None,
+) -> list[PlannedRun]:
     """Every run's validated config and folder, seeds outermost (a finished seed is useful).
 
     Overrides apply in this order, later wins: the spec's, the dataset's root, the variant's,
-    the command line's, then the seed. A config that does not validate raises ConfigError
-    prefixed by the variant, before anything runs.
+    the command line's, the values tuning chose for the (dataset, variant) in ``tuned``,
+    then the seed. A config that does not validate raises ConfigError prefixed by the
+    variant, before anything runs.
     """
     for text in overrides:
         name = text.split("=", 1)[0].strip()
@@ -313,15 +352,15 @@ def plan_runs(spec: CompareSpec, out: str, overrides: Sequence[str] = ()) -> lis
         for seed in spec.seeds:
             for variant in spec.variants:
                 try:
-                    cfg = apply_overrides(
-                        base, [*root_override, *variant.overrides, *overrides, f"seed={seed}"]
-                    )
+                    cfg = apply_overrides(base, [*root_override, *variant.overrides, *overrides])
+                    name = dataset.name or _dataset_name(cfg.data.root)
+                    chosen = (tuned or {}).get((name, variant.name), ())
+                    cfg = apply_overrides(cfg, [*chosen, f"seed={seed}"])
                     check_config(cfg)
                 except ConfigError as e:
                     raise ConfigError(f"variant {variant.name!r}: {e}", e.key) from None
                 if not cfg.tracking.group:  # wandb shows a compare's runs together
                     cfg = apply_overrides(cfg, [f"tracking.group={spec.stem}"])
-                name = dataset.name or _dataset_name(cfg.data.root)
                 run_dir = storage.join(out, "runs", name, variant.name, f"seed{seed}")
                 runs.append(PlannedRun(name, variant.name, seed, cfg, run_dir))
     return runs
@@ -390,6 +429,8 @@ class CompareResult:
     """Run name -> error, for runs that failed in this invocation."""
     trained: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    tuned: dict[tuple[str, str], Tuned] = field(default_factory=dict)
+    """(dataset, variant) -> what its sweep chose, with --tune."""
 
 
 def run_compare(
@@ -421,6 +462,10 @@ def run_compare(
         storage.set_endpoint(runs[0].cfg.storage.endpoint_url)
     storage.check_bucket(out, "--out")  # in seconds, naming the bucket, before any run
     check_datasets(runs)
+    tuned: dict[tuple[str, str], Tuned] = {}
+    if spec.tune:
+        tuned = tune_variants(spec, out, overrides, runs)
+        runs = plan_runs(spec, out, overrides, {k: t.overrides for k, t in tuned.items()})
     conflicts = [r for r in runs if run_state(r) == "conflict"]
     if conflicts:
         details = "; ".join(
@@ -433,7 +478,7 @@ def run_compare(
             "folders, or choose another --out",
             "",
         )
-    result = CompareResult(rows=[])
+    result = CompareResult(rows=[], tuned=tuned)
     todo = []
     for r in runs:
         if run_state(r) == "finished":
@@ -456,6 +501,34 @@ def run_compare(
     result.rows = collect_rows(runs, out, measure_fn or measure_deploy)
     write_outputs(spec, out, overrides, result)
     return result
+
+
+def tune_variants(
+    spec: CompareSpec, out: str, overrides: Sequence[str], runs: Sequence[PlannedRun]
+) -> dict[tuple[str, str], Tuned]:
+    """One sweep of ``spec.tune`` trials per (dataset, variant), on its first seed's config
+    (:mod:`osmd_ray.experiments.tuning`); returns what each chose."""
+    firsts: dict[tuple[str, str], PlannedRun] = {}
+    for run in runs:
+        firsts.setdefault((run.dataset, run.variant), run)
+    variants = {v.name: v for v in spec.variants}
+    tuned = {}
+    for (dataset, variant), run in firsts.items():
+        metric = task_metric(read_manifest(run.cfg.data.root).task)
+        sweep_spec = variant_sweep(
+            spec.path,
+            spec.base,
+            [*spec.overrides, f"data.root={run.cfg.data.root}", *variants[variant].overrides],
+            run.cfg,
+            metric,
+            spec.tune,
+            default_trials_at_once(run.cfg),
+        )
+        folder = storage.join(out, TUNE_FOLDER, dataset, variant)
+        tuned[(dataset, variant)] = tune_variant(
+            sweep_spec, folder, overrides, f"{dataset}/{variant}"
+        )
+    return tuned
 
 
 def _run_cpus(cfg: Config) -> float:
@@ -726,9 +799,12 @@ def write_outputs(
 ) -> None:
     """results.csv, summary.md, summary.csv and summary.png in ``out``, each written whole or
     not at all (:func:`osmd_ray.storage.write_bytes`: one PUT on an object store)."""
+    summary = format_summary(spec, overrides, result.rows, result.failures)
+    if result.tuned:
+        summary += "\n" + "\n".join(format_tuning(result.tuned, spec.tune)) + "\n"
     texts = {
         "results.csv": format_csv(result.rows),
-        "summary.md": format_summary(spec, overrides, result.rows, result.failures),
+        "summary.md": summary,
         "summary.csv": format_summary_csv(spec, result.rows),
     }
     for name, text in texts.items():
@@ -742,9 +818,11 @@ def compare(
     overrides: Sequence[str] = (),
     seeds: int | None = None,
     max_concurrent: int | None = None,
+    tune: int | None = None,
 ) -> CompareResult:
-    """What ``osmd compare`` runs: load the spec, run the grid, write and print the summary."""
-    spec = load_spec(spec_path, seeds)
+    """What ``osmd compare`` runs: load the spec, run the grid, write and print the summary.
+    ``tune``: trials of each variant's sweep (--tune; None: the spec's ``tune``)."""
+    spec = load_spec(spec_path, seeds, tune)
     result = run_compare(spec, out, overrides, max_concurrent)
     print()
     print(storage.read_text(storage.join(out, "summary.md")))

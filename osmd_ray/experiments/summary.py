@@ -246,7 +246,12 @@ def _table(spec: SummarySpec, entries: Sequence[Mapping[str, Any]]) -> list[str]
         header.append("gap closure")
     if spec.target:
         header.append(f"vs {spec.target} (paired by seed)")
-    header += ["epochs trained / deployed", "deploy params", "latency b1 / b64 (ms)", "train time (s)"]
+    header += [
+        "epochs trained / deployed",
+        "deploy params",
+        "latency b1 / b64 (ms)",
+        "train time (s)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for e in entries:
         cells = [e["variant"], e["method"] or "-", str(e["accuracy"].n), e["accuracy"].fmt()]

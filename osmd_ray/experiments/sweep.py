@@ -644,7 +644,7 @@ def run_sweep(
     if resume and not existing:
         raise ConfigError(f"--resume: {out} holds no sweep to continue (no {TUNE_DIR}/)", "")
     _check_data(cfg)
-    spec_text = _spec_record(spec, cfg)
+    spec_text = spec_record(spec, cfg)
     _check_same_sweep(out, spec_text)
     # In-process trials share one read of the dataset, checked once, through the object store.
     data = read_in_memory(cfg) if spec.in_process else None
@@ -704,7 +704,7 @@ def _check_data(cfg: Config) -> None:
     check_against_manifest(cfg, verify_dataset(cfg.data.root, deep=False))
 
 
-def _spec_record(spec: SweepSpec, cfg: Config) -> str:
+def spec_record(spec: SweepSpec, cfg: Config) -> str:
     """What identifies a sweep: its base config and search settings. A rerun into the same
     folder must match it, or Tune would continue one search with another's settings."""
     record = {

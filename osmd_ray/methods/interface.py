@@ -40,7 +40,9 @@ class Method:
     - ``evaluates``: the paths scored on val and test (``<path>_logits`` outputs; "deploy" is
       what the deployment network computes);
     - ``needs_privileged``: training reads the privileged modalities;
-    - ``check_config(cfg)``: what this method needs of a config, as ConfigErrors naming the key.
+    - ``check_config(cfg)``: what this method needs of a config, as ConfigErrors naming the key;
+    - ``tuned_weights``: the config keys of this method's own positive loss weights (and
+      temperatures), which ``osmd compare --tune`` searches with ``train.lr``.
     """
 
     name: str
@@ -54,3 +56,4 @@ class Method:
     stage_count: int = 1
     add_training_parts: Callable[[TrainingNet], None] = no_training_parts
     check_config: Callable[[Config], None] = no_config_checks
+    tuned_weights: tuple[str, ...] = ()

@@ -55,4 +55,5 @@ METHOD = Method(
     stages=stages,
     evaluates=("deploy", "teacher"),
     stage_count=2,
+    tuned_weights=("baselines.kd_temperature",),
 )

@@ -176,4 +176,6 @@ METHOD = Method(
     stages=stages,
     evaluates=("deploy", "teacher"),
     check_config=check_config,
+    # Each searched only where the config gives it weight: a zero weight is a term left out.
+    tuned_weights=tuple(f"loss.{name}" for name in LOSS_WEIGHTS if name != "w_deploy"),
 )

@@ -158,3 +158,42 @@ def test_in_process_grid_reads_the_data_once_and_trains_each_run_in_a_ray_task(
     assert "4 runs: 4 finished earlier, 0 to train" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
     assert reads == [tiny_synth]  # nothing to train: nothing read again
+
+
+def test_tune_gives_every_variant_the_same_sweep_and_trains_its_best_over_the_seeds(
+    ray_local, tiny_synth, tmp_path, configs_dir, fast, capsys
+):
+    """--tune 2: each variant's own sweep of 2 trials (ordinary_only over train.lr, osmd over
+    train.lr and its weighted loss terms), then every seed trains the best trial's values;
+    a rerun reuses the tuning and trains nothing."""
+    spec = write_two_variant_spec(
+        tmp_path, configs_dir, ["train.epochs=2", "scaling.num_workers=0"], seeds=[0, 1]
+    )
+    out = tmp_path / "cmp"
+    argv = ["compare", "--config", str(spec), "--out", str(out), "--tune", "2", *fast]
+    argv.append(f"data.root={tiny_synth}")
+
+    assert main(argv) == 0
+
+    printed = capsys.readouterr().out
+    assert "tuning tiny_synth/ordinary_only: 2 trials over train.lr\n" in printed
+    assert "tuning tiny_synth/osmd: 2 trials over train.lr, loss.w_teacher" in printed
+    for variant in ("ordinary_only", "osmd"):
+        folder = out / "tune" / "tiny_synth" / variant
+        with open(folder / "trials.csv", newline="") as f:
+            assert len(list(csv.DictReader(f))) == 2  # the same budget for every variant
+        choice = json.loads((folder / "tuned.json").read_text())
+        lr = float(next(o for o in choice["overrides"] if o.startswith("train.lr=")).split("=")[1])
+        assert 1e-3 / 3 <= lr <= 3e-3  # within the searched range around the untuned 1e-3
+        for seed in (0, 1):
+            run = yaml.safe_load(
+                (out / "runs" / "tiny_synth" / variant / f"seed{seed}" / "config.yaml").read_text()
+            )
+            assert run["train"]["lr"] == pytest.approx(lr)  # every seed trains the best's values
+            assert run["seed"] == seed
+    summary = (out / "summary.md").read_text()
+    assert "## Tuning" in summary and "2 trials of `osmd sweep`" in summary
+
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "tuned earlier" in printed and "4 runs: 4 finished earlier, 0 to train" in printed

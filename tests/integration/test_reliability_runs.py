@@ -171,8 +171,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-
-
 def flat(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():

@@ -532,7 +532,9 @@ def test_compare_writes_rows_summary_and_chart(tmp_path, tiny_data):
     summary = read_csv(os.path.join(out, "summary.csv"))
     assert [r["variant"] for r in summary] == ["ordinary_only", "full_multimodal", "osmd"]
     assert float(summary[0]["diff_lo"]) == pytest.approx(-0.4927, abs=1e-4)
-    assert float(summary[2]["epochs_mean"]) == 9.0 and float(summary[2]["deployed_epoch_mean"]) == 7.0
+    assert (
+        float(summary[2]["epochs_mean"]) == 9.0 and float(summary[2]["deployed_epoch_mean"]) == 7.0
+    )
     assert Path(out, "summary.png").read_bytes().startswith(PNG_SIGNATURE)
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
 

@@ -116,14 +116,18 @@ def test_an_early_stopped_run_deploys_its_best_epoch_weights(constant_lr, tmp_pa
     # stops the run after epoch 3 of at most 6, and deploy/ holds epoch 1's weights.
     stopped = train(
         constant_lr(
-            "train.epochs=6", "train.early_stopping.patience=2", "train.early_stopping.min_delta=0.5"
+            "train.epochs=6",
+            "train.early_stopping.patience=2",
+            "train.early_stopping.min_delta=0.5",
         ),
         str(tmp_path / "stopped"),
     )
     assert (stopped["epochs"], stopped["deployed_epoch"], stopped["stopped_early"]) == (3, 1, True)
     # A one-epoch run trains the same first epoch (constant LR, same seed).
     one = train(constant_lr("train.epochs=1"), str(tmp_path / "one"))
-    weights = {n: load_file(str(tmp_path / n / "deploy" / "model.safetensors")) for n in ("stopped", "one")}
+    weights = {
+        n: load_file(str(tmp_path / n / "deploy" / "model.safetensors")) for n in ("stopped", "one")
+    }
     assert weights["stopped"].keys() == weights["one"].keys()
     for name, tensor in weights["one"].items():
         assert (weights["stopped"][name] == tensor).all(), name
