@@ -832,12 +832,14 @@ def trial_rows(
         wall = (elapsed or {}).get(trial_id, math.nan)
         epochs_s = float(metrics.get("epochs_s", math.nan))
         best = (max if spec.mode == "max" else min)(values) if values else math.nan
+        run_dir = posixpath.join("trials", trial_id)
         row: dict[str, Any] = {"trial_id": trial_id}
         row.update({f"param.{p.key}": _plain(result.config.get(p.key)) for p in spec.space})
         row.update(
             {
                 "final_metric": values[-1] if values else math.nan,
                 "best_metric": best,
+                "deployed_metric": deployed_metric(spec, storage.join(out, run_dir)),
                 "epochs": epochs,
                 "status": status,
                 "wall_s": round(wall, 2),
@@ -848,11 +850,22 @@ def trial_rows(
                     for key in ("setup_s", "save_s", "trial_s")
                 },
                 "error": _first_line(result.error) if result.error is not None else "",
-                "run_dir": posixpath.join("trials", trial_id),
+                "run_dir": run_dir,
             }
         )
         rows.append(row)
     return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def deployed_metric(spec: SweepSpec, run_dir: str) -> float:
+    """The sweep's metric as the trial's finished run deploys it (metrics.json's ``val``: its
+    best epoch by default, train.deploy_epoch); NaN for a trial that did not finish."""
+    text = storage.read_text(storage.join(run_dir, "metrics.json"))
+    if text is None:
+        return math.nan
+    _, path, name = spec.metric.split(".")
+    value = json.loads(text).get("val", {}).get(path, {}).get(name)
+    return math.nan if value is None else float(value)
 
 
 def _first_line(error: BaseException) -> str:
@@ -861,16 +874,20 @@ def _first_line(error: BaseException) -> str:
 
 
 def pick_best(rows: Sequence[dict[str, Any]], spec: SweepSpec, cfg: Config) -> dict | None:
-    """The best trial among those that trained every epoch (by their final metric), so that
-    best.yaml, trained as is, reproduces the figure; an early-stopped trial's figure is from
-    fewer epochs. Falls back to every trial when none completed."""
-    pool = [r for r in rows if r["status"] == "COMPLETED" and not math.isnan(r["final_metric"])]
+    """The best trial among those that finished their run (every epoch, or until early
+    stopping), ranked by the metric their run deploys (``deployed_metric``), so that
+    best.yaml, trained as is, reproduces the figure; an ASHA-stopped trial's figure is from
+    fewer epochs. Falls back to every trial's final metric when none finished. The returned
+    row has the figure it was ranked by as ``selected_metric``."""
+    pool = [r for r in rows if r["status"] == "COMPLETED" and not math.isnan(r["deployed_metric"])]
+    key = "deployed_metric"
     if not pool:
-        pool = [r for r in rows if not math.isnan(r["final_metric"])]
+        pool, key = [r for r in rows if not math.isnan(r["final_metric"])], "final_metric"
     if not pool:
         return None
     choose = max if spec.mode == "max" else min
-    return choose(pool, key=lambda r: r["final_metric"])
+    best = choose(pool, key=lambda r: r[key])
+    return {**best, "selected_metric": best[key]}
 
 
 def write_outputs(
@@ -898,7 +915,7 @@ def write_outputs(
         )
         header = (
             f"# Best trial of the sweep in {out}: {best['trial_id']}, {spec.metric}="
-            f"{best['final_metric']:.4f} after {best['epochs']} epochs ({best['status']}).\n"
+            f"{best['selected_metric']:.4f} after {best['epochs']} epochs ({best['status']}).\n"
             f"# Train it as is: {train_it}\n"
         )
         storage.write_bytes(best_path, (header + dump_yaml(best_cfg)).encode("utf-8"))
@@ -960,7 +977,7 @@ def sweep(
     print(f"trials.csv, best.yaml and summary.png in {out}")
     if result.best is not None:
         print(
-            f"best: {result.best['trial_id']} {spec.metric}={result.best['final_metric']:.4f} "
+            f"best: {result.best['trial_id']} {spec.metric}={result.best['selected_metric']:.4f} "
             f"({result.best['status'].lower()}); train it with "
             f"osmd train --config {storage.join(out, BEST_FILE)} --out RUN"
         )

@@ -133,7 +133,10 @@ def tune_variant(sweep_spec: SweepSpec, folder: str, overrides: Sequence[str], l
         )
     params = {key: result.best[f"param.{key}"] for key in keys}
     tuned = Tuned(
-        keys, tuple(param_overrides(params)), result.best["trial_id"], result.best["final_metric"]
+        keys,
+        tuple(param_overrides(params)),
+        result.best["trial_id"],
+        result.best["selected_metric"],
     )
     choice = {
         "trial": tuned.trial,

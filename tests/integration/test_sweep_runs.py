@@ -115,9 +115,12 @@ def test_a_killed_asha_sweep_resumes_and_best_yaml_reproduces_its_trial(
     trial_cfg = load_config(out / result.best["run_dir"] / "config.yaml")
     assert best_cfg == trial_cfg
     metrics = train(best_cfg, str(tmp_path / "best_run"))
-    assert metrics["val"]["deploy"]["loss"] == pytest.approx(result.best["final_metric"], abs=1e-6)
-    assert result.best["final_metric"] == min(
-        float(r["final_metric"]) for r in rows if r["status"] == "COMPLETED"
+    # The figure its run deploys (its best epoch), by which the sweep ranked the trials.
+    assert metrics["val"]["deploy"]["loss"] == pytest.approx(
+        result.best["selected_metric"], abs=1e-6
+    )
+    assert result.best["selected_metric"] == min(
+        float(r["deployed_metric"]) for r in rows if r["status"] == "COMPLETED"
     )
 
 

@@ -177,6 +177,7 @@ def _row(trial, lr, final, status, epochs):
         "param.model.fusion": "sum",
         "final_metric": final,
         "best_metric": final,
+        "deployed_metric": final if status == "COMPLETED" else math.nan,
         "epochs": epochs,
         "status": status,
         "error": "",
