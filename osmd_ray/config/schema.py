@@ -25,6 +25,11 @@ class DataConfig:
     in_memory_mb: int = 1024
     """Datasets up to this size (all splits, on disk) are read once into Ray's object store;
     larger ones stream from storage every epoch. 0 always streams."""
+    train_rows: int = 0
+    """Train on this many rows of the training split (0: all of them): the first rows of one
+    fixed random order (seed 0, whatever the run's seed), so a smaller subset is part of every
+    larger one (learning curves: ``train_sizes`` of a compare spec). Val and test stay whole.
+    A subset is read into memory whatever data.in_memory_mb says."""
 
 
 @dataclass

@@ -67,6 +67,7 @@ def validate(cfg: Config) -> None:
 
 
 def _check_data(cfg: Config) -> None:
+    _at_least(cfg.data.train_rows, 0, "data.train_rows")
     data = cfg.data
     _one_of(cfg.method, METHOD_NAMES, "method")
     if not 0 <= cfg.seed < SEED_LIMIT:
@@ -351,6 +352,14 @@ def check_against_manifest(cfg: Config, manifest: Any) -> None:
 def _check_rows(cfg: Config, splits: Mapping[str, Any]) -> None:
     workers, root = max(1, cfg.scaling.num_workers), cfg.data.root
     rows = {split: sum(shard.rows for shard in shards) for split, shards in splits.items()}
+    if "train" in rows and cfg.data.train_rows:
+        if cfg.data.train_rows > rows["train"]:
+            raise ConfigError(
+                f"config key 'data.train_rows' is {cfg.data.train_rows}, but the training split "
+                f"of {root!r} has {rows['train']} rows; ask for at most that many (0: all)",
+                "data.train_rows",
+            )
+        rows["train"] = cfg.data.train_rows
     if "train" in rows and rows["train"] // workers < cfg.data.batch_size:
         # Workers drop the last partial batch (equal step counts), so no step would run.
         raise ConfigError(

@@ -158,3 +158,16 @@ def _empty(manifest: Manifest, col: str) -> np.ndarray:
         return np.zeros((0, *manifest.label_shape), dtype=np.int64)
     spec = manifest.modalities[col]
     return np.zeros((0, *spec.shape), dtype=spec.dtype)
+
+
+SUBSET_SEED = 0
+"""The seed of the one random order that ``data.train_rows`` subsets are cut from."""
+
+
+def subset_rows(total: int, rows: int) -> np.ndarray:
+    """The row indexes, in ascending order, of a ``rows``-row training subset out of
+    ``total`` (0 or ``total``: every row). Every size is a prefix of one seeded permutation,
+    so a smaller subset lies inside every larger one."""
+    if rows <= 0 or rows >= total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(SUBSET_SEED).permutation(total)[:rows])

@@ -7,7 +7,7 @@ from typing import Any
 from osmd_ray.config import (
     Config,
 )
-from osmd_ray.data.reading import read_split, read_split_table
+from osmd_ray.data.reading import read_split, read_split_table, subset_rows
 from osmd_ray.data.schema import Manifest
 
 
@@ -35,6 +35,8 @@ def in_memory_dataset(cfg: Config, manifest: Manifest, split: str, columns: list
     import ray.data
 
     table = read_split_table(cfg.data.root, split, columns, manifest=manifest)
+    if split == "train" and cfg.data.train_rows:
+        table = table.take(subset_rows(table.num_rows, cfg.data.train_rows))
     if split == "train":
         order = np.random.default_rng(cfg.seed).permutation(table.num_rows)
         table = table.take(order)

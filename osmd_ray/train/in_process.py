@@ -160,7 +160,10 @@ def _finish(
         "method": cfg.method,
         "seed": cfg.seed,
         **run_metrics(cfg, history, deployed, test),
-        "rows": {split: int(run.splits[split]["label"].shape[0]) for split in ("val", "test")},
+        "rows": {
+            "train": run.rows,
+            **{split: int(run.splits[split]["label"].shape[0]) for split in ("val", "test")},
+        },
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - started,
         "privileged_at_test": run.method.deploy.reads_privileged,

@@ -33,7 +33,7 @@ from osmd_ray.blocks.stages import (
     stage_at_epoch,
 )
 from osmd_ray.config import Config
-from osmd_ray.data.reading import read_split_numpy
+from osmd_ray.data.reading import read_split_numpy, subset_rows
 from osmd_ray.data.schema import Manifest, read_manifest
 from osmd_ray.methods import build_model, check_config
 from osmd_ray.train.epoch import (
@@ -94,6 +94,14 @@ def load_splits(cfg: Config, manifest: Manifest) -> dict[str, Split]:
     return as_tensors(read_splits(cfg, manifest))
 
 
+def train_subset(split: Split, rows: int) -> Split:
+    """The ``data.train_rows`` subset of a training split (the whole split for 0)."""
+    total = split["label"].shape[0]
+    if rows <= 0 or rows >= total:
+        return split
+    return _rows(split, torch.from_numpy(subset_rows(total, rows)))
+
+
 def _rows(split: Split, index: Tensor) -> Split:
     return {k: v[index] for k, v in split.items()}
 
@@ -128,7 +136,8 @@ class LocalRun:
     and where the run stands (``epoch`` epochs done, ``global_step`` steps)."""
 
     def __init__(self, cfg: Config, manifest: Manifest, splits: dict[str, Split]) -> None:
-        self.cfg, self.manifest, self.splits = cfg, manifest, splits
+        self.cfg, self.manifest = cfg, manifest
+        self.splits = {**splits, "train": train_subset(splits["train"], cfg.data.train_rows)}
         self.method = check_config(cfg)
         self.device = run_device(cfg)
         torch.manual_seed(cfg.seed)
@@ -140,7 +149,7 @@ class LocalRun:
         self.optimizer = build_optimizer(groups, cfg)
         workers = max(1, cfg.scaling.num_workers)
         self.batch = cfg.data.batch_size * workers
-        self.rows = splits["train"]["label"].shape[0]
+        self.rows = self.splits["train"]["label"].shape[0]
         # The workers' own schedule: rows // workers per worker gives the same steps per epoch.
         self.schedule = lr_schedule(self.optimizer, cfg, self.rows // workers, parts)
         self.stages = self.method.stages(cfg)

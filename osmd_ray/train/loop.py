@@ -84,6 +84,11 @@ def set_cpu_threads(cfg: Config) -> int:
     return torch.get_num_threads()
 
 
+def training_rows(cfg: Config, manifest: Manifest) -> int:
+    """The rows a run trains on: data.train_rows, or the whole training split."""
+    return cfg.data.train_rows or manifest.num_rows("train")
+
+
 def uses_bf16(cfg: Config) -> bool:
     """bf16 on GPU, fp32 on CPU, unless the config says otherwise."""
     if cfg.train.precision == "auto":
@@ -344,7 +349,7 @@ def _start(
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
-            lr_scheduler=lr_schedule(optimizer, cfg, manifest.num_rows("train") // world, parts),
+            lr_scheduler=lr_schedule(optimizer, cfg, training_rows(cfg, manifest) // world, parts),
             config=deepspeed_config(cfg, uses_bf16(cfg)),
         )
         run = _WorkerRun(engine, start_epoch, 0, [], 0.0, pending)

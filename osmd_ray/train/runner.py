@@ -31,7 +31,13 @@ from osmd_ray.methods import check_config
 from osmd_ray.train.datasets import in_memory_dataset, streamed_dataset
 from osmd_ray.train.in_process import EpochHook, train_in_process_run
 from osmd_ray.train.local import read_splits, split_columns
-from osmd_ray.train.loop import KEEP_SCORE, STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
+from osmd_ray.train.loop import (
+    KEEP_SCORE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    train_loop_per_worker,
+    training_rows,
+)
 from osmd_ray.train.run_folder import (
     HISTORY_FILE,
     METRICS_FILE,
@@ -98,8 +104,13 @@ def build_trainer(
     )
     datasets = {
         split: (in_memory_dataset if in_memory else streamed_dataset)(cfg, manifest, split, columns)
-        for split in ("train", "val", "test")
+        for split in ("val", "test")
     }
+    # A data.train_rows subset is cut from the split read whole (in_memory_dataset).
+    train_in_memory = in_memory or cfg.data.train_rows > 0
+    datasets["train"] = (in_memory_dataset if train_in_memory else streamed_dataset)(
+        cfg, manifest, "train", columns
+    )
     loop_config = {
         "cfg": config_to_dict(cfg),
         "manifest_json": manifest.to_json(),
@@ -257,7 +268,10 @@ def train(
         "seed": cfg.seed,
         **run_metrics(cfg, history, state.get("deployed_epoch") or len(history), state["test"]),
         # As counted by the evaluation (summed over ranks): every row of the split.
-        "rows": state.get("rows"),  # None: a checkpoint written before rows were counted
+        # None: a checkpoint written before rows were counted.
+        "rows": {"train": training_rows(cfg, manifest), **state["rows"]}
+        if state.get("rows")
+        else None,
         "train_time_s": state["train_time_s"],
         "wall_time_s": wall,
         "privileged_at_test": method.deploy.reads_privileged,
