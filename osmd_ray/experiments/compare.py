@@ -64,8 +64,11 @@ from osmd_ray.experiments.main_job import ensure_synthetic_data
 from osmd_ray.experiments.spec_file import read_spec, reject_unknown, spec_base
 from osmd_ray.experiments.summary import (
     format_csv,
+    format_learning_curve,
+    format_learning_curve_csv,
     format_summary,
     format_summary_csv,
+    plot_learning_curve,
     plot_summary,
 )
 from osmd_ray.experiments.tuning import (
@@ -90,6 +93,7 @@ SPEC_KEYS = (
     "reference",
     "target",
     "tune",
+    "train_sizes",
 )
 VARIANT_KEYS = ("name", "overrides")
 DATASET_KEYS = ("name", "root")
@@ -134,6 +138,9 @@ class CompareSpec:
     target: str | None
     tune: int = 0
     """Trials of each variant's own sweep before its seeds run (0: untuned; tuning.py)."""
+    train_sizes: tuple[int, ...] = ()
+    """Training-set sizes (data.train_rows) of a learning curve: each dataset runs once per
+    size, as dataset ``<name>_n<size>``; empty: the whole training split only."""
 
     @property
     def stem(self) -> str:
@@ -147,6 +154,8 @@ class PlannedRun:
     seed: int
     cfg: Config
     run_dir: str
+    source: str = ""
+    """The dataset's own name, without the ``_n<size>`` of a learning curve's point."""
 
     @property
     def name(self) -> str:
@@ -235,7 +244,25 @@ def parse_spec(
         upper=upper,
         target=target,
         tune=tune,
+        train_sizes=_train_sizes(data.get("train_sizes"), fail),
     )
+
+
+def _train_sizes(value: Any, fail: Callable) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)
+        or len(set(value)) != len(value)
+    ):
+        raise fail(
+            "train_sizes",
+            f"must be a list of distinct training-set sizes > 0, e.g. [250, 500, 1000]; got "
+            f"{value!r}",
+        )
+    return tuple(sorted(value))
 
 
 def _overrides(value: Any, key: str, fail: Callable) -> tuple[str, ...]:
@@ -347,22 +374,28 @@ def plan_runs(
     except ConfigError as e:
         raise ConfigError(f"compare spec '{spec.path}', base and overrides: {e}", e.key) from None
     runs = []
+    sizes: tuple[int | None, ...] = spec.train_sizes or (None,)
     for dataset in spec.datasets:
         root_override = [f"data.root={dataset.root}"] if dataset.root is not None else []
-        for seed in spec.seeds:
-            for variant in spec.variants:
-                try:
-                    cfg = apply_overrides(base, [*root_override, *variant.overrides, *overrides])
-                    name = dataset.name or _dataset_name(cfg.data.root)
-                    chosen = (tuned or {}).get((name, variant.name), ())
-                    cfg = apply_overrides(cfg, [*chosen, f"seed={seed}"])
-                    check_config(cfg)
-                except ConfigError as e:
-                    raise ConfigError(f"variant {variant.name!r}: {e}", e.key) from None
-                if not cfg.tracking.group:  # wandb shows a compare's runs together
-                    cfg = apply_overrides(cfg, [f"tracking.group={spec.stem}"])
-                run_dir = storage.join(out, "runs", name, variant.name, f"seed{seed}")
-                runs.append(PlannedRun(name, variant.name, seed, cfg, run_dir))
+        for size in sizes:
+            size_override = [f"data.train_rows={size}"] if size is not None else []
+            for seed in spec.seeds:
+                for variant in spec.variants:
+                    try:
+                        cfg = apply_overrides(
+                            base, [*root_override, *variant.overrides, *overrides, *size_override]
+                        )
+                        source = dataset.name or _dataset_name(cfg.data.root)
+                        name = f"{source}_n{size}" if size is not None else source
+                        chosen = (tuned or {}).get((name, variant.name), ())
+                        cfg = apply_overrides(cfg, [*chosen, f"seed={seed}"])
+                        check_config(cfg)
+                    except ConfigError as e:
+                        raise ConfigError(f"variant {variant.name!r}: {e}", e.key) from None
+                    if not cfg.tracking.group:  # wandb shows a compare's runs together
+                        cfg = apply_overrides(cfg, [f"tracking.group={spec.stem}"])
+                    run_dir = storage.join(out, "runs", name, variant.name, f"seed{seed}")
+                    runs.append(PlannedRun(name, variant.name, seed, cfg, run_dir, source))
     return runs
 
 
@@ -518,7 +551,12 @@ def tune_variants(
         sweep_spec = variant_sweep(
             spec.path,
             spec.base,
-            [*spec.overrides, f"data.root={run.cfg.data.root}", *variants[variant].overrides],
+            [
+                *spec.overrides,
+                f"data.root={run.cfg.data.root}",
+                f"data.train_rows={run.cfg.data.train_rows}",
+                *variants[variant].overrides,
+            ],
             run.cfg,
             metric,
             spec.tune,
@@ -758,6 +796,8 @@ def collect_rows(
         test = metrics.get("test", {})
         row: dict[str, Any] = {
             "dataset": run.dataset,
+            "source": run.source or run.dataset,
+            "train_rows": (metrics.get("rows") or {}).get("train") or run.cfg.data.train_rows,
             "variant": run.variant,
             "method": metrics.get("method", run.cfg.method),
             "seed": run.seed,
@@ -807,9 +847,14 @@ def write_outputs(
         "summary.md": summary,
         "summary.csv": format_summary_csv(spec, result.rows),
     }
+    if spec.train_sizes:
+        texts["summary.md"] += "\n" + "\n".join(format_learning_curve(spec, result.rows)) + "\n"
+        texts["learning_curve.csv"] = format_learning_curve_csv(spec, result.rows)
     for name, text in texts.items():
         storage.write_bytes(storage.join(out, name), text.encode("utf-8"))
     plot_summary(spec, result.rows, storage.join(out, "summary.png"))
+    if spec.train_sizes:
+        plot_learning_curve(spec, result.rows, storage.join(out, "learning_curve.png"))
 
 
 def compare(

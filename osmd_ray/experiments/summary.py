@@ -23,6 +23,8 @@ from osmd_ray.figures import save_png
 
 CSV_COLUMNS = (
     "dataset",
+    "source",
+    "train_rows",
     "variant",
     "method",
     "seed",
@@ -376,6 +378,134 @@ def _csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# The learning curve (train_sizes)
+# ---------------------------------------------------------------------------------------------
+
+LEARNING_CURVE_COLUMNS = ("source", "variant", "train_rows", "n", "mean", "std", "lo", "hi")
+
+
+def learning_curves(
+    spec: SummarySpec, rows: Sequence[Mapping[str, Any]]
+) -> dict[str, dict[str, list[tuple[int, Stat]]]]:
+    """Per dataset (``source``) and variant: (training rows, the deployment metric over
+    seeds) for every size, smallest first."""
+    curves: dict[str, dict[str, list[tuple[int, Stat]]]] = {}
+    for source in dict.fromkeys(r.get("source") or r["dataset"] for r in rows):
+        mine = [r for r in rows if (r.get("source") or r["dataset"]) == source]
+        key = metric_key(mine)
+        sizes = sorted({int(r["train_rows"]) for r in mine if r.get("train_rows")})
+        curves[source] = {
+            v.name: [
+                (
+                    size,
+                    Stat.of(
+                        r[key] for r in mine if r["variant"] == v.name and r["train_rows"] == size
+                    ),
+                )
+                for size in sizes
+            ]
+            for v in spec.variants
+        }
+    return curves
+
+
+def rows_worth(curve: Sequence[tuple[int, Stat]], value: float) -> float:
+    """The training rows at which ``curve`` (the lower reference's) reaches ``value``,
+    interpolated linearly in log(rows) between its sizes; inf beyond its largest, nan below
+    its smallest."""
+    points = [(n, s.mean) for n, s in curve if not math.isnan(s.mean)]
+    for (n0, m0), (n1, m1) in zip(points, points[1:], strict=False):
+        if m0 <= value <= m1 and m1 > m0:
+            t = (value - m0) / (m1 - m0)
+            return math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0)))
+    if points and value > max(m for _, m in points):
+        return math.inf
+    return math.nan
+
+
+def format_learning_curve(spec: SummarySpec, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """summary.md's learning-curve section: the metric per variant and size (mean, 95%
+    t-interval over seeds) and, with a target and a lower reference, how many training rows
+    the lower reference needs to match the target at each size."""
+    lines = ["## Learning curve", ""]
+    for source, curve in learning_curves(spec, rows).items():
+        sizes = [n for n, _ in next(iter(curve.values()), [])]
+        lines += [f"### {source}", ""]
+        lines += ["| variant | " + " | ".join(f"{n} rows" for n in sizes) + " |"]
+        lines += ["|" + " --- |" * (len(sizes) + 1)]
+        for variant, points in curve.items():
+            lines.append(
+                f"| {variant} | " + " | ".join(_with_interval(s, 4) for _, s in points) + " |"
+            )
+        if spec.target and spec.lower and spec.target in curve and spec.lower in curve:
+            worth = []
+            for (n, target), _ in zip(curve[spec.target], sizes, strict=False):
+                rows_needed = rows_worth(curve[spec.lower], target.mean)
+                shown = (
+                    f"more than {sizes[-1]}"
+                    if math.isinf(rows_needed)
+                    else "fewer than the smallest size"
+                    if math.isnan(rows_needed)
+                    else f"{rows_needed:.0f}"
+                )
+                worth.append(f"{n}: {shown}")
+            lines += [
+                "",
+                f"Rows of `{spec.lower}` that match `{spec.target}`'s mean at each size "
+                f"(interpolated in log rows between the sizes): {'; '.join(worth)}.",
+            ]
+        lines.append("")
+    return lines
+
+
+def format_learning_curve_csv(spec: SummarySpec, rows: Sequence[Mapping[str, Any]]) -> str:
+    table = [
+        {"source": source, "variant": variant, "train_rows": n, **_stat_columns("", stat)}
+        for source, curve in learning_curves(spec, rows).items()
+        for variant, points in curve.items()
+        for n, stat in points
+    ]
+    return _csv_text(LEARNING_CURVE_COLUMNS, table)
+
+
+def plot_learning_curve(spec: SummarySpec, rows: Sequence[Mapping[str, Any]], path: str) -> None:
+    """Per dataset: the deployment metric against training rows (log scale) for every
+    variant, error bars = 95% t-interval over seeds."""
+    from matplotlib.figure import Figure
+
+    curves = learning_curves(spec, rows)
+    fig = Figure(figsize=(6.0 * max(1, len(curves)), 4.2))
+    axes = fig.subplots(1, max(1, len(curves)), squeeze=False)[0]
+    for ax, (source, curve) in zip(axes, curves.items(), strict=False):
+        for variant, points in curve.items():
+            points = [(n, s) for n, s in points if s.n]
+            if not points:
+                continue
+            means = [s.mean for _, s in points]
+            halves = [
+                0.0 if math.isnan(s.interval[0]) else s.mean - s.interval[0] for _, s in points
+            ]
+            style = {"lw": 2.5} if variant == spec.target else {"lw": 1.2}
+            ax.errorbar(
+                [n for n, _ in points],
+                means,
+                yerr=halves,
+                marker="o",
+                capsize=3,
+                label=variant,
+                **style,
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training rows")
+        ax.set_ylabel(METRIC_LABELS.get(metric_key(rows), "test metric"))
+        ax.set_title(f"{source} (mean, 95% CI over seeds)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_png(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -590,7 +590,7 @@ def test_when_every_run_fails_the_files_say_so(tmp_path, tiny_data):
     )
     assert len(result.failures) == 3 and result.rows == []
     assert read_csv(out / "results.csv") == []
-    assert (out / "results.csv").read_text().startswith("dataset,variant,method,seed,")
+    assert (out / "results.csv").read_text().startswith("dataset,source,train_rows,variant,method,seed,")
     md = (out / "summary.md").read_text()
     assert "No run has finished yet." in md and md.count("RuntimeError") == 3
     assert (out / "summary.png").read_bytes().startswith(PNG_SIGNATURE)
@@ -824,3 +824,65 @@ def test_config_key_of_load_config_is_unchanged_by_the_prefix(tmp_path):
         plan_runs(spec, "OUT")
     assert prefixed.value.key == direct.value.key == "model.fusion"
     assert str(prefixed.value) == f"variant 'v': {direct.value}"
+
+
+class CurveTrain(FakeTrain):
+    """A fake whose accuracy grows with the training rows: ordinary_only 0.5 + rows/1000,
+    osmd 0.1 above it (what ordinary_only reaches with more rows)."""
+
+    def __call__(self, cfg, out):
+        metrics = super().__call__(cfg, out)
+        rows = cfg.data.train_rows
+        acc = 0.5 + rows / 1000 + (0.1 if cfg.method == "osmd" else 0.0) + 0.001 * cfg.seed
+        metrics["test"] = {"deploy": {"accuracy": acc}}
+        metrics["rows"] = {"train": rows, "val": 16, "test": 16}
+        Path(out, "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+
+def test_train_sizes_run_every_variant_per_size_and_write_the_learning_curve(tmp_path, tiny_data):
+    variants = [
+        {"name": "ordinary_only", "overrides": ["method=ordinary_only"]},
+        {"name": "osmd", "overrides": ["method=osmd"]},
+    ]
+    spec = load_spec(
+        write_spec(
+            tmp_path, variants=variants, train_sizes=[100, 50], reference=None, target="osmd"
+        )
+    )
+    assert spec.train_sizes == (50, 100)
+    spec = type(spec)(**{**spec.__dict__, "lower": "ordinary_only"})  # the rows-worth line
+    out = str(tmp_path / "out")
+    fake = CurveTrain()
+    overrides = [f"data.root={tiny_data}", "data.batch_size=16"]  # 50 rows feed 2 workers' steps
+    run_compare(spec, out, overrides, train_fn=fake, measure_fn=fake_measure)
+    assert len(fake.calls) == 2 * 2 * 2  # sizes x seeds x variants
+    assert sorted(os.listdir(os.path.join(out, "runs"))) == ["tiny_n100", "tiny_n50"]
+    config = yaml.safe_load(
+        Path(out, "runs", "tiny_n50", "osmd", "seed0", "config.yaml").read_text()
+    )
+    assert config["data"]["train_rows"] == 50
+    rows = read_csv(os.path.join(out, "results.csv"))
+    assert {(r["dataset"], r["source"], r["train_rows"]) for r in rows} == {
+        ("tiny_n50", "tiny", "50"),
+        ("tiny_n100", "tiny", "100"),
+    }
+    md = Path(out, "summary.md").read_text()
+    assert "## Learning curve" in md and "| variant | 50 rows | 100 rows |" in md
+    # osmd at 50 rows (0.6505 mean) is what ordinary_only reaches at about 150 rows: beyond the
+    # largest size, so the line says so; nothing is extrapolated.
+    assert "50: more than 100" in md
+    curve = read_csv(os.path.join(out, "learning_curve.csv"))
+    osmd50 = next(r for r in curve if r["variant"] == "osmd" and r["train_rows"] == "50")
+    assert float(osmd50["mean"]) == pytest.approx(0.6505) and osmd50["n"] == "2"
+    assert Path(out, "learning_curve.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_rows_worth_interpolates_in_log_rows_between_sizes():
+    from osmd_ray.experiments.stats import Stat
+    from osmd_ray.experiments.summary import rows_worth
+
+    curve = [(100, Stat(0.6, 0.0, 2)), (400, Stat(0.8, 0.0, 2))]
+    assert rows_worth(curve, 0.7) == pytest.approx(200.0)  # halfway in log2: 100 * 2
+    assert rows_worth(curve, 0.9) == math.inf
+    assert math.isnan(rows_worth(curve, 0.5))
