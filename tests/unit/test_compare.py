@@ -590,7 +590,8 @@ def test_when_every_run_fails_the_files_say_so(tmp_path, tiny_data):
     )
     assert len(result.failures) == 3 and result.rows == []
     assert read_csv(out / "results.csv") == []
-    assert (out / "results.csv").read_text().startswith("dataset,source,train_rows,variant,method,seed,")
+    header = "dataset,source,train_rows,variant,method,seed,"
+    assert (out / "results.csv").read_text().startswith(header)
     md = (out / "summary.md").read_text()
     assert "No run has finished yet." in md and md.count("RuntimeError") == 3
     assert (out / "summary.png").read_bytes().startswith(PNG_SIGNATURE)
