@@ -428,8 +428,9 @@ def rows_worth(curve: Sequence[tuple[int, Stat]], value: float) -> float:
 
 def format_learning_curve(spec: SummarySpec, rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """summary.md's learning-curve section: the metric per variant and size (mean, 95%
-    t-interval over seeds) and, with a target and a lower reference, how many training rows
-    the lower reference needs to match the target at each size."""
+    t-interval over seeds) and, with a target and a lower reference (reference.lower, else
+    the ordinary_only variant), how many training rows the lower reference needs to match
+    the target at each size."""
     lines = ["## Learning curve", ""]
     for source, curve in learning_curves(spec, rows).items():
         sizes = [n for n, _ in next(iter(curve.values()), [])]
@@ -440,10 +441,13 @@ def format_learning_curve(spec: SummarySpec, rows: Sequence[Mapping[str, Any]]) 
             lines.append(
                 f"| {variant} | " + " | ".join(_with_interval(s, 4) for _, s in points) + " |"
             )
-        if spec.target and spec.lower and spec.target in curve and spec.lower in curve:
+        lower = spec.lower or next(
+            (r["variant"] for r in rows if r.get("method") == "ordinary_only"), None
+        )
+        if spec.target and lower and spec.target in curve and lower in curve:
             worth = []
             for (n, target), _ in zip(curve[spec.target], sizes, strict=False):
-                rows_needed = rows_worth(curve[spec.lower], target.mean)
+                rows_needed = rows_worth(curve[lower], target.mean)
                 shown = (
                     f"more than {sizes[-1]}"
                     if math.isinf(rows_needed)
@@ -454,7 +458,7 @@ def format_learning_curve(spec: SummarySpec, rows: Sequence[Mapping[str, Any]]) 
                 worth.append(f"{n}: {shown}")
             lines += [
                 "",
-                f"Rows of `{spec.lower}` that match `{spec.target}`'s mean at each size "
+                f"Rows of `{lower}` that match `{spec.target}`'s mean at each size "
                 f"(interpolated in log rows between the sizes): {'; '.join(worth)}.",
             ]
         lines.append("")

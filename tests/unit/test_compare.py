@@ -852,7 +852,6 @@ def test_train_sizes_run_every_variant_per_size_and_write_the_learning_curve(tmp
         )
     )
     assert spec.train_sizes == (50, 100)
-    spec = type(spec)(**{**spec.__dict__, "lower": "ordinary_only"})  # the rows-worth line
     out = str(tmp_path / "out")
     fake = CurveTrain()
     overrides = [f"data.root={tiny_data}", "data.batch_size=16"]  # 50 rows feed 2 workers' steps
