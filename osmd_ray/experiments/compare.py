@@ -15,6 +15,8 @@ variant the others are compared against::
     datasets: [{name: synth, root: data/synth_cls}]   # optional; default the base's data.root
     reference: {lower: ordinary_only, upper: full_multimodal}
     target: osmd
+    tune: 8                                # optional: each variant's own sweep first (tuning.py)
+    train_sizes: [250, 500, 1000]          # optional: a learning curve (data.train_rows)
 
 Every (dataset, variant, seed) trains into ``DIR/runs/<dataset>/<variant>/seed<k>``; a run
 whose folder already holds metrics.json, deploy/ and the same config.yaml is not trained
