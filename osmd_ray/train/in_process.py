@@ -113,6 +113,8 @@ def _train(
         elif tracker is not None:
             show_epoch(record, test, cfg, len(run.stages), lambda line: None, tracker)
         if last:
+            if say is not None:
+                say(run.stopping.end_message(history, deployed))
             metrics = _finish(run, history, deployed, test, train_time, started, run_dir)
         else:
             _save_checkpoint(run, history, train_time, run_dir)

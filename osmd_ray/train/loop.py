@@ -556,11 +556,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # Fault injection for resume tests: fail as a crash would, after the checkpoint.
             raise RuntimeError(f"stopped after epoch {epoch + 1} on request (stop_after_epoch)")
         if last:
-            if rank == 0 and len(run.history) < cfg.train.epochs:
-                say(
-                    f"early stopping after epoch {epoch + 1}: no new best for "
-                    f"{cfg.train.early_stopping.patience} epochs; deploying epoch {deployed}"
-                )
+            if rank == 0:
+                say(stopping.end_message(run.history, deployed))
             break
 
     if tracker is not None:

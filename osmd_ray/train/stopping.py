@@ -89,3 +89,12 @@ class StoppingRule:
         if self.deploy_last:
             return len(history)
         return self.progress(history).best_epoch or len(history)
+
+    def end_message(self, history: Sequence[dict[str, Any]], deployed: int) -> str:
+        """The progress line of a run that ends after ``history``."""
+        if len(history) < self.epochs:
+            return (
+                f"early stopping after epoch {len(history)}: no new best validation "
+                f"{self.metric} for {self.patience} epochs; deploying epoch {deployed}"
+            )
+        return f"trained all {self.epochs} epochs; deploying epoch {deployed}"

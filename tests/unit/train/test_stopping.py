@@ -61,6 +61,16 @@ def test_the_deployed_epoch_is_the_best_or_the_last_as_the_config_says():
     assert _rule(task="segmentation").deployed(segmentation) == 1
 
 
+def test_the_end_of_a_run_says_why_it_ended_and_what_it_deploys():
+    assert _rule(epochs=10, patience=2).end_message(_history(0.5, 0.6, 0.6, 0.6), 2) == (
+        "early stopping after epoch 4: no new best validation accuracy for 2 epochs; "
+        "deploying epoch 2"
+    )
+    assert _rule(epochs=3).end_message(_history(0.5, 0.7, 0.6), 2) == (
+        "trained all 3 epochs; deploying epoch 2"
+    )
+
+
 def test_a_staged_method_counts_only_its_last_stage_which_trains_the_deployment_network():
     # Stages of 3 and 7 epochs: the deployment path's score in the first 3 epochs (its
     # network not trained yet, or a teacher stage) neither is a best nor spends patience.
