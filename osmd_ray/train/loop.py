@@ -543,6 +543,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last = stopping.ends(run.history)
         deployed = stopping.deployed(run.history) if last else 0
         if deployed and deployed != epoch + 1:
+            # A diverged last epoch stops the run, as it would without the swap below.
+            weights = _full_state_dict(run.engine, cfg.train.zero_stage)
+            check_finite_weights(weights, epoch, run.step, device)
             load_reported_weights(run.engine, deployed, cfg.train.zero_stage)
         # Test once, on the deployed weights, and keep it in the last checkpoint: Ray's
         # result carries the metrics of the latest checkpoint, and a rerun of a finished

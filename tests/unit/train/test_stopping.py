@@ -155,3 +155,28 @@ def test_an_early_stopped_run_deploys_its_best_epoch_weights(constant_lr, tmp_pa
     assert (last["epochs"], last["deployed_epoch"]) == (3, 3)
     last_weights = load_file(str(tmp_path / "last" / "deploy" / "model.safetensors"))
     assert any((last_weights[n] != t).any() for n, t in weights["one"].items())
+
+
+def test_a_diverged_last_epoch_stops_the_run_although_an_earlier_epoch_is_deployed(
+    constant_lr, tmp_path, monkeypatch
+):
+    """The best-epoch swap must not hide non-finite weights: the run fails as before."""
+    import torch
+
+    from osmd_ray.errors import NonFiniteLossError
+    from osmd_ray.train.local import LocalRun
+
+    original = LocalRun.train_epoch
+
+    def diverging(self, say=None):
+        result = original(self, say)
+        if self.epoch == 2:
+            with torch.no_grad():
+                next(self.net.parameters()).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(LocalRun, "train_epoch", diverging)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="non-finite weights after epoch 2"):
+        train(constant_lr("train.epochs=2"), str(out))
+    assert not (out / "deploy").exists() and not (out / "metrics.json").exists()
