@@ -229,6 +229,12 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
         "OUT/tune/<dataset>/<variant>; the best trial's values then train every seed. "
         "Default: the spec's tune (0: untuned). A rerun reuses finished tuning",
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train and tune nothing: write results.csv, summary.md/.csv and the charts from "
+        "the runs finished so far (e.g. while the compare still runs elsewhere)",
+    )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides for every run")
     p.set_defaults(func=_cmd_compare)
 

@@ -475,6 +475,7 @@ def run_compare(
     max_concurrent: int | None = None,
     train_fn: TrainFn | None = None,
     measure_fn: MeasureFn | None = None,
+    report_only: bool = False,
 ) -> CompareResult:
     """Train what is not finished, then write results.csv, summary.md, summary.csv and
     summary.png.
@@ -499,7 +500,7 @@ def run_compare(
     check_datasets(runs)
     tuned: dict[tuple[str, str], Tuned] = {}
     if spec.tune:
-        tuned = tune_variants(spec, out, overrides, runs)
+        tuned = tune_variants(spec, out, overrides, runs, reuse_only=report_only)
         runs = plan_runs(spec, out, overrides, {k: t.overrides for k, t in tuned.items()})
     conflicts = [r for r in runs if run_state(r) == "conflict"]
     if conflicts:
@@ -520,6 +521,15 @@ def run_compare(
             result.skipped.append(r.name)
         else:
             todo.append(r)
+    if report_only:
+        print(
+            f"[compare] report only: {len(result.skipped)} of {len(runs)} runs finished; "
+            "training none",
+            flush=True,
+        )
+        result.rows = collect_rows(runs, out, measure_fn or measure_deploy)
+        write_outputs(spec, out, overrides, result)
+        return result
     if max_concurrent is None:
         max_concurrent = default_concurrency(todo)
     print(
@@ -539,10 +549,15 @@ def run_compare(
 
 
 def tune_variants(
-    spec: CompareSpec, out: str, overrides: Sequence[str], runs: Sequence[PlannedRun]
+    spec: CompareSpec,
+    out: str,
+    overrides: Sequence[str],
+    runs: Sequence[PlannedRun],
+    reuse_only: bool = False,
 ) -> dict[tuple[str, str], Tuned]:
     """One sweep of ``spec.tune`` trials per (dataset, variant), on its first seed's config
-    (:mod:`osmd_ray.experiments.tuning`); returns what each chose."""
+    (:mod:`osmd_ray.experiments.tuning`); returns what each chose. ``reuse_only``: only
+    the finished tunings (a report of what is done so far)."""
     firsts: dict[tuple[str, str], PlannedRun] = {}
     for run in runs:
         firsts.setdefault((run.dataset, run.variant), run)
@@ -565,9 +580,9 @@ def tune_variants(
             default_trials_at_once(run.cfg),
         )
         folder = storage.join(out, TUNE_FOLDER, dataset, variant)
-        tuned[(dataset, variant)] = tune_variant(
-            sweep_spec, folder, overrides, f"{dataset}/{variant}"
-        )
+        chosen = tune_variant(sweep_spec, folder, overrides, f"{dataset}/{variant}", reuse_only)
+        if chosen is not None:
+            tuned[(dataset, variant)] = chosen
     return tuned
 
 
@@ -866,11 +881,13 @@ def compare(
     seeds: int | None = None,
     max_concurrent: int | None = None,
     tune: int | None = None,
+    report_only: bool = False,
 ) -> CompareResult:
     """What ``osmd compare`` runs: load the spec, run the grid, write and print the summary.
-    ``tune``: trials of each variant's sweep (--tune; None: the spec's ``tune``)."""
+    ``tune``: trials of each variant's sweep (--tune; None: the spec's ``tune``);
+    ``report_only``: summarise the finished runs, train nothing (--report-only)."""
     spec = load_spec(spec_path, seeds, tune)
-    result = run_compare(spec, out, overrides, max_concurrent)
+    result = run_compare(spec, out, overrides, max_concurrent, report_only=report_only)
     print()
     print(storage.read_text(storage.join(out, "summary.md")))
     print(

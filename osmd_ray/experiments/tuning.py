@@ -109,8 +109,15 @@ def default_trials_at_once(cfg: Config) -> int:
     return max(1, int((os.cpu_count() or 1) // max(cfg.scaling.cpus_per_worker, 1e-9)))
 
 
-def tune_variant(sweep_spec: SweepSpec, folder: str, overrides: Sequence[str], label: str) -> Tuned:
-    """Run (or reuse) one variant's sweep into ``folder``; returns what it chose."""
+def tune_variant(
+    sweep_spec: SweepSpec,
+    folder: str,
+    overrides: Sequence[str],
+    label: str,
+    reuse_only: bool = False,
+) -> Tuned | None:
+    """Run (or reuse) one variant's sweep into ``folder``; returns what it chose.
+    ``reuse_only``: never search; None when no finished tuning of this sweep is there."""
     record = spec_record(sweep_spec, base_config(sweep_spec, folder, overrides))
     keys = tuple(p.key for p in sweep_spec.space)
     choice_path = storage.join(folder, CHOICE_FILE)
@@ -120,6 +127,8 @@ def tune_variant(sweep_spec: SweepSpec, folder: str, overrides: Sequence[str], l
         if previous.get("sweep") == record:
             print(f"[compare] {label}: tuned earlier ({previous['trial']}), reused", flush=True)
             return Tuned(keys, tuple(previous["overrides"]), previous["trial"], previous["metric"])
+    if reuse_only:
+        return None
     print(
         f"[compare] tuning {label}: {sweep_spec.num_samples} trials over {', '.join(keys)}",
         flush=True,

@@ -886,3 +886,21 @@ def test_rows_worth_interpolates_in_log_rows_between_sizes():
     assert rows_worth(curve, 0.7) == pytest.approx(200.0)  # halfway in log2: 100 * 2
     assert rows_worth(curve, 0.9) == math.inf
     assert math.isnan(rows_worth(curve, 0.5))
+
+
+def test_report_only_summarises_the_finished_runs_and_trains_nothing(tmp_path, tiny_data):
+    spec = load_spec(write_spec(tmp_path))
+    out = str(tmp_path / "out")
+    overrides = [f"data.root={tiny_data}"]
+    run_compare(spec, out, overrides, train_fn=FakeTrain(), measure_fn=fake_measure)
+    os.remove(os.path.join(out, "runs", "tiny", "osmd", "seed1", "metrics.json"))
+
+    def no_training(cfg, out):
+        raise AssertionError("--report-only trained a run")
+
+    result = run_compare(
+        spec, out, overrides, train_fn=no_training, measure_fn=fake_measure, report_only=True
+    )
+    assert len(result.rows) == 5 and not result.failures
+    assert len(read_csv(os.path.join(out, "results.csv"))) == 5
+    assert "| osmd | osmd | 1 |" in Path(out, "summary.md").read_text()
