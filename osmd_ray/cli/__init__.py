@@ -243,7 +243,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from osmd_ray.experiments.compare import compare
 
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-    result = compare(args.config, out, args.overrides, args.seeds, args.max_concurrent, args.tune)
+    result = compare(
+        args.config,
+        out,
+        args.overrides,
+        args.seeds,
+        args.max_concurrent,
+        args.tune,
+        args.report_only,
+    )
     return EXIT_FAILED if result.failures else 0
 
 

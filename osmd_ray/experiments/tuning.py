@@ -18,9 +18,12 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import yaml
 
 from osmd_ray import storage
-from osmd_ray.config import Config, config_to_dict, flatten_keys
+from osmd_ray.config import Config, config_from_dict, config_to_dict, flatten_keys
 from osmd_ray.errors import ConfigError
 from osmd_ray.experiments.sweep import (
     Param,
@@ -124,7 +127,7 @@ def tune_variant(
     saved = storage.read_text(choice_path)
     if saved is not None:
         previous = json.loads(saved)
-        if previous.get("sweep") == record:
+        if same_sweep(previous.get("sweep"), record):
             print(f"[compare] {label}: tuned earlier ({previous['trial']}), reused", flush=True)
             return Tuned(keys, tuple(previous["overrides"]), previous["trial"], previous["metric"])
     if reuse_only:
@@ -155,6 +158,21 @@ def tune_variant(
     }
     storage.write_bytes(choice_path, json.dumps(choice, indent=2).encode("utf-8"))
     return tuned
+
+
+def same_sweep(saved: str | None, record: str) -> bool:
+    """Whether a saved sweep record is this sweep's, with keys that a newer version added
+    to the config taken at their defaults (a new key must not invalidate finished tuning)."""
+    if saved is None:
+        return False
+
+    def normal(text: str) -> Any:
+        tree = yaml.safe_load(text) or {}
+        if isinstance(tree.get("base_config"), dict):
+            tree["base_config"] = config_to_dict(config_from_dict(tree["base_config"]))
+        return tree
+
+    return normal(saved) == normal(record)
 
 
 def format_tuning(tuned: Mapping[tuple[str, str], Tuned], trials: int) -> list[str]:

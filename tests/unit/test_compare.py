@@ -904,3 +904,17 @@ def test_report_only_summarises_the_finished_runs_and_trains_nothing(tmp_path, t
     assert len(result.rows) == 5 and not result.failures
     assert len(read_csv(os.path.join(out, "results.csv"))) == 5
     assert "| osmd | osmd | 1 |" in Path(out, "summary.md").read_text()
+
+
+def test_the_report_only_flag_reaches_the_compare(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_compare(*args):
+        seen["args"] = args
+        return compare_mod.CompareResult(rows=[])
+
+    monkeypatch.setattr(compare_mod, "compare", fake_compare)
+    assert main(["compare", "--config", "spec.yaml", "--out", str(tmp_path), "--report-only"]) == 0
+    assert seen["args"][-1] is True
+    main(["compare", "--config", "spec.yaml", "--out", str(tmp_path)])
+    assert seen["args"][-1] is False

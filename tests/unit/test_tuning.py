@@ -90,3 +90,18 @@ def test_summary_states_the_budget_and_each_choice():
     text = "\n".join(lines)
     assert "8 trials of `osmd sweep`" in text
     assert "| synth | osmd | train.lr | `train.lr=0.002` | 0.9100 |" in text
+
+
+def test_a_saved_tuning_stays_valid_when_a_newer_config_adds_a_key_with_its_default():
+    from osmd_ray.config import Config, config_to_dict
+    from osmd_ray.experiments.tuning import same_sweep
+
+    record = yaml.safe_dump(
+        {"metric": "val.deploy.accuracy", "base_config": config_to_dict(Config())}
+    )
+    older = yaml.safe_load(record)
+    del older["base_config"]["data"]["train_rows"]  # written before the key existed
+    assert same_sweep(yaml.safe_dump(older), record)
+    older["base_config"]["train"]["lr"] = 0.5
+    assert not same_sweep(yaml.safe_dump(older), record)
+    assert not same_sweep(None, record)
