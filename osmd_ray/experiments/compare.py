@@ -76,7 +76,6 @@ from osmd_ray.experiments.summary import (
 from osmd_ray.experiments.tuning import (
     TUNE_FOLDER,
     Tuned,
-    default_trials_at_once,
     format_tuning,
     tune_variant,
     variant_sweep,
@@ -228,13 +227,12 @@ def parse_spec(
     target = data.get("target")
     if target is not None:
         target = _variant_ref(target, "target", names, fail)
-    if tune is not None:
-        if isinstance(tune, bool) or not isinstance(tune, int) or tune < 0:
+    from_flag = tune is not None
+    tune = tune if from_flag else data.get("tune", 0)
+    if isinstance(tune, bool) or not isinstance(tune, int) or tune < 0:
+        if from_flag:
             raise SpecError(f"--tune must be an integer >= 0; got {tune!r}", "tune")
-    else:
-        tune = data.get("tune", 0)
-        if isinstance(tune, bool) or not isinstance(tune, int) or tune < 0:
-            raise fail("tune", f"must be the trials of each variant's sweep, >= 0; got {tune!r}")
+        raise fail("tune", f"must be the trials of each variant's sweep, >= 0; got {tune!r}")
     return CompareSpec(
         path=path,
         base=base,
@@ -577,7 +575,7 @@ def tune_variants(
             run.cfg,
             metric,
             spec.tune,
-            default_trials_at_once(run.cfg),
+            default_concurrency([run]),
         )
         folder = storage.join(out, TUNE_FOLDER, dataset, variant)
         chosen = tune_variant(sweep_spec, folder, overrides, f"{dataset}/{variant}", reuse_only)
@@ -856,16 +854,16 @@ def write_outputs(
 ) -> None:
     """results.csv, summary.md, summary.csv and summary.png in ``out``, each written whole or
     not at all (:func:`osmd_ray.storage.write_bytes`: one PUT on an object store)."""
+    sections = [format_tuning(result.tuned, spec.tune)] if result.tuned else []
+    if spec.train_sizes:
+        sections.append(format_learning_curve(spec, result.rows))
     summary = format_summary(spec, overrides, result.rows, result.failures)
-    if result.tuned:
-        summary += "\n" + "\n".join(format_tuning(result.tuned, spec.tune)) + "\n"
     texts = {
         "results.csv": format_csv(result.rows),
-        "summary.md": summary,
+        "summary.md": summary + "".join("\n" + "\n".join(lines) + "\n" for lines in sections),
         "summary.csv": format_summary_csv(spec, result.rows),
     }
     if spec.train_sizes:
-        texts["summary.md"] += "\n" + "\n".join(format_learning_curve(spec, result.rows)) + "\n"
         texts["learning_curve.csv"] = format_learning_curve_csv(spec, result.rows)
     for name, text in texts.items():
         storage.write_bytes(storage.join(out, name), text.encode("utf-8"))

@@ -446,7 +446,7 @@ def format_learning_curve(spec: SummarySpec, rows: Sequence[Mapping[str, Any]]) 
         )
         if spec.target and lower and spec.target in curve and lower in curve:
             worth = []
-            for (n, target), _ in zip(curve[spec.target], sizes, strict=False):
+            for n, target in curve[spec.target]:
                 rows_needed = rows_worth(curve[lower], target.mean)
                 shown = (
                     f"more than {sizes[-1]}"

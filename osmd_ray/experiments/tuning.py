@@ -15,7 +15,6 @@ it instead of searching again.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,13 +102,6 @@ def variant_sweep(
         cpus_per_worker=scaling.cpus_per_worker,
         gpus_per_worker=1.0 if scaling.use_gpu else 0.0,
     )
-
-
-def default_trials_at_once(cfg: Config) -> int:
-    """In-process trials: as many as the cores allow; trials on workers: one at a time."""
-    if cfg.scaling.num_workers != 0:
-        return 1
-    return max(1, int((os.cpu_count() or 1) // max(cfg.scaling.cpus_per_worker, 1e-9)))
 
 
 def tune_variant(

@@ -106,9 +106,6 @@ def _train(
         run.keep_if_deployed(history)
         last = run.stopping.ends(history)
         saving = time.perf_counter()  # the test pass counts as saving: once, after the last
-        if last:
-            # A diverged last epoch stops the run, as it would without the swap below.
-            check_finite_weights(run.net.state_dict(), run.epoch - 1, run.global_step, run.device)
         deployed = run.load_deployed(history) if last else 0
         test = run.score("test") if last else None
         if say is not None:

@@ -45,6 +45,7 @@ from osmd_ray.train.epoch import (
     run_epoch,
     seed_everything,
 )
+from osmd_ray.train.loop import check_finite_weights
 from osmd_ray.train.stopping import StoppingRule
 
 EVAL_BATCH = 512
@@ -217,6 +218,10 @@ class LocalRun:
         epoch = self.stopping.deployed(history)
         if epoch != len(history):
             assert self.deployed_state is not None  # kept by keep_if_deployed at that epoch
+            # A diverged last epoch stops the run, as it would without the swap.
+            check_finite_weights(
+                self.net.state_dict(), self.epoch - 1, self.global_step, self.device
+            )
             self.net.load_state_dict(self.deployed_state)
         return epoch
 
