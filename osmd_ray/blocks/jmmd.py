@@ -23,6 +23,10 @@ unbiased for a fixed kernel (so it can be negative; the batch-driven bandwidth m
 approximate), with a higher variance than the quadratic statistic. The
 bandwidth is the same data-driven one as the quadratic estimator's, computed exactly in O(N D)
 from the centred rows. The cost against batch size: benchmarks/jmmd_cost.py.
+
+``fixed_bandwidth`` (a layer's kernel given, not driven by the batch): JAN's own code gives
+the prediction layer one Gaussian kernel ``exp(-||a - b||^2 / 1.68)`` instead of the
+features' five batch-driven ones, so one entry of the product kernel stays small.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def _flatten(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).float()
 
 
-def _squared_distances(z: Tensor) -> Tensor:
+def squared_distances(z: Tensor) -> Tensor:
     """All pairwise squared Euclidean distances of the rows of ``z`` (N, D) -> (N, N).
 
     Uses ``|a|^2 + |b|^2 - 2 a.b`` (memory O(N^2), not O(N^2 D)); rounding can make that
@@ -57,14 +61,18 @@ def _squared_distances(z: Tensor) -> Tensor:
 
 
 def multi_kernel_matrix(
-    x: Tensor, y: Tensor, num_kernels: int = 5, kernel_mul: float = 2.0
+    x: Tensor,
+    y: Tensor,
+    num_kernels: int = 5,
+    kernel_mul: float = 2.0,
+    fixed_bandwidth: float | None = None,
 ) -> Tensor:
     """Sum of Gaussian kernels over the rows of ``concat([x, y])``: an (n+m) x (n+m) matrix.
 
     The base bandwidth is the mean off-diagonal squared distance ``sum(L2) / (N^2 - N)`` over
     the N = n+m stacked rows, detached (it is a scale, not something to optimise) and floored.
     The ``num_kernels`` bandwidths are ``base / kernel_mul**(num_kernels // 2) * kernel_mul**i``,
-    centred on the base bandwidth.
+    centred on the base bandwidth. ``fixed_bandwidth``: the base is that number instead.
     """
     if num_kernels < 1:
         raise ValueError(f"num_kernels must be >= 1, got {num_kernels}")
@@ -73,10 +81,13 @@ def multi_kernel_matrix(
     xf, yf = _flatten(x), _flatten(y)
     if xf.shape[1] != yf.shape[1]:
         raise ValueError(f"x and y differ in feature size: {tuple(x.shape)} vs {tuple(y.shape)}")
-    l2 = _squared_distances(torch.cat([xf, yf], dim=0))
+    l2 = squared_distances(torch.cat([xf, yf], dim=0))
     rows = l2.shape[0]
-    # max(.., 1): a 1 x 1 matrix has no off-diagonal pair; its distance sum is 0 anyway.
-    base = (l2.detach().sum() / max(rows * rows - rows, 1)).clamp_min(_MIN_BANDWIDTH)
+    if fixed_bandwidth is not None:
+        base = l2.new_tensor(float(fixed_bandwidth))
+    else:
+        # max(.., 1): a 1 x 1 matrix has no off-diagonal pair; its distance sum is 0 anyway.
+        base = (l2.detach().sum() / max(rows * rows - rows, 1)).clamp_min(_MIN_BANDWIDTH)
     base = base / kernel_mul ** (num_kernels // 2)
     return sum(torch.exp(-l2 / (base * kernel_mul**i)) for i in range(num_kernels))
 
@@ -86,20 +97,30 @@ def _check_estimator(estimator: str) -> None:
         raise ValueError(f"estimator={estimator!r}: use one of {ESTIMATORS}")
 
 
-def _bandwidths(z: Tensor, num_kernels: int, kernel_mul: float) -> list[Tensor]:
+def _bandwidths(
+    z: Tensor, num_kernels: int, kernel_mul: float, fixed_bandwidth: float | None = None
+) -> list[Tensor]:
     """The bandwidths :func:`multi_kernel_matrix` uses for the stacked rows ``z`` (N, D), in
     O(N D): ``sum_ij ||z_i - z_j||^2 = 2 N sum_i ||z_i - mean||^2`` (centring first keeps
     the difference of large sums from cancelling in fp32)."""
     rows = z.shape[0]
-    centred = z.detach() - z.detach().mean(dim=0, keepdim=True)
-    total = 2.0 * rows * (centred * centred).sum()
-    base = (total / max(rows * rows - rows, 1)).clamp_min(_MIN_BANDWIDTH)
+    if fixed_bandwidth is not None:
+        base = z.new_tensor(float(fixed_bandwidth))
+    else:
+        centred = z.detach() - z.detach().mean(dim=0, keepdim=True)
+        total = 2.0 * rows * (centred * centred).sum()
+        base = (total / max(rows * rows - rows, 1)).clamp_min(_MIN_BANDWIDTH)
     base = base / kernel_mul ** (num_kernels // 2)
     return [base * kernel_mul**i for i in range(num_kernels)]
 
 
 def _paired_kernels(
-    x: Tensor, y: Tensor, pairs: int, num_kernels: int, kernel_mul: float
+    x: Tensor,
+    y: Tensor,
+    pairs: int,
+    num_kernels: int,
+    kernel_mul: float,
+    fixed_bandwidth: float | None = None,
 ) -> Tensor:
     """(4, pairs) multi-kernel values k(x1, x2), k(y1, y2), k(x1, y2), k(x2, y1) for the
     consecutive row pairs ``x1 = x[0::2]``, ``x2 = x[1::2]`` (likewise y), first ``pairs``."""
@@ -108,7 +129,7 @@ def _paired_kernels(
     xf, yf = _flatten(x), _flatten(y)
     if xf.shape[1] != yf.shape[1]:
         raise ValueError(f"x and y differ in feature size: {tuple(x.shape)} vs {tuple(y.shape)}")
-    widths = _bandwidths(torch.cat([xf, yf], dim=0), num_kernels, kernel_mul)
+    widths = _bandwidths(torch.cat([xf, yf], dim=0), num_kernels, kernel_mul, fixed_bandwidth)
     x1, x2 = xf[0 : 2 * pairs : 2], xf[1 : 2 * pairs : 2]
     y1, y2 = yf[0 : 2 * pairs : 2], yf[1 : 2 * pairs : 2]
     # (4, pairs, D) -> (4, pairs) squared distances of the four pairings.
@@ -166,30 +187,41 @@ def jmmd(
     num_kernels: int = 5,
     kernel_mul: float = 2.0,
     estimator: str = "quadratic",
+    layer_kernels: Sequence[tuple[int, float | None]] | None = None,
 ) -> Tensor:
     """Joint MMD^2 over layers: ``xs[l]`` is (n, ...) and ``ys[l]`` is (m, ...).
 
     The per-layer multi-kernel matrices (each with its own bandwidths) are multiplied
     element-wise, then combined as in :func:`mmd`. With one layer this equals :func:`mmd`.
     ``estimator="linear"`` multiplies the per-layer kernel values of the same row pairs
-    instead, in O(n) (see :func:`mmd`).
+    instead, in O(n) (see :func:`mmd`). ``layer_kernels``: each layer's (number of kernels,
+    fixed bandwidth or None for the batch-driven one); by default every layer has
+    ``num_kernels`` batch-driven kernels.
     """
     _check_estimator(estimator)
     if len(xs) != len(ys) or len(xs) == 0:
         raise ValueError(f"need the same, non-zero number of layers, got {len(xs)} and {len(ys)}")
+    kernels_of = (
+        list(layer_kernels) if layer_kernels is not None else [(num_kernels, None)] * len(xs)
+    )
+    if len(kernels_of) != len(xs):
+        raise ValueError(f"layer_kernels has {len(kernels_of)} entries for {len(xs)} layers")
     n, m = xs[0].shape[0], ys[0].shape[0]
     for layer, (x, y) in enumerate(zip(xs, ys, strict=True)):
         if x.shape[0] != n or y.shape[0] != m:
             raise ValueError(
                 f"layer {layer} has {x.shape[0]} and {y.shape[0]} rows, layer 0 has {n} and {m}"
             )
+    layers = list(zip(xs, ys, kernels_of, strict=True))
     if estimator == "linear":
         pairs = _linear_pairs(n, m)
-        kernels = _paired_kernels(xs[0], ys[0], pairs, num_kernels, kernel_mul)
-        for x, y in zip(xs[1:], ys[1:], strict=True):
-            kernels = kernels * _paired_kernels(x, y, pairs, num_kernels, kernel_mul)
-        return _combine_linear(kernels)
-    kernel = multi_kernel_matrix(xs[0], ys[0], num_kernels, kernel_mul)
-    for x, y in zip(xs[1:], ys[1:], strict=True):
-        kernel = kernel * multi_kernel_matrix(x, y, num_kernels, kernel_mul)
+        product = None
+        for x, y, (count, fixed) in layers:
+            k = _paired_kernels(x, y, pairs, count, kernel_mul, fixed)
+            product = k if product is None else product * k
+        return _combine_linear(product)
+    kernel = None
+    for x, y, (count, fixed) in layers:
+        k = multi_kernel_matrix(x, y, count, kernel_mul, fixed)
+        kernel = k if kernel is None else kernel * k
     return _combine(kernel, n)

@@ -10,7 +10,10 @@
   over the rows with the privileged modalities; needs at least two of them; quadratic or
   linear-time estimator (``loss.jmmd_estimator``). Segmentation: the sum of that term on
   the spatially pooled features and logits, and on ``loss.jmmd_pixels`` randomly drawn pixels
-  (the same pixels on both sides), so its cost does not grow with the image
+  (the same pixels on both sides), so its cost does not grow with the image. Or a paired
+  alignment of the deployment feature F(z_o, z_h) with the teacher path's F(z_o, z_p)
+  (spatially pooled for segmentation): ``contrastive`` (InfoNCE) or ``relational`` (RKD's
+  distance-wise term), see :func:`contrastive_loss` and :func:`relational_loss`
 - ``mimic``   mean((z_h - stopgrad(z_p))^2): the mean over rows *and* features, so its weight
   does not scale with ``model.feature_dim``
 - ``recon``   mean((D_h(z_h) - pooled privileged input)^2) (or its mean absolute error,
@@ -38,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from osmd_ray.blocks.jmmd import jmmd, mmd
+from osmd_ray.blocks.jmmd import jmmd, mmd, squared_distances
 from osmd_ray.config import LossConfig
 from osmd_ray.config.schema import ALIGNMENTS, RECON_LOSSES
 
@@ -78,9 +81,61 @@ def alignment_loss(
     if cfg.alignment == "mmd":
         return mmd(p_feat, z_h, cfg.num_kernels, cfg.kernel_mul, cfg.jmmd_estimator)
     h_prob = torch.softmax(priv_logits_h.float(), dim=1)
-    return jmmd(
-        [p_feat, p_prob], [z_h, h_prob], cfg.num_kernels, cfg.kernel_mul, cfg.jmmd_estimator
+    prediction_kernel = (
+        (1, cfg.prediction_bandwidth) if cfg.prediction_bandwidth > 0 else (cfg.num_kernels, None)
     )
+    return jmmd(
+        [p_feat, p_prob],
+        [z_h, h_prob],
+        cfg.num_kernels,
+        cfg.kernel_mul,
+        cfg.jmmd_estimator,
+        layer_kernels=[(cfg.num_kernels, None), prediction_kernel],
+    )
+
+
+PAIRED_ALIGNMENTS = ("contrastive", "relational")
+"""The alignments that compare each sample's deployment feature with its own teacher feature."""
+
+
+def contrastive_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """InfoNCE over the batch: row i's student feature must pick out teacher row i among all
+    teacher rows, by cosine similarity / ``temperature``; cross-entropy, mean over rows. It
+    keeps the pairing but asks only for the nearest match, not a copy."""
+    s = F.normalize(student.float().flatten(1), dim=1)
+    t = F.normalize(teacher.float().flatten(1), dim=1)
+    logits = s @ t.T / temperature
+    return F.cross_entropy(logits, torch.arange(s.shape[0], device=s.device))
+
+
+def _relative_distances(z: Tensor) -> Tensor:
+    """The off-diagonal pairwise Euclidean distances of the rows of ``z``, divided by their
+    mean (so the two sides' scales need not agree)."""
+    rows = z.shape[0]
+    # The floor keeps sqrt's gradient finite for coinciding rows.
+    d = squared_distances(z.float().flatten(1)).clamp_min(1e-12).sqrt()
+    off = ~torch.eye(rows, dtype=torch.bool, device=z.device)
+    d = d[off]
+    return d / d.mean().clamp_min(1e-12)
+
+
+def relational_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Park et al. 2019's distance-wise relational distillation (RKD-D): smooth L1 between
+    the batch's relative pairwise distances on the two sides; the geometry of the batch is
+    transferred, not the features themselves."""
+    return F.smooth_l1_loss(_relative_distances(student), _relative_distances(teacher))
+
+
+def paired_alignment_loss(deploy: Tensor, teacher: Tensor, cfg: LossConfig) -> Tensor:
+    """The ``jan`` term of a paired alignment on already-masked rows; feature maps
+    (B, h, w, d) are pooled over space first."""
+    if deploy.dim() == 4:
+        deploy, teacher = deploy.mean(dim=(1, 2)), teacher.mean(dim=(1, 2))
+    if cfg.detach_privileged:
+        teacher = teacher.detach()
+    if cfg.alignment == "contrastive":
+        return contrastive_loss(deploy, teacher, cfg.contrastive_temperature)
+    return relational_loss(deploy, teacher)
 
 
 def dense_alignment_loss(
@@ -196,6 +251,14 @@ def _priv_term(b: _Batch) -> Tensor:
 def _jan_term(b: _Batch) -> Tensor:
     out = b.outputs
     # Distances between fewer than two samples of a side say nothing about a distribution.
+    if b.cfg.alignment in PAIRED_ALIGNMENTS:
+        return (
+            paired_alignment_loss(
+                b.rows(out["deploy_feature"]), b.rows(out["teacher_feature"]), b.cfg
+            )
+            if b.n_valid >= 2
+            else _zero(out["deploy_feature"]) + _zero(out["teacher_feature"])
+        )
     align = dense_alignment_loss if out["z_h"].dim() == 4 else alignment_loss
     return (
         align(

@@ -27,7 +27,8 @@ upsampled bilinearly from the feature map.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +160,21 @@ def pooled_size(spec: ModalitySpec, size: int) -> int:
 def role_encoder(specs: Sequence[ModalitySpec], roles: Roles) -> RoleEncoder:
     """An encoder of one role's modalities to ``model.feature_dim`` (maps when dense)."""
     return RoleEncoder(specs, roles.cfg, roles.normalization, dense=roles.dense)
+
+
+@contextmanager
+def frozen_parameters(module: nn.Module) -> Iterator[None]:
+    """Within the block, calls of ``module`` record no gradient for its parameters; their
+    outputs still pass gradient on to their inputs (autograd reads ``requires_grad`` when an
+    operation runs, so other calls of the same module in the same step still train it)."""
+    trained = [p for p in module.parameters() if p.requires_grad]
+    for p in trained:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trained:
+            p.requires_grad_(True)
 
 
 def task_head(roles: Roles) -> nn.Linear:

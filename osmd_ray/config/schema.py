@@ -83,6 +83,10 @@ class ModelConfig:
     teacher_detach_ordinary: bool = False
     """osmd: the teacher path sees stopgrad(z_o), so E_o learns only from the deployment path
     (with real privileged features beside it, E_o could otherwise stay lazy)."""
+    alignment_trains_priv_head: bool = True
+    """osmd, loss.alignment=jmmd: whether the prediction side of the JMMD, H_p(z_h), trains
+    H_p too; false freezes H_p for that one call (the gradient still reaches E_h), so the
+    alignment cannot bend H_p, which is also the kd term's teacher."""
     recon_mode: str = "dense"
     """osmd, loss.w_recon: dense (a 1x1 convolution on E_h's last feature map predicts the
     privileged images pooled to that map's size; needs a small_cnn E_h and image privileged
@@ -133,7 +137,20 @@ class LossConfig:
     et al. 2016) or teacher (the teacher path H(F(z_o, z_p))). privileged gained 2.3 points
     on the synthetic set, teacher nothing (docs/lab_log.md, "Seventh round")."""
     alignment: str = "jmmd"
-    """What the w_jan term computes: jmmd (features and predictions) or mmd (features only)."""
+    """What the w_jan term computes: jmmd (joint MMD of z_h and H_p(z_h) against z_p and
+    H_p(z_p)), mmd (of the features only), or one that keeps each sample's pairing of the
+    deployment feature F(z_o, z_h) with the teacher path's F(z_o, z_p) without asking for a
+    copy: contrastive (InfoNCE: each row's deployment feature must pick out its own teacher
+    feature among the batch's, cosine similarity at contrastive_temperature) or relational
+    (Park et al. 2019's distance-wise RKD: the batch's pairwise distances, each side divided
+    by its mean, matched in smooth L1). The teacher side is detached with detach_privileged."""
+    contrastive_temperature: float = 0.1
+    """alignment=contrastive: the softmax temperature of the cosine similarities."""
+    prediction_bandwidth: float = 0.0
+    """alignment=jmmd: 0 gives the prediction layer the features' num_kernels batch-driven
+    kernels; a positive value one Gaussian kernel exp(-||p - q||^2 / prediction_bandwidth)
+    instead (JAN's code uses 1.68), so an entry of the joint kernel is at most num_kernels,
+    not num_kernels squared."""
     num_kernels: int = 5
     """Gaussian kernels per layer in (J)MMD."""
     kernel_mul: float = 2.0
@@ -305,7 +322,7 @@ RECON_TARGETS = ("input", "inverse")
 KD_SOURCES = ("privileged", "teacher")
 
 
-ALIGNMENTS = ("jmmd", "mmd")
+ALIGNMENTS = ("jmmd", "mmd", "contrastive", "relational")
 
 
 JMMD_ESTIMATORS = ("quadratic", "linear")

@@ -186,6 +186,13 @@ def _check_loss(cfg: Config) -> None:
     _at_least(loss.num_kernels, 1, "loss.num_kernels")
     _at_least(loss.jan_warmup_epochs, 0, "loss.jan_warmup_epochs")
     _at_least(loss.jmmd_pixels, 2, "loss.jmmd_pixels")
+    _at_least(loss.prediction_bandwidth, 0.0, "loss.prediction_bandwidth")
+    if not loss.contrastive_temperature > 0.0:
+        raise ConfigError(
+            "config key 'loss.contrastive_temperature' must be > 0 (it divides the cosine "
+            f"similarities); got {loss.contrastive_temperature}",
+            "loss.contrastive_temperature",
+        )
     if not loss.kernel_mul > 1.0:
         raise ConfigError(
             f"config key 'loss.kernel_mul' must be > 1 (the ratio between kernel bandwidths); "

@@ -12,6 +12,8 @@ and forward; two_stage_hallucination trains the same network in stages.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from torch import Tensor, nn, no_grad
 
 from osmd_ray.blocks.encoders import encode_sharing_stages
@@ -24,6 +26,7 @@ from osmd_ray.blocks.nets import (
     TrainingNet,
     as_map_like,
     build_hallucination_encoder,
+    frozen_parameters,
     masked_target,
     pooled_size,
     role_encoder,
@@ -89,20 +92,26 @@ def hallucination_forward(
     fusion: nn.Module,
     head: nn.Module,
 ) -> dict[str, Tensor]:
-    """``z_o``, ``z_p``, ``z_h``, ``teacher_logits = head(fusion(z_o, z_p))``,
-    ``deploy_logits``, ``priv_logits = H_p(z_p)``, ``priv_logits_h = H_p(z_h)``,
-    ``recon = D_h(z_h)`` and ``recon_target``."""
+    """``z_o``, ``z_p``, ``z_h``, ``teacher_feature = fusion(z_o, z_p)``,
+    ``teacher_logits = head(teacher_feature)``, ``deploy_feature = F(z_o, z_h)``,
+    ``deploy_logits``, ``priv_logits = H_p(z_p)``, ``priv_logits_h = H_p(z_h)`` (H_p frozen
+    there unless ``model.alignment_trains_priv_head``), ``recon = D_h(z_h)`` and
+    ``recon_target``."""
     z_o, z_h, h_map = encode_sharing_stages(net.E_o, net.E_h, batch)
     out: dict[str, Tensor] = {"z_o": z_o}
     mask = net.read_mask(batch, has_privileged, z_o, out)
     z_p = as_map_like(net.encode_privileged(batch, mask), z_o)
     out["z_p"] = z_p
     z_o_teacher = z_o.detach() if net.cfg.teacher_detach_ordinary else z_o
-    out["teacher_logits"] = net.logits(head, fusion(z_o_teacher, z_p))
+    out["teacher_feature"] = fusion(z_o_teacher, z_p)
+    out["teacher_logits"] = net.logits(head, out["teacher_feature"])
     out["z_h"] = z_h
-    out["deploy_logits"] = net.logits(net.H, net.F(z_o, z_h))
+    out["deploy_feature"] = net.F(z_o, z_h)
+    out["deploy_logits"] = net.logits(net.H, out["deploy_feature"])
     out["priv_logits"] = net.logits(net.H_p, z_p)
-    out["priv_logits_h"] = net.logits(net.H_p, z_h)
+    trains_head = net.cfg.alignment_trains_priv_head
+    with nullcontext() if trains_head else frozen_parameters(net.H_p):
+        out["priv_logits_h"] = net.logits(net.H_p, z_h)
     if net.recon_per_pixel:
         out["recon"] = net.D_h(z_h).permute(0, 3, 1, 2).flatten(1)
         size = (z_h.shape[1], z_h.shape[2])

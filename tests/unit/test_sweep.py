@@ -264,3 +264,17 @@ def test_the_shipped_gpu_spec_asks_for_gpu_workers(tmp_path):
     assert cfg.scaling.use_gpu is True and cfg.scaling.num_workers == 2
     assert cfg.scaling.cpus_per_worker == 4 and cfg.train.epochs == 10
     assert cfg.data.root == "/shared/data/synth_cls"
+
+
+def test_the_converged_method_sweep_searches_the_alignments_and_the_fusion_ablations(tmp_path):
+    spec = load_sweep_spec(REPO / "configs" / "sweep_method_converged.yaml")
+    choices = {p.key: set(p.values) for p in spec.space if p.domain == "choice"}
+    assert choices["loss.alignment"] == {"jmmd", "mmd", "contrastive", "relational"}
+    assert {0.0} < choices["loss.prediction_bandwidth"]
+    for ablation in ("model.shared_translator", "model.share_fusion"):
+        assert choices[ablation] == {True, False}, ablation
+    assert "sum" in choices["model.fusion"] and 0.0 in choices["loss.w_jan"]
+    cfg = base_config(spec, str(tmp_path / "sweep"))
+    # Trials train to convergence: early stopping on, the best epoch deployed.
+    assert cfg.train.early_stopping.patience > 0 and cfg.train.deploy_epoch == "best"
+    check_space(spec, cfg)

@@ -280,3 +280,47 @@ def test_loss_config_selects_the_estimator():
             )
             torch.testing.assert_close(got, want)
     assert LossConfig().jmmd_estimator == "quadratic"
+
+
+# --- a fixed kernel on a layer (JAN's setting for the predictions) --------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["quadratic", "linear"])
+def test_a_fixed_bandwidth_layer_uses_one_given_gaussian_kernel(estimator):
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(8, 5, generator=gen), torch.softmax(torch.randn(8, 3, generator=gen), 1)]
+    ys = [torch.randn(8, 5, generator=gen) + 1, torch.softmax(torch.randn(8, 3, generator=gen), 1)]
+    got = jmmd(xs, ys, estimator=estimator, layer_kernels=[(5, None), (1, 1.68)])
+    if estimator == "quadratic":
+        probs = torch.cat([xs[1], ys[1]]).double()
+        given = torch.exp(-(torch.cdist(probs, probs) ** 2) / 1.68)
+        kernel = multi_kernel_matrix(xs[0], ys[0]).double() * given
+        want = kernel[:8, :8].mean() + kernel[8:, 8:].mean() - 2 * kernel[:8, 8:].mean()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    # The given kernel does not move with the batch's spread; the batch-driven one does.
+    scaled = [xs[0], xs[1] * 3], [ys[0], ys[1] * 3]
+    fixed_scaled = jmmd(*scaled, estimator=estimator, layer_kernels=[(5, None), (1, 1.68)])
+    driven = jmmd(xs, ys, estimator=estimator)
+    driven_scaled = jmmd(*scaled, estimator=estimator)
+    assert abs(float(fixed_scaled - got)) > 1e-4
+    torch.testing.assert_close(driven_scaled, driven, rtol=1e-4, atol=1e-6)
+    # The default is every layer's num_kernels batch-driven kernels.
+    torch.testing.assert_close(
+        jmmd(xs, ys, estimator=estimator, layer_kernels=[(5, None), (5, None)]), driven
+    )
+    with pytest.raises(ValueError, match="layer_kernels"):
+        jmmd(xs, ys, layer_kernels=[(5, None)])
+
+
+def test_loss_config_prediction_bandwidth_gives_the_predictions_a_fixed_kernel():
+    from osmd_ray.blocks.losses import alignment_loss
+    from osmd_ray.config import LossConfig
+
+    gen = torch.Generator().manual_seed(2)
+    z_p, z_h = torch.randn(10, 6, generator=gen), torch.randn(10, 6, generator=gen) + 1
+    logits_p, logits_h = torch.randn(10, 3, generator=gen), torch.randn(10, 3, generator=gen)
+    probs = [torch.softmax(logits_p, 1), torch.softmax(logits_h, 1)]
+    got = alignment_loss(z_p, z_h, logits_p, logits_h, LossConfig(prediction_bandwidth=1.68))
+    want = jmmd([z_p, probs[0]], [z_h, probs[1]], layer_kernels=[(5, None), (1, 1.68)])
+    torch.testing.assert_close(got, want)
+    assert abs(float(got - jmmd([z_p, probs[0]], [z_h, probs[1]]))) > 1e-5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -341,3 +343,85 @@ def test_the_alignment_weight_ramps_up_linearly_over_its_warm_up_epochs():
     assert warmed_up_terms(terms, 4, 0)["deploy"] == 1.0  # the other terms keep theirs
     assert warmed_up_terms(terms, 0, 0) == terms  # no warm-up: the full weight at once
     assert warmed_up_terms({"deploy": 1.0}, 3, 0) == {"deploy": 1.0}
+
+
+# --- alignments that keep each sample's pairing ---------------------------------------------
+
+
+def test_contrastive_alignment_is_infonce_on_the_fused_features():
+    gen = torch.Generator().manual_seed(4)
+    teacher = torch.randn(6, DIM, generator=gen)
+    out = fake_outputs()
+    out["teacher_feature"] = teacher.clone().requires_grad_()
+    out["deploy_feature"] = (teacher + 0.01 * torch.randn(6, DIM, generator=gen)).requires_grad_()
+    cfg = spec_cfg(alignment="contrastive", contrastive_temperature=0.05)
+    losses = method_losses(out, labels_for(), None, "osmd", cfg)
+    s, t = F.normalize(out["deploy_feature"], dim=1), F.normalize(teacher, dim=1)
+    want = F.cross_entropy(s @ t.T / 0.05, torch.arange(6))
+    torch.testing.assert_close(losses["jan"], want)
+    # Each row near its own teacher row: near 0. Paired with another row's: large.
+    assert losses["jan"].item() < 0.1
+    shuffled = dict(out, teacher_feature=out["teacher_feature"].roll(1, dims=0))
+    assert method_losses(shuffled, labels_for(), None, "osmd", cfg)["jan"].item() > 1.0
+    losses["total"].backward()
+    assert out["deploy_feature"].grad.abs().sum() > 0
+    assert out["teacher_feature"].grad is None or not out["teacher_feature"].grad.any()
+
+
+def test_relational_alignment_matches_distances_up_to_scale_not_the_features():
+    gen = torch.Generator().manual_seed(5)
+    teacher = torch.randn(6, DIM, generator=gen)
+    rotation, _ = torch.linalg.qr(torch.randn(DIM, DIM, generator=gen))
+    cfg = spec_cfg(alignment="relational", detach_privileged=False)
+    out = fake_outputs()
+    # A rotated, scaled copy has the same relative geometry: no loss, though no feature matches.
+    out["teacher_feature"] = teacher.requires_grad_()
+    out["deploy_feature"] = (3.0 * teacher.detach() @ rotation).requires_grad_()
+    same_shape = method_losses(out, labels_for(), None, "osmd", cfg)["jan"]
+    assert same_shape.item() < 1e-6
+    out["deploy_feature"] = torch.randn(6, DIM, generator=gen).requires_grad_()
+    losses = method_losses(out, labels_for(), None, "osmd", cfg)
+    assert losses["jan"].item() > 1e-3
+    losses["total"].backward()
+    for key in ("deploy_feature", "teacher_feature"):  # detach_privileged=False: both move
+        assert torch.isfinite(out[key].grad).all() and out[key].grad.abs().sum() > 0, key
+
+
+# E_h as wide as E_o: at width 4 a quarter-width E_h has a single unit, which a ReLU can silence.
+FULL_WIDTH_E_H = ModelConfig(
+    width=4, depth=2, feature_dim=8, hallucination_width=1, hallucination_depth=0
+)
+
+
+@pytest.mark.parametrize("alignment", ["contrastive", "relational"])
+def test_paired_alignments_run_through_the_model_with_missing_rows(alignment):
+    model = _small_model(FULL_WIDTH_E_H).train()
+    has = torch.tensor([True, False, True, True, False, True])
+    batch = dict(_random_batch(6), has_depth=has)
+    losses = method_losses(model(batch), labels_for(6), None, "osmd", spec_cfg(alignment=alignment))
+    assert torch.isfinite(losses["jan"]) and losses["jan"].item() > 0
+    losses["total"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in model.E_h.parameters()) > 0
+    one_row = dict(_random_batch(6), has_depth=torch.tensor([True] + [False] * 5))
+    alone = method_losses(
+        model(one_row), labels_for(6), None, "osmd", spec_cfg(alignment=alignment)
+    )
+    assert alone["jan"].item() == 0.0 and alone["jan"].requires_grad
+
+
+@pytest.mark.parametrize("trains_head", [True, False])
+def test_alignment_trains_priv_head_decides_whether_jmmd_moves_h_p(trains_head):
+    cfg = dataclasses.replace(FULL_WIDTH_E_H, alignment_trains_priv_head=trains_head)
+    model = _small_model(cfg).train()
+    batch = _random_batch(6)
+    only_jan = spec_cfg(w_deploy=0.0, w_teacher=0.0, w_priv=0.0, w_jan=1.0)
+    method_losses(model(batch), labels_for(6), None, "osmd", only_jan)["total"].backward()
+    head_grad = sum(float(p.grad.abs().sum()) for p in model.H_p.parameters())
+    assert (head_grad > 0) == trains_head
+    assert sum(float(p.grad.abs().sum()) for p in model.E_h.parameters()) > 0
+    # The freeze is for that one call: the priv term still trains H_p in the same step.
+    model.zero_grad()
+    with_priv = spec_cfg(w_deploy=0.0, w_teacher=0.0, w_priv=1.0, w_jan=1.0)
+    method_losses(model(batch), labels_for(6), None, "osmd", with_priv)["total"].backward()
+    assert all(p.requires_grad for p in model.H_p.parameters())
+    assert sum(float(p.grad.abs().sum()) for p in model.H_p.parameters()) > 0

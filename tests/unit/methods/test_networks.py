@@ -49,7 +49,9 @@ EXPECTED_KEYS = {
         "z_o",
         "z_p",
         "z_h",
+        "teacher_feature",
         "teacher_logits",
+        "deploy_feature",
         "deploy_logits",
         "priv_logits",
         "priv_logits_h",
@@ -72,7 +74,8 @@ def test_forward_keys_and_shapes(method):
     e_h_stages = CFG.hallucination_depth or CFG.depth
     recon_width = (DEPTH.shape[1] // 2 ** (e_h_stages - 1)) ** 2
     for key, value in out.items():
-        width = CFG.feature_dim if key.startswith("z_") else NUM_CLASSES
+        fused = key.endswith("_feature")
+        width = CFG.feature_dim if key.startswith("z_") or fused else NUM_CLASSES
         width = recon_width if key.startswith("recon") else width
         width = DEPTH.shape[1] * DEPTH.shape[2] if key.startswith("imputed") else width
         assert value.shape == (4, width), key
