@@ -918,3 +918,27 @@ def test_the_report_only_flag_reaches_the_compare(tmp_path, monkeypatch):
     assert seen["args"][-1] is True
     main(["compare", "--config", "spec.yaml", "--out", str(tmp_path)])
     assert seen["args"][-1] is False
+
+
+def test_method_sweep_winners_are_compared_on_one_deployment_network():
+    """configs/compare_method_converged.yaml: the paired difference is the privileged data's
+    only if labels_only and osmd train the same deployment network for as long."""
+    spec = load_spec(REPO / "configs/compare_method_converged.yaml")
+    runs = {r.variant: r.cfg for r in plan_runs(spec, "O")}
+    control, osmd_cfg = runs["labels_only_swept"], runs["osmd_swept"]
+    assert control.method == "labels_only" and osmd_cfg.method == "osmd"
+    deploy_keys = (
+        "fusion",
+        "shared_translator",
+        "hallucination_width",
+        "hallucination_depth",
+        "image_encoder",
+        "width",
+        "depth",
+        "feature_dim",
+    )
+    for key in deploy_keys:
+        assert getattr(control.model, key) == getattr(osmd_cfg.model, key), key
+    assert control.train.epochs == osmd_cfg.train.epochs
+    assert control.train.early_stopping == osmd_cfg.train.early_stopping
+    assert runs["osmd_swept_no_alignment"].loss.w_jan == 0 < osmd_cfg.loss.w_jan

@@ -278,3 +278,31 @@ def test_the_converged_method_sweep_searches_the_alignments_and_the_fusion_ablat
     # Trials train to convergence: early stopping on, the best epoch deployed.
     assert cfg.train.early_stopping.patience > 0 and cfg.train.deploy_epoch == "best"
     check_space(spec, cfg)
+
+
+def test_labels_only_control_gets_the_method_sweeps_budget_over_its_own_keys(tmp_path):
+    """Issue 28's equal tuning budget: the control's sweep must match osmd's in trials,
+    scheduler, search and training length, over the very domains of osmd's keys that change
+    the network labels_only trains."""
+    method = load_sweep_spec(REPO / "configs" / "sweep_method_converged.yaml")
+    control = load_sweep_spec(REPO / "configs" / "sweep_labels_only_converged.yaml")
+    budget = (
+        "num_samples",
+        "max_concurrent_trials",
+        "scheduler",
+        "grace_period",
+        "reduction_factor",
+        "search",
+        "search_seed",
+        "metric",
+        "mode",
+    )
+    assert [getattr(control, k) for k in budget] == [getattr(method, k) for k in budget]
+    method_space = {p.key: p for p in method.space}
+    for param in control.space:
+        assert param == method_space[param.key], param.key
+    assert not [p.key for p in control.space if p.key.startswith("loss.")]
+    cfg = base_config(control, str(tmp_path / "control"))
+    osmd_cfg = base_config(method, str(tmp_path / "method"))
+    assert cfg.method == "labels_only" and osmd_cfg.method == "osmd"
+    assert cfg.train == osmd_cfg.train
