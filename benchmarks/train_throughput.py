@@ -163,8 +163,9 @@ def ray_train_fn(config: dict[str, Any]) -> None:
         build_optimizer,
         lr_schedule,
         nonfinite_terms,
+        uses_bf16,
     )
-    from osmd_ray.train.loop import deepspeed_config, set_cpu_threads, uses_bf16
+    from osmd_ray.train.loop import deepspeed_config, set_cpu_threads
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     threads_found = torch.get_num_threads()

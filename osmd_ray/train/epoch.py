@@ -41,6 +41,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def uses_bf16(cfg: Config) -> bool:
+    """bf16 on GPU, fp32 on CPU, unless the config says otherwise (train.precision)."""
+    if cfg.train.precision == "auto":
+        return cfg.scaling.use_gpu
+    return cfg.train.precision == "bf16"
+
+
 def build_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:
     """AdamW in its default (foreach) form, over one group per part. The fused kernel was
     not faster under ZeRO-2/3 on an H200 (benchmarks/RESULTS.md, "GPU check")."""
@@ -109,15 +116,35 @@ def all_reduce_sum(values: Tensor) -> Tensor:
     return values
 
 
+def step_loss_values(
+    losses: Mapping[str, Tensor], device: torch.device
+) -> tuple[list[str], Tensor, list[str]]:
+    """The step's loss terms on the host: their names (sorted), their values (float64, in
+    that order) and the names of those that are non-finite on any rank. A collective: call
+    on all ranks.
+
+    One device-to-host copy for all terms: a ``float()`` or ``bool()`` per term would make
+    the host wait for the GPU once per term, every step."""
+    names = sorted(losses)
+    values = torch.stack([losses[n].detach().float().reshape(()) for n in names])
+    flags = all_reduce_max((~torch.isfinite(values)).to(values.dtype).to(device))
+    host = torch.cat([values.to(flags.device), flags]).cpu().double()
+    bad = [n for n, flag in zip(names, host[len(names) :].tolist(), strict=True) if flag > 0]
+    return names, host[: len(names)], bad
+
+
+def peak_gpu_memory_gib(device: torch.device) -> float | None:
+    """The most GPU memory any rank's tensors have held so far (GiB), None off a GPU.
+    A collective on GPU ranks: call on all."""
+    if device.type != "cuda":
+        return None
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+    return float(all_reduce_max(peak)[0])
+
+
 def nonfinite_terms(losses: Mapping[str, Tensor], device: torch.device) -> list[str]:
     """Names of the loss terms that are non-finite on any rank (a collective: call on all)."""
-    names = sorted(losses)
-    flags = torch.tensor(
-        [0.0 if bool(torch.isfinite(losses[n].detach()).all()) else 1.0 for n in names],
-        device=device,
-    )
-    flags = all_reduce_max(flags)
-    return [n for n, f in zip(names, flags.tolist(), strict=True) if f > 0]
+    return step_loss_values(losses, device)[2]
 
 
 @dataclass
@@ -166,13 +193,13 @@ def run_epoch(
         losses = batch_losses(
             forward(batch), batch, cfg, stage, ignore_index=ignore_index, epoch=epoch
         )
-        bad = nonfinite_terms(losses, device)
+        names, values, bad = step_loss_values(losses, device)
         totals.step += 1
         if bad:
             message = (
                 f"non-finite loss at epoch {epoch + 1}, step {totals.step}: term(s) "
                 f"{', '.join(bad)} (values on rank {rank}: "
-                + ", ".join(f"{n}={float(losses[n]):.4g}" for n in bad)
+                + ", ".join(f"{n}={float(values[names.index(n)]):.4g}" for n in bad)
                 + "). Lower train.lr, check the data with `osmd data check`, or set "
                 "train.nonfinite=skip to drop such steps."
             )
@@ -183,11 +210,9 @@ def run_epoch(
             continue
         step(losses["total"])
         if not totals.names:
-            totals.names = sorted(losses)
-            totals.sums = torch.zeros(len(totals.names), dtype=torch.float64)
-        totals.sums += torch.tensor(
-            [float(losses[n].detach()) for n in totals.names], dtype=torch.float64
-        )
+            totals.names = names
+            totals.sums = torch.zeros(len(names), dtype=torch.float64)
+        totals.sums += values  # a stage computes the same terms every step
         totals.batches += 1
     return totals
 

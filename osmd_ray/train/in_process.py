@@ -25,6 +25,7 @@ import torch
 from osmd_ray import storage
 from osmd_ray.config import Config
 from osmd_ray.data.schema import Manifest
+from osmd_ray.train.epoch import peak_gpu_memory_gib
 from osmd_ray.train.local import LocalRun, as_tensors, read_splits
 from osmd_ray.train.loop import check_finite_weights, epoch_record, set_cpu_threads, show_epoch
 from osmd_ray.train.run_folder import (
@@ -99,7 +100,15 @@ def _train(
         losses = {n: float(totals.sums[i]) / steps for i, n in enumerate(totals.names)}
         # The data are in memory: no wait worth measuring, so the record says none.
         data_wait = {"wait_s": 0.0, "first_batch_wait_s": 0.0, "span_s": epoch_time, "share": 0.0}
-        record = epoch_record(run.epoch - 1, run.global_step, epoch_time, stage, losses, data_wait)
+        record = epoch_record(
+            run.epoch - 1,
+            run.global_step,
+            epoch_time,
+            stage,
+            losses,
+            data_wait,
+            peak_gpu_memory_gib(run.device),
+        )
         record["val"] = run.score("val")
         record["val_time_s"] = time.perf_counter() - epoch_started - epoch_time
         history.append(record)

@@ -44,6 +44,7 @@ from osmd_ray.train.epoch import (
     lr_schedule,
     run_epoch,
     seed_everything,
+    uses_bf16,
 )
 from osmd_ray.train.loop import check_finite_weights
 from osmd_ray.train.stopping import StoppingRule
@@ -157,6 +158,9 @@ class LocalRun:
         self.order = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
         self.global_step = 0
+        # bf16 on a GPU as a plain PyTorch script does it: fp32 weights and optimiser,
+        # forwards under autocast (the DeepSpeed workers keep bf16 weights instead).
+        self.bf16 = uses_bf16(cfg)
         self.stopping = StoppingRule.of(cfg, self.stages, manifest.task)
         self.metric = self.stopping.metric
         self.deployed_state: dict[str, Tensor] | None = None
@@ -172,8 +176,16 @@ class LocalRun:
         self.optimizer.step()
         self.schedule.step()
 
+    def _autocast(self) -> torch.autocast:
+        """The precision the network's forwards run in (:attr:`bf16`)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _net_forward(self, batch: Any) -> Any:
+        with self._autocast():
+            return self.net(batch)
+
     def _forward(self, raw: Any) -> Any:
-        return self.net(batch_to_device(raw, self.device))
+        return self._net_forward(batch_to_device(raw, self.device))
 
     def train_epoch(self, say: Callable[[str], None] | None = None) -> tuple[Stage, EpochTotals]:
         """Train the next epoch; returns its stage and what it added up."""
@@ -184,7 +196,7 @@ class LocalRun:
         stage = stage_at_epoch(self.stages, epoch)
         order = torch.randperm(self.rows, generator=self.order)
         totals = run_epoch(
-            self.net,
+            self._net_forward,
             self.net,
             stage,
             _shuffled_batches(self.splits["train"], order, self.batch),
@@ -204,7 +216,8 @@ class LocalRun:
 
     def score(self, split: str, paths: tuple[str, ...] | None = None) -> dict:
         paths = self.method.evaluates if paths is None else paths
-        return score(self.net, self.splits[split], paths, self.manifest, self.device)
+        with self._autocast():
+            return score(self.net, self.splits[split], paths, self.manifest, self.device)
 
     def keep_if_deployed(self, history: list[dict[str, Any]]) -> None:
         """After an epoch's validation (the last record of ``history``): copy the weights

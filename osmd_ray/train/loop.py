@@ -44,8 +44,10 @@ from osmd_ray.train.epoch import (
     build_optimizer,
     evaluate_with_rows,
     lr_schedule,
+    peak_gpu_memory_gib,
     run_epoch,
     seed_everything,
+    uses_bf16,
 )
 from osmd_ray.train.stopping import StoppingRule
 from osmd_ray.train.tracking import start_wandb
@@ -87,13 +89,6 @@ def set_cpu_threads(cfg: Config) -> int:
 def training_rows(cfg: Config, manifest: Manifest) -> int:
     """The rows a run trains on: data.train_rows, or the whole training split."""
     return cfg.data.train_rows or manifest.num_rows("train")
-
-
-def uses_bf16(cfg: Config) -> bool:
-    """bf16 on GPU, fp32 on CPU, unless the config says otherwise."""
-    if cfg.train.precision == "auto":
-        return cfg.scaling.use_gpu
-    return cfg.train.precision == "bf16"
 
 
 @torch.no_grad()
@@ -534,7 +529,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         average_buffers(run.engine.module, world)
         run.train_time += time.perf_counter() - started
         train_losses, data_wait = _epoch_means(totals, timed, epoch_time, world, device)
-        record = epoch_record(epoch, run.step, epoch_time, stage, train_losses, data_wait)
+        record = epoch_record(
+            epoch,
+            run.step,
+            epoch_time,
+            stage,
+            train_losses,
+            data_wait,
+            peak_gpu_memory_gib(device),
+        )
         validating = time.perf_counter()
         record["val"] = evaluate_split("val")
         record["val_time_s"] = time.perf_counter() - validating
@@ -567,10 +570,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker.finish()
 
 
-TIMING_KEYS = ("epoch_time_s", "val_time_s", "save_time_s", "data_wait")
-"""The keys of a history.json entry that measure time, not the computation: they differ
-between two runs of the same config (a resumed run is compared to an uninterrupted one
-without them)."""
+TIMING_KEYS = ("epoch_time_s", "val_time_s", "save_time_s", "data_wait", "gpu_peak_memory_gib")
+"""The keys of a history.json entry that measure the machine (time, and memory on a GPU),
+not the computation: they differ between two runs of the same config (a resumed run is
+compared to an uninterrupted one without them)."""
 
 
 def epoch_record(
@@ -580,9 +583,11 @@ def epoch_record(
     stage: Stage,
     train_losses: dict[str, float],
     data_wait: dict[str, float],
+    gpu_peak_memory_gib: float | None = None,
 ) -> dict[str, Any]:
-    """One entry of history.json (``val`` is added once the epoch is evaluated)."""
-    return {
+    """One entry of history.json (``val`` is added once the epoch is evaluated); on a GPU
+    also the peak memory so far (:func:`~osmd_ray.train.epoch.peak_gpu_memory_gib`)."""
+    record = {
         "epoch": epoch + 1,
         "step": step,
         "epoch_time_s": epoch_time,
@@ -590,6 +595,9 @@ def epoch_record(
         "train": {"loss": train_losses},
         "data_wait": data_wait,
     }
+    if gpu_peak_memory_gib is not None:
+        record["gpu_peak_memory_gib"] = gpu_peak_memory_gib
+    return record
 
 
 def epochs_seconds(history: list[dict[str, Any]]) -> float:

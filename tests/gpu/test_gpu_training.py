@@ -39,9 +39,34 @@ def test_bf16_zero_training_on_one_gpu(
     run_dir = str(tmp_path / "run")
     metrics = train(cfg, run_dir)
     with open(os.path.join(run_dir, "history.json")) as f:
-        assert [h["epoch"] for h in json.load(f)] == [1, 2]
+        history = json.load(f)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(h["gpu_peak_memory_gib"] > 0 for h in history)
     # The export is fp32 and reproduces the workers' bf16 accuracy closely on CPU.
     model = load_deploy(os.path.join(run_dir, "deploy"))
     test = read_split_numpy(tiny_synth, "test", ["rgb", "label"])
     accuracy = float((model.predict({"rgb": test["rgb"]}) == test["label"]).mean())
     assert abs(accuracy - metrics["test"]["deploy"]["accuracy"]) < 0.1
+
+
+def test_in_process_bf16_run_on_the_gpu(tiny_synth, tmp_path, configs_dir, fast):
+    # The engine of sweep trials and compare runs (scaling.num_workers=0): bf16 autocast,
+    # fp32 weights, its peak memory in the history.
+    from osmd_ray.train.runner import train
+
+    cfg = load_config(
+        configs_dir / "osmd_synth.yaml",
+        [
+            *fast,
+            f"data.root={tiny_synth}",
+            "train.epochs=2",
+            "scaling.num_workers=0",
+            "scaling.use_gpu=true",
+        ],
+    )
+    run_dir = str(tmp_path / "run")
+    metrics = train(cfg, run_dir)
+    with open(os.path.join(run_dir, "history.json")) as f:
+        history = json.load(f)
+    assert all(h["gpu_peak_memory_gib"] > 0 for h in history)
+    assert 0.0 <= metrics["test"]["deploy"]["accuracy"] <= 1.0

@@ -67,3 +67,18 @@ def test_an_epoch_trains_with_the_alignment_weight_of_its_own_epoch(rgbd_batch):
     with torch.no_grad():
         jan = float(batch_losses(model(batch), batch, cfg)["jan"])  # train mode, as the epochs
     assert totals[3] - totals[0] == pytest.approx(0.5 * 0.75 * jan, rel=1e-3)
+
+
+def test_step_loss_values_reads_every_term_at_once_and_names_the_bad_ones():
+    from osmd_ray.train.epoch import step_loss_values
+
+    losses = {
+        "total": torch.tensor(float("nan")),
+        "deploy": torch.tensor(0.5, dtype=torch.bfloat16),
+        "jan": torch.tensor(float("inf")),
+        "priv": torch.tensor(2.0),
+    }
+    names, values, bad = step_loss_values(losses, torch.device("cpu"))
+    assert names == ["deploy", "jan", "priv", "total"]
+    assert values.dtype == torch.float64 and values[0] == 0.5 and values[2] == 2.0
+    assert bad == ["jan", "total"]

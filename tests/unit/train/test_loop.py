@@ -12,13 +12,12 @@ import torch
 from torch import nn
 
 from osmd_ray.config import load_config
-from osmd_ray.train.epoch import ForwardOnly, evaluate, evaluate_with_rows
+from osmd_ray.train.epoch import ForwardOnly, evaluate, evaluate_with_rows, uses_bf16
 from osmd_ray.train.loop import (
     PrefetchedBatches,
     WaitTimer,
     deepspeed_config,
     rank_share,
-    uses_bf16,
 )
 
 
