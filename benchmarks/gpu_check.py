@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from osmd_ray.blocks.stages import part_parameter_groups  # noqa: E402
 from osmd_ray.config import Config, load_config  # noqa: E402
-from osmd_ray.data.schema import Manifest, ModalitySpec  # noqa: E402
+from osmd_ray.data.schema import Manifest, ModalitySpec, read_manifest  # noqa: E402
 from osmd_ray.methods import build_model  # noqa: E402
 from osmd_ray.train.epoch import batch_losses, build_optimizer  # noqa: E402
 from osmd_ray.train.loop import deepspeed_config  # noqa: E402
@@ -109,17 +109,39 @@ def run_config(args: argparse.Namespace, zero_stage: int) -> Config:
     )
 
 
+def config_run(args: argparse.Namespace, zero_stage: int) -> tuple[Config, Manifest]:
+    """``--config`` with its overrides: the run config ``osmd train`` would run (the mode
+    sets ZeRO stage, precision and device) and its dataset's manifest."""
+    cfg = load_config(
+        args.config,
+        [
+            *args.overrides,
+            f"train.zero_stage={zero_stage}",
+            f"train.precision={'bf16' if args.device == 'cuda' else 'fp32'}",
+            f"scaling.use_gpu={'true' if args.device == 'cuda' else 'false'}",
+        ],
+    )
+    return cfg, read_manifest(cfg.data.root)
+
+
 def make_batch(
-    batch: int, height: int, width: int, device: torch.device
+    batch: int, manifest: Manifest, device: torch.device, channels_last: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Random RGB-D samples, moved to ``device`` once, before any timing."""
+    """Random RGB-D samples of ``manifest``'s shapes, moved to ``device`` once, before any
+    timing (images channels-last if asked)."""
     g = torch.Generator().manual_seed(0)
+    rgb, depth = manifest.modalities["rgb"].shape, manifest.modalities["depth"].shape
+    label_shape = (batch, *manifest.label_shape)
     cpu = {
-        "rgb": torch.randint(0, 256, (batch, 3, height, width), generator=g, dtype=torch.uint8),
-        "depth": torch.rand((batch, 1, height, width), generator=g) * 5.0,
-        "label": torch.randint(0, NUM_CLASSES, (batch,), generator=g),
+        "rgb": torch.randint(0, 256, (batch, *rgb), generator=g, dtype=torch.uint8),
+        "depth": torch.rand((batch, *depth), generator=g) * 5.0,
+        "label": torch.randint(0, manifest.num_classes, label_shape, generator=g),
     }
-    return {k: v.to(device) for k, v in cpu.items()}
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return {
+        k: v.to(device).contiguous(memory_format=layout) if v.dim() == 4 else v.to(device)
+        for k, v in cpu.items()
+    }
 
 
 def step_losses(model: Any, batch: dict[str, torch.Tensor], cfg: Config) -> torch.Tensor:
@@ -165,17 +187,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: --device cuda but torch sees no GPU (use --device cpu)")
-    height, width = args.size
     zero_stage = {"torch": 0, "zero2": 2, "zero3": 3}[args.mode]
-    cfg = run_config(args, zero_stage)
-    manifest = rgbd_manifest(height, width)
+    if args.config:
+        cfg, manifest = config_run(args, zero_stage)
+        args.batch, args.encoder = cfg.data.batch_size, cfg.model.image_encoder
+    else:
+        cfg, manifest = run_config(args, zero_stage), rgbd_manifest(*args.size)
+    height, width = manifest.modalities["rgb"].shape[1:]
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    batch = make_batch(args.batch, height, width, device)
+    batch = make_batch(args.batch, manifest, device, args.channels_last)
     model = build_model(cfg, manifest).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     parameters = sum(p.numel() for p in model.parameters())
     bf16 = device.type == "cuda"
 
@@ -191,6 +218,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
 
     if args.mode == "torch":
+        # Compiled after the FLOP count (counted on the eager module: the same operations).
+        net = torch.compile(model) if args.compile else model
         optimizer = torch.optim.AdamW(
             model.parameters(),
             lr=cfg.train.lr,
@@ -200,7 +229,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
         def step() -> None:
             with autocast():
-                loss = step_losses(model, batch, cfg)
+                loss = step_losses(net, batch, cfg)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
@@ -230,6 +259,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     median = statistics.median(per_step)
     result = {
         "mode": args.mode,
+        "variant": variant_name(args),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "encoder": args.encoder,
@@ -252,10 +282,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def variant_name(args: argparse.Namespace) -> str:
+    """What a run changed from the eager, contiguous default ("" for none)."""
+    return "+".join(
+        n for n, on in (("channels_last", args.channels_last), ("compile", args.compile)) if on
+    )
+
+
 def summarize(paths: list[str]) -> str:
     rows = [json.loads(Path(p).read_text()) for p in paths]
-    by_mode = {r["mode"]: r for r in rows}
-    base = by_mode.get("torch")
+    rows.sort(key=lambda r: (MODES.index(r["mode"]), r.get("variant", "")))
+    base = next((r for r in rows if r["mode"] == "torch" and not r.get("variant")), None)
     first = rows[0]
     lines = [
         f"{first['device']}, torch {first['torch']}, {first['encoder']} encoders at "
@@ -265,10 +302,8 @@ def summarize(paths: list[str]) -> str:
         "| mode | samples/s | vs plain PyTorch | TFLOP/s | peak memory (GiB) | step (ms) |",
         "|---|---|---|---|---|---|",
     ]
-    for mode in MODES:
-        r = by_mode.get(mode)
-        if r is None:
-            continue
+    for r in rows:
+        mode = r["mode"] + (f" {r['variant']}" if r.get("variant") else "")
         ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}" if base else "n/a"
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
         lines.append(
@@ -297,8 +332,27 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="smoke run: 32x32 small_cnn, batch 8, 2 warm-up steps, 2 windows of 2 steps",
     )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="weights and images channels-last"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the network (mode torch only)"
+    )
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        help="measure this run config and its dataset's image shapes instead (batch and "
+        "encoder from the config; --size, --encoder, --batch are then ignored)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="overrides of --config, as osmd train"
+    )
     parser.add_argument("--summarize", nargs="+", metavar="JSON", help="print the table of runs")
     args = parser.parse_args(argv)
+    if args.overrides and not args.config:
+        parser.error("KEY=VALUE overrides need --config")
+    if args.compile and args.mode != "torch":
+        parser.error("--compile measures the plain loop only (--mode torch)")
     if args.summarize:
         print(summarize(args.summarize), end="")
         return 0
