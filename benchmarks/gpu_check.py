@@ -27,6 +27,11 @@ Example (what gpu_check.sh runs)::
     python benchmarks/gpu_check.py --summarize /tmp/gpu/*.json
 
 A CPU smoke run of the same code: ``--device cpu --quick`` (fp32, gloo).
+
+``--config FILE KEY=VALUE ...`` measures the run config ``osmd train`` would run instead,
+at its dataset's image shapes and its batch (what ``benchmarks/gpu_platform.sh`` compares
+``osmd train`` with); ``--channels-last`` and ``--compile`` (``torch.compile``, mode torch)
+measure those layouts of the plain loop.
 """
 
 from __future__ import annotations
@@ -361,10 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.size, args.encoder, args.batch = (32, 32), "small_cnn", 8
         args.warmup, args.windows, args.steps = 2, 2, 2
-    print(
-        f"gpu_check: {args.mode} on {args.device}, {args.encoder} {args.size}, batch {args.batch}",
-        flush=True,
+    what = (
+        f"{args.config} {' '.join(args.overrides)}"
+        if args.config
+        else f"{args.encoder} {args.size}, batch {args.batch}"
     )
+    print(f"gpu_check: {args.mode} on {args.device}, {what}", flush=True)
     result = measure(args)
     text = json.dumps(result, indent=2)
     print(text, flush=True)

@@ -200,7 +200,9 @@ def sweep_figures(sweep_dir: Path, wall_s: float | None) -> dict[str, Any] | Non
 
 
 def summary(work: Path) -> dict[str, Any]:
-    status = {p.stem: read_json(p) for p in sorted((work / "status").glob("*.json"))}
+    # In the order the parts ran.
+    ran = sorted((work / "status").glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+    status = {p.stem: read_json(p) for p in ran}
     plain = {p.stem: read_json(p) for p in sorted((work / "plain").glob("*.json"))}
     base = plain.get("torch") or {}
     flops = base.get("step_flops")
@@ -234,7 +236,12 @@ def markdown(s: dict[str, Any]) -> str:
     lines += ["```", "", f"bf16 8192^3 matmul on this card: {_f(peak)} TFLOP/s", ""]
     lines += ["| part | status | seconds |", "|---|---|---|"]
     for name, st in s["parts"].items():
-        state = "timed out" if st["timed_out"] else ("ok" if st["rc"] == 0 else f"rc {st['rc']}")
+        if st["rc"] == -1:
+            state = "skipped: budget spent"
+        elif st["timed_out"]:
+            state = "timed out"
+        else:
+            state = "ok" if st["rc"] == 0 else f"rc {st['rc']}"
         lines.append(f"| {name} | {state} | {st['seconds']:.0f} |")
     lines += ["", "Plain PyTorch loop (gpu_check.py, batch on the GPU):", ""]
     lines += ["| variant | samples/s | TFLOP/s | peak GiB |", "|---|---|---|---|"]
