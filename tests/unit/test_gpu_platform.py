@@ -120,3 +120,26 @@ def test_script_refuses_an_unknown_part(tmp_path):
     )
     assert result.returncode == 2
     assert "unknown part 'trian'" in result.stderr
+
+
+def test_a_part_past_the_budget_is_skipped_and_reported(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "w"
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks/gpu_platform.sh"), str(out)],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PARTS": "matmul",
+            "BUDGET_S": "0",
+            "WORK": str(work),
+            "DEVICE": "cpu",
+            "PYTHON": sys.executable,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((work / "status" / "matmul.json").read_text())["rc"] == -1
+    assert not (work / "matmul.json").exists()
+    assert "| matmul | skipped: budget spent | 0 |" in (out / "platform.md").read_text()
+    assert json.loads((out / "platform.json").read_text())["parts"]["matmul"]["timed_out"]
