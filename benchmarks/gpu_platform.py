@@ -40,7 +40,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from osmd_ray.data.nyuv2 import import_nyuv2  # noqa: E402
+from osmd_ray.data.nyuv2 import import_nyuv2, parse_size  # noqa: E402
 from osmd_ray.data.reading import read_split_numpy  # noqa: E402
 from osmd_ray.data.schema import IGNORE_INDEX, read_manifest  # noqa: E402
 from osmd_ray.data.writer import write_dataset  # noqa: E402
@@ -48,14 +48,6 @@ from osmd_ray.data.writer import write_dataset  # noqa: E402
 SAMPLES_RATIO_BAR = 0.9
 DATA_WAIT_BAR = 0.05
 TRAIN_RUNS = ("zero0", "zero2")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected HxW, e.g. 480x640") from None
-    return h, w
 
 
 def nyu_frames(src: str, size: tuple[int, int], scratch: Path) -> dict[str, np.ndarray]:
