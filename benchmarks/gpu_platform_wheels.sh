@@ -21,7 +21,8 @@
 #       pydantic-core, annotated-types, typing-inspection, typing-extensions (pydantic needs
 #       >= 4.16, newer than the GPU machine may have), jsonschema + jsonschema-specifications
 #       + referencing + rpds-py (ray's own requirements), optuna + alembic + sqlalchemy + mako
-#       + colorlog (the sweeps' default search: search: {algorithm: optuna}).
+#       + colorlog (the sweeps' default search: search: {algorithm: optuna}), tensorboardX
+#       (ray[tune]'s requirement: without it Tune warns and skips its TensorBoard logger).
 #
 # On the GPU machine, from the repo copy's root (what the GPU scripts run):
 #     mkdir -p /tmp/site && tar -xJf .whl/ray-2.60.0-stripped.tar.xz -C /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
@@ -68,6 +69,7 @@ PINS=(
     sqlalchemy==2.1.9
     mako==1.4.3
     colorlog==6.12.0
+    tensorboardx==2.6.5
 )
 LIMIT_MIB=45
 
