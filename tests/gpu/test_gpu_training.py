@@ -17,29 +17,35 @@ pytestmark = [
 ]
 
 
+def _gpu_run(configs_dir, fast, tiny_synth, run_dir, *overrides):
+    """A 2-epoch GPU run of osmd_synth.yaml on the tiny set: its metrics and history."""
+    from osmd_ray.train.runner import train
+
+    cfg = load_config(
+        configs_dir / "osmd_synth.yaml",
+        [*fast, f"data.root={tiny_synth}", "train.epochs=2", "scaling.use_gpu=true", *overrides],
+    )
+    metrics = train(cfg, run_dir)
+    with open(os.path.join(run_dir, "history.json")) as f:
+        return metrics, json.load(f)
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_bf16_zero_training_on_one_gpu(
     ray_local, tiny_synth, tmp_path, configs_dir, fast, zero_stage
 ):
     from osmd_ray import load_deploy
     from osmd_ray.data.reading import read_split_numpy
-    from osmd_ray.train.runner import train
 
-    cfg = load_config(
-        configs_dir / "osmd_synth.yaml",
-        [
-            *fast,
-            f"data.root={tiny_synth}",
-            "train.epochs=2",
-            f"train.zero_stage={zero_stage}",
-            "scaling.num_workers=1",
-            "scaling.use_gpu=true",
-        ],
-    )
     run_dir = str(tmp_path / "run")
-    metrics = train(cfg, run_dir)
-    with open(os.path.join(run_dir, "history.json")) as f:
-        history = json.load(f)
+    metrics, history = _gpu_run(
+        configs_dir,
+        fast,
+        tiny_synth,
+        run_dir,
+        f"train.zero_stage={zero_stage}",
+        "scaling.num_workers=1",
+    )
     assert [h["epoch"] for h in history] == [1, 2]
     assert all(h["gpu_peak_memory_gib"] > 0 for h in history)
     # The export is fp32 and reproduces the workers' bf16 accuracy closely on CPU.
@@ -52,21 +58,7 @@ def test_bf16_zero_training_on_one_gpu(
 def test_in_process_bf16_run_on_the_gpu(tiny_synth, tmp_path, configs_dir, fast):
     # The engine of sweep trials and compare runs (scaling.num_workers=0): bf16 autocast,
     # fp32 weights, its peak memory in the history.
-    from osmd_ray.train.runner import train
-
-    cfg = load_config(
-        configs_dir / "osmd_synth.yaml",
-        [
-            *fast,
-            f"data.root={tiny_synth}",
-            "train.epochs=2",
-            "scaling.num_workers=0",
-            "scaling.use_gpu=true",
-        ],
-    )
     run_dir = str(tmp_path / "run")
-    metrics = train(cfg, run_dir)
-    with open(os.path.join(run_dir, "history.json")) as f:
-        history = json.load(f)
+    metrics, history = _gpu_run(configs_dir, fast, tiny_synth, run_dir, "scaling.num_workers=0")
     assert all(h["gpu_peak_memory_gib"] > 0 for h in history)
     assert 0.0 <= metrics["test"]["deploy"]["accuracy"] <= 1.0
