@@ -247,7 +247,8 @@ def markdown(s: dict[str, Any]) -> str:
     ]
     lines += [
         "",
-        "| run | samples/s | vs plain (bar 0.9) | data wait (bar 5%) | TFLOP/s | of matmul peak "
+        f"| run | samples/s | vs plain (bar {SAMPLES_RATIO_BAR:g}) | data wait (bar "
+        f"{DATA_WAIT_BAR:.0%}) | TFLOP/s | of matmul peak "
         "| peak GiB |",
         "|---|---|---|---|---|---|---|",
     ]
